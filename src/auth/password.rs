@@ -1,0 +1,414 @@
+//! Password hashing and verification: argon2id PHC strings for new hashes, bcrypt accepted for
+//! migrated users. Every hash runs on tokio's blocking pool behind a semaphore, so a login flood
+//! neither stalls the I/O threads nor runs more than `max_concurrent` hashes at once.
+
+use std::sync::Arc;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use tokio::sync::Semaphore;
+
+/// Largest argon2 memory cost (KiB) and pass count accepted from a stored hash, unless the
+/// configured cost is higher: a corrupt `m=` or `t=` must not make one login allocate
+/// gigabytes or spin for minutes.
+const MAX_STORED_MEMORY_KIB: u32 = 256 * 1024;
+const MAX_STORED_ITERATIONS: u32 = 64;
+
+/// The argon2id cost parameters used for new hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PasswordParams {
+    /// Memory cost in KiB.
+    pub memory_kib: u32,
+    /// Number of passes over the memory.
+    pub iterations: u32,
+    /// Degree of parallelism (lanes).
+    pub parallelism: u32,
+}
+
+impl Default for PasswordParams {
+    /// OWASP's minimum recommendation for argon2id: 19 MiB, 2 iterations, 1 lane.
+    fn default() -> Self {
+        PasswordParams {
+            memory_kib: 19 * 1024,
+            iterations: 2,
+            parallelism: 1,
+        }
+    }
+}
+
+impl PasswordParams {
+    /// Checks the parameters with argon2's own rules.
+    fn argon2_params(&self) -> Result<Params, PasswordError> {
+        Params::new(self.memory_kib, self.iterations, self.parallelism, None)
+            .map_err(PasswordError::InvalidParams)
+    }
+}
+
+/// Why a password could not be hashed, or the hasher could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordError {
+    /// The configured argon2 parameters are out of range.
+    #[error("invalid argon2 parameters: {0}")]
+    InvalidParams(argon2::Error),
+    /// `max_concurrent` was zero.
+    #[error("the number of concurrent password hashes must be at least 1")]
+    NoConcurrency,
+    /// argon2 refused the input (for example a password longer than it supports).
+    #[error("password hashing failed: {0}")]
+    Hashing(argon2::password_hash::Error),
+    /// The blocking hashing task did not complete.
+    #[error("password hashing task failed")]
+    TaskFailed,
+}
+
+/// The outcome of checking a password against a stored hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verification {
+    /// The password matches; `needs_rehash` asks the caller to store a fresh argon2id hash
+    /// (bcrypt, another argon2 variant or other cost parameters than the configured ones).
+    Valid {
+        /// Whether the stored hash should be replaced with a fresh one.
+        needs_rehash: bool,
+    },
+    /// Wrong password, unknown user or an unusable stored hash.
+    Invalid,
+}
+
+/// Hashes and verifies passwords off the async threads, at most `max_concurrent` at a time.
+pub struct Passwords {
+    params: Params,
+    permits: Arc<Semaphore>,
+    /// An argon2id hash of a random password with the configured cost, verified against when
+    /// there is no real hash so unknown users cost as much as wrong passwords.
+    dummy_hash: Arc<str>,
+}
+
+impl std::fmt::Debug for Passwords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Passwords")
+            .field("params", &self.params)
+            .field("available_permits", &self.permits.available_permits())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Passwords {
+    /// Validates `params` and computes the dummy hash (one full argon2id hash, done here
+    /// synchronously, so call this at start-up).
+    pub fn new(params: PasswordParams, max_concurrent: usize) -> Result<Self, PasswordError> {
+        if max_concurrent == 0 {
+            return Err(PasswordError::NoConcurrency);
+        }
+        let argon2_params = params.argon2_params()?;
+        let dummy_password: [u8; 32] = rand::random();
+        let dummy_hash = hash_with(&argon2_params, &dummy_password)?;
+        Ok(Passwords {
+            params: argon2_params,
+            permits: Arc::new(Semaphore::new(max_concurrent)),
+            dummy_hash: dummy_hash.into(),
+        })
+    }
+
+    /// Hashes `password` into an argon2id PHC string with a fresh random salt.
+    pub async fn hash(&self, password: &str) -> Result<String, PasswordError> {
+        let params = self.params.clone();
+        let password = password.to_owned();
+        self.run_blocking(move || hash_with(&params, password.as_bytes()))
+            .await
+            .unwrap_or(Err(PasswordError::TaskFailed))
+    }
+
+    /// Hashes on the calling thread, for the command line tool that creates users.
+    pub fn hash_blocking(params: &PasswordParams, password: &str) -> Result<String, PasswordError> {
+        hash_with(&params.argon2_params()?, password.as_bytes())
+    }
+
+    /// Checks `password` against `stored`; `None` (unknown user) and unusable hashes are
+    /// verified against the dummy hash so they cost the same as a wrong password.
+    pub async fn verify(&self, password: &str, stored: Option<&str>) -> Verification {
+        let params = self.params.clone();
+        let password = password.to_owned();
+        let stored = stored.map(str::to_owned);
+        let dummy_hash = Arc::clone(&self.dummy_hash);
+        self.run_blocking(move || verify_stored(&params, &password, stored.as_deref(), &dummy_hash))
+            .await
+            .unwrap_or(Verification::Invalid)
+    }
+
+    /// Runs `work` on the blocking pool while holding a permit. The permit moves into the
+    /// task, so a cancelled caller does not free a slot while its hash is still running.
+    async fn run_blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let permit = Arc::clone(&self.permits).acquire_owned().await.ok()?;
+        tokio::task::spawn_blocking(move || {
+            let result = work();
+            drop(permit);
+            result
+        })
+        .await
+        .ok()
+    }
+}
+
+/// One argon2id hash with the given cost and a random 16-byte salt.
+fn hash_with(params: &Params, password: &[u8]) -> Result<String, PasswordError> {
+    let salt_bytes: [u8; 16] = rand::random();
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(PasswordError::Hashing)?;
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone())
+        .hash_password(password, &salt)
+        .map(|hash| hash.to_string())
+        .map_err(PasswordError::Hashing)
+}
+
+/// Dispatches on the stored hash's scheme; without a usable hash, burns one dummy
+/// verification and answers `Invalid`.
+fn verify_stored(
+    params: &Params,
+    password: &str,
+    stored: Option<&str>,
+    dummy_hash: &str,
+) -> Verification {
+    let outcome = match stored {
+        Some(stored) if stored.starts_with("$argon2") => verify_argon2(params, password, stored),
+        Some(stored) if is_bcrypt(stored) => verify_bcrypt(password, stored),
+        _ => None,
+    };
+    outcome.unwrap_or_else(|| {
+        let _ = verify_argon2(params, password, dummy_hash);
+        Verification::Invalid
+    })
+}
+
+fn is_bcrypt(stored: &str) -> bool {
+    ["$2a$", "$2b$", "$2y$"]
+        .iter()
+        .any(|prefix| stored.starts_with(prefix))
+}
+
+/// Verifies a bcrypt hash; a match always asks for a rehash to argon2id.
+/// `None` when the hash cannot be parsed.
+fn verify_bcrypt(password: &str, stored: &str) -> Option<Verification> {
+    match bcrypt::verify(password, stored).ok()? {
+        true => Some(Verification::Valid { needs_rehash: true }),
+        false => Some(Verification::Invalid),
+    }
+}
+
+/// Verifies an argon2 (id, i or d) PHC string. `None` when it cannot be parsed, names an
+/// unknown variant or asks for more memory than we allow.
+fn verify_argon2(params: &Params, password: &str, stored: &str) -> Option<Verification> {
+    let (hash, stored_params) = parse_argon2(params, stored)?;
+    if Argon2::default()
+        .verify_password(password.as_bytes(), &hash)
+        .is_err()
+    {
+        return Some(Verification::Invalid);
+    }
+    let needs_rehash = hash.algorithm != Algorithm::Argon2id.ident()
+        || hash.version != Some(Version::V0x13.into())
+        || stored_params.m_cost() != params.m_cost()
+        || stored_params.t_cost() != params.t_cost()
+        || stored_params.p_cost() != params.p_cost()
+        || stored_params.output_len() != Some(Params::DEFAULT_OUTPUT_LEN);
+    Some(Verification::Valid { needs_rehash })
+}
+
+/// Parses a stored argon2 PHC string and its cost, refusing unknown variants and costs
+/// above the ceilings.
+fn parse_argon2<'a>(params: &Params, stored: &'a str) -> Option<(PasswordHash<'a>, Params)> {
+    let hash = PasswordHash::new(stored).ok()?;
+    Algorithm::try_from(hash.algorithm).ok()?;
+    hash.salt?;
+    hash.hash?;
+    let stored_params = Params::try_from(&hash).ok()?;
+    if stored_params.m_cost() > MAX_STORED_MEMORY_KIB.max(params.m_cost())
+        || stored_params.t_cost() > MAX_STORED_ITERATIONS.max(params.t_cost())
+    {
+        return None;
+    }
+    Some((hash, stored_params))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cheap parameters so tests stay fast; the shape of the code path is the same.
+    const TEST_PARAMS: PasswordParams = PasswordParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+
+    fn passwords() -> Passwords {
+        Passwords::new(TEST_PARAMS, 2).expect("valid test params")
+    }
+
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("test runtime")
+            .block_on(future)
+    }
+
+    #[test]
+    fn hash_then_verify_round_trip() {
+        let passwords = passwords();
+        block_on(async {
+            let hash = passwords.hash("correct horse").await.expect("hash");
+            assert!(hash.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{hash}");
+            assert_eq!(
+                passwords.verify("correct horse", Some(&hash)).await,
+                Verification::Valid {
+                    needs_rehash: false
+                }
+            );
+            assert_eq!(
+                passwords.verify("correct horsf", Some(&hash)).await,
+                Verification::Invalid
+            );
+        });
+    }
+
+    #[test]
+    fn hashes_use_fresh_salts() {
+        let passwords = passwords();
+        let (a, b) = block_on(async {
+            (
+                passwords.hash("same").await.expect("hash"),
+                passwords.hash("same").await.expect("hash"),
+            )
+        });
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn blocking_hash_verifies_with_the_async_hasher() {
+        let hash = Passwords::hash_blocking(&TEST_PARAMS, "from the cli").expect("hash");
+        assert_eq!(
+            block_on(passwords().verify("from the cli", Some(&hash))),
+            Verification::Valid {
+                needs_rehash: false
+            }
+        );
+    }
+
+    #[test]
+    fn other_argon2_cost_or_variant_asks_for_rehash() {
+        let stronger = PasswordParams {
+            memory_kib: 128,
+            ..TEST_PARAMS
+        };
+        let hash = Passwords::hash_blocking(&stronger, "pw").expect("hash");
+        let passwords = passwords();
+        assert_eq!(
+            block_on(passwords.verify("pw", Some(&hash))),
+            Verification::Valid { needs_rehash: true }
+        );
+
+        let argon2i = Argon2::new(
+            Algorithm::Argon2i,
+            Version::V0x13,
+            TEST_PARAMS.argon2_params().expect("params"),
+        )
+        .hash_password(b"pw", &SaltString::encode_b64(&[7u8; 16]).expect("salt"))
+        .expect("hash")
+        .to_string();
+        assert!(argon2i.starts_with("$argon2i$"), "{argon2i}");
+        assert_eq!(
+            block_on(passwords.verify("pw", Some(&argon2i))),
+            Verification::Valid { needs_rehash: true }
+        );
+        assert_eq!(
+            block_on(passwords.verify("wrong", Some(&argon2i))),
+            Verification::Invalid
+        );
+    }
+
+    #[test]
+    fn bcrypt_hashes_verify_and_ask_for_rehash() {
+        let passwords = passwords();
+        let hash_2b = bcrypt::hash("legacy pw", 4).expect("bcrypt");
+        assert!(hash_2b.starts_with("$2b$04$"), "{hash_2b}");
+        let hash_2a = hash_2b.replacen("$2b$", "$2a$", 1);
+        let hash_2y = hash_2b.replacen("$2b$", "$2y$", 1);
+        for hash in [&hash_2b, &hash_2a, &hash_2y] {
+            assert_eq!(
+                block_on(passwords.verify("legacy pw", Some(hash))),
+                Verification::Valid { needs_rehash: true },
+                "{hash}"
+            );
+            assert_eq!(
+                block_on(passwords.verify("legacy pX", Some(hash))),
+                Verification::Invalid
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_user_is_invalid_even_with_the_dummy_password() {
+        let passwords = passwords();
+        assert_eq!(block_on(passwords.verify("", None)), Verification::Invalid);
+        assert_eq!(
+            block_on(passwords.verify("anything", None)),
+            Verification::Invalid
+        );
+    }
+
+    #[test]
+    fn garbage_hashes_are_invalid_without_panicking() {
+        let passwords = passwords();
+        let huge_memory = "$argon2id$v=19$m=4294967295,t=1,p=1$c2FsdHNhbHRzYWx0$\
+                           AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        for stored in [
+            "",
+            "plain text password",
+            "$argon2id$",
+            "$argon2id$v=19$m=64,t=1,p=1$",
+            "$argon2id$v=19$m=64,t=1,p=1$c2FsdHNhbHRzYWx0",
+            "$argon2id$v=19$m=1,t=1,p=1$c2FsdHNhbHRzYWx0$AAAAAAAAAAAAAAAAAAAAAA",
+            "$argon2id$v=19$m=64,t=0,p=1$c2FsdHNhbHRzYWx0$AAAAAAAAAAAAAAAAAAAAAA",
+            "$argon2x$v=19$m=64,t=1,p=1$c2FsdHNhbHRzYWx0$AAAAAAAAAAAAAAAAAAAAAA",
+            huge_memory,
+            "$argon2id$v=19$m=64,t=4000000000,p=1$c2FsdHNhbHRzYWx0$AAAAAAAAAAAAAAAAAAAAAA",
+            "$2b$",
+            "$2b$04$tooshort",
+            "$2b$99$abcdefghijklmnopqrstuuabcdefghijklmnopqrstuvwxyz01234",
+            "$2x$04$abcdefghijklmnopqrstuuabcdefghijklmnopqrstuvwxyz01234",
+            "$2b$04$ééééééééééééééééééééééééééééé",
+        ] {
+            assert_eq!(
+                block_on(passwords.verify("pw", Some(stored))),
+                Verification::Invalid,
+                "{stored:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_configuration_is_refused() {
+        let too_little_memory = PasswordParams {
+            memory_kib: 1,
+            ..TEST_PARAMS
+        };
+        assert!(matches!(
+            Passwords::new(too_little_memory, 1),
+            Err(PasswordError::InvalidParams(argon2::Error::MemoryTooLittle))
+        ));
+        assert!(matches!(
+            Passwords::new(TEST_PARAMS, 0),
+            Err(PasswordError::NoConcurrency)
+        ));
+        assert_eq!(
+            PasswordParams::default(),
+            PasswordParams {
+                memory_kib: 19456,
+                iterations: 2,
+                parallelism: 1
+            }
+        );
+        assert!(PasswordParams::default().argon2_params().is_ok());
+    }
+}

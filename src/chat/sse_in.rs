@@ -1,0 +1,1184 @@
+//! Sans-IO parser for the upstream's OpenAI chat-completions SSE stream: fed raw body
+//! pieces split at any byte, it follows the SSE line rules and turns each `data` payload
+//! into a text delta, a usage report, the `[DONE]` marker or an upstream error.
+
+use std::borrow::Cow;
+
+use super::reply::{error_value_message, Usage};
+
+/// Default bound on one upstream event (and on one line), in bytes.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// What one upstream event means for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamEvent<'a> {
+    /// A non-empty piece of the answer (`choices[0].delta.content`).
+    Delta(Cow<'a, str>),
+    /// Token usage, usually in the last chunk before `[DONE]`.
+    Usage(Usage),
+    /// `data: [DONE]`: the answer is complete.
+    Done,
+    /// The upstream reported an error inside the stream; the text is already cleaned.
+    Error(String),
+}
+
+impl UpstreamEvent<'_> {
+    /// Detaches the event from the parser's buffer, for callers that keep events around.
+    pub fn into_owned(self) -> UpstreamEvent<'static> {
+        match self {
+            UpstreamEvent::Delta(text) => UpstreamEvent::Delta(Cow::Owned(text.into_owned())),
+            UpstreamEvent::Usage(usage) => UpstreamEvent::Usage(usage),
+            UpstreamEvent::Done => UpstreamEvent::Done,
+            UpstreamEvent::Error(message) => UpstreamEvent::Error(message),
+        }
+    }
+}
+
+/// Why the upstream stream cannot be read further. Display texts are short causes fit
+/// for `Failed with chatbot.ChatCompletion: <cause>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SseError {
+    /// A line or event grew beyond the configured bound.
+    #[error("upstream sent a stream event larger than {limit} bytes")]
+    EventTooLarge {
+        /// The configured bound in bytes.
+        limit: usize,
+    },
+    /// A `data` payload that is neither `[DONE]` nor a JSON object of the expected shape.
+    #[error("upstream sent a malformed stream chunk")]
+    MalformedChunk,
+}
+
+/// Incremental parser of an upstream SSE body. Feed it pieces as they arrive; it calls
+/// back once per meaningful event, borrowing delta text from its own buffer when it can.
+/// After `Done`, an `Error` event or an `Err`, it ignores further input.
+#[derive(Debug)]
+pub struct UpstreamSseParser {
+    max_event_bytes: usize,
+    /// The start of a line whose end has not arrived yet.
+    partial_line: Vec<u8>,
+    /// The `data` lines of the current event, joined with `\n`.
+    data: Vec<u8>,
+    has_data: bool,
+    /// The previous piece ended in `\r`, so a `\n` opening the next one ends no new line.
+    skip_lf: bool,
+    ended: bool,
+}
+
+impl Default for UpstreamSseParser {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_EVENT_BYTES)
+    }
+}
+
+impl UpstreamSseParser {
+    /// A parser that refuses events (and lines) over `max_event_bytes`.
+    pub fn new(max_event_bytes: usize) -> Self {
+        Self {
+            max_event_bytes,
+            partial_line: Vec::new(),
+            data: Vec::with_capacity(512),
+            has_data: false,
+            skip_lf: false,
+            ended: false,
+        }
+    }
+
+    /// Whether the stream is over (`[DONE]`, an upstream error or a parse error was seen).
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Parses the next piece of the body, calling `on_event` for each event it completes.
+    pub fn feed<F>(&mut self, piece: &[u8], on_event: &mut F) -> Result<(), SseError>
+    where
+        F: FnMut(UpstreamEvent<'_>),
+    {
+        if self.ended || piece.is_empty() {
+            return Ok(());
+        }
+        let mut rest = piece;
+        if std::mem::take(&mut self.skip_lf) && rest[0] == b'\n' {
+            rest = &rest[1..];
+        }
+        while !self.ended {
+            let Some(at) = memchr::memchr2(b'\n', b'\r', rest) else {
+                if self.partial_line.len() + rest.len() > self.max_event_bytes {
+                    return Err(self.fail(SseError::EventTooLarge {
+                        limit: self.max_event_bytes,
+                    }));
+                }
+                self.partial_line.extend_from_slice(rest);
+                break;
+            };
+            let next = match (rest[at], rest.get(at + 1)) {
+                (b'\r', Some(b'\n')) => at + 2,
+                (b'\r', None) => {
+                    self.skip_lf = true;
+                    at + 1
+                }
+                _ => at + 1,
+            };
+            if self.partial_line.is_empty() {
+                self.take_line(&rest[..at], on_event)?;
+            } else {
+                self.take_split_line(&rest[..at], on_event)?;
+            }
+            rest = &rest[next..];
+        }
+        Ok(())
+    }
+
+    /// Ends the body: an unterminated last line and event are processed as if a blank
+    /// line followed, since some upstreams close right after `data: [DONE]`.
+    pub fn finish<F>(&mut self, on_event: &mut F) -> Result<(), SseError>
+    where
+        F: FnMut(UpstreamEvent<'_>),
+    {
+        if self.ended {
+            return Ok(());
+        }
+        if !self.partial_line.is_empty() {
+            self.take_split_line(&[], on_event)?;
+        }
+        if !self.ended {
+            self.dispatch(on_event)?;
+        }
+        self.ended = true;
+        Ok(())
+    }
+
+    fn fail(&mut self, error: SseError) -> SseError {
+        self.ended = true;
+        error
+    }
+
+    /// Completes the buffered start of a line with `tail` and processes it.
+    fn take_split_line<F>(&mut self, tail: &[u8], on_event: &mut F) -> Result<(), SseError>
+    where
+        F: FnMut(UpstreamEvent<'_>),
+    {
+        if self.partial_line.len() + tail.len() > self.max_event_bytes {
+            return Err(self.fail(SseError::EventTooLarge {
+                limit: self.max_event_bytes,
+            }));
+        }
+        let mut line = std::mem::take(&mut self.partial_line);
+        line.extend_from_slice(tail);
+        let result = self.take_line(&line, on_event);
+        line.clear();
+        self.partial_line = line;
+        result
+    }
+
+    fn take_line<F>(&mut self, line: &[u8], on_event: &mut F) -> Result<(), SseError>
+    where
+        F: FnMut(UpstreamEvent<'_>),
+    {
+        if line.is_empty() {
+            return self.dispatch(on_event);
+        }
+        if line[0] == b':' {
+            return Ok(());
+        }
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(colon) => {
+                let value = &line[colon + 1..];
+                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &[][..]),
+        };
+        // `event`, `id`, `retry` and unknown fields carry nothing an OpenAI stream needs.
+        if field != b"data" {
+            return Ok(());
+        }
+        let separator = usize::from(self.has_data);
+        if self.data.len() + separator + value.len() > self.max_event_bytes {
+            return Err(self.fail(SseError::EventTooLarge {
+                limit: self.max_event_bytes,
+            }));
+        }
+        if self.has_data {
+            self.data.push(b'\n');
+        }
+        self.data.extend_from_slice(value);
+        self.has_data = true;
+        Ok(())
+    }
+
+    fn dispatch<F>(&mut self, on_event: &mut F) -> Result<(), SseError>
+    where
+        F: FnMut(UpstreamEvent<'_>),
+    {
+        if !std::mem::take(&mut self.has_data) {
+            return Ok(());
+        }
+        let result = interpret_payload(&self.data, on_event);
+        self.data.clear();
+        match result {
+            Ok(Flow::Continue) => Ok(()),
+            Ok(Flow::End) => {
+                self.ended = true;
+                Ok(())
+            }
+            Err(error) => Err(self.fail(error)),
+        }
+    }
+}
+
+enum Flow {
+    Continue,
+    End,
+}
+
+fn interpret_payload<F>(payload: &[u8], on_event: &mut F) -> Result<Flow, SseError>
+where
+    F: FnMut(UpstreamEvent<'_>),
+{
+    let trimmed = payload.trim_ascii();
+    // An empty payload carries nothing; some servers use `data:` lines as keep-alives.
+    if trimmed.is_empty() {
+        return Ok(Flow::Continue);
+    }
+    if trimmed == b"[DONE]" {
+        on_event(UpstreamEvent::Done);
+        return Ok(Flow::End);
+    }
+    let chunk = scan_chunk(trimmed).map_err(|Malformed| SseError::MalformedChunk)?;
+    if chunk.has_error {
+        // Rare, so the error member is read with the general (slower) JSON parser.
+        let message = serde_json::from_slice::<serde_json::Value>(trimmed)
+            .ok()
+            .and_then(|value| value.get("error").map(error_value_message))
+            .ok_or(SseError::MalformedChunk)?;
+        on_event(UpstreamEvent::Error(message));
+        return Ok(Flow::End);
+    }
+    if let Some(text) = chunk.content.filter(|text| !text.is_empty()) {
+        on_event(UpstreamEvent::Delta(text));
+    }
+    if let Some(usage) = chunk.usage {
+        on_event(UpstreamEvent::Usage(usage));
+    }
+    Ok(Flow::Continue)
+}
+
+/// The fields of a `chat.completion.chunk` the gateway uses.
+#[derive(Default)]
+struct ChunkFields<'a> {
+    /// `choices[0].delta.content`, borrowed from the payload unless it has escapes.
+    content: Option<Cow<'a, str>>,
+    usage: Option<Usage>,
+    /// A non-null top-level `error` member is present.
+    has_error: bool,
+}
+
+/// The payload is not valid JSON, or a used field has the wrong type.
+struct Malformed;
+
+type Scan<T> = Result<T, Malformed>;
+
+/// Deepest nesting accepted in a chunk, as in serde_json.
+const MAX_DEPTH: usize = 128;
+
+/// Reads the used fields of one chunk in a single pass, validating the JSON syntax of the
+/// whole payload but building nothing for the (many) members it skips. This runs once per
+/// streamed token, and a general JSON deserializer was the largest cost of the stream.
+fn scan_chunk(payload: &[u8]) -> Scan<ChunkFields<'_>> {
+    let text = std::str::from_utf8(payload).map_err(|_| Malformed)?;
+    let mut scanner = Scanner {
+        text,
+        bytes: text.as_bytes(),
+        pos: 0,
+        depth: 0,
+    };
+    scanner.skip_ws();
+    if scanner.peek() != Some(b'{') {
+        return Err(Malformed);
+    }
+    let mut fields = ChunkFields::default();
+    let mut seen = [false; 3];
+    scanner.object(|scanner, key| {
+        let slot = if key.is("choices")? {
+            0
+        } else if key.is("usage")? {
+            1
+        } else if key.is("error")? {
+            2
+        } else {
+            return scanner.skip_value();
+        };
+        // serde refuses a repeated field too; which copy would win is anyone's guess.
+        if std::mem::replace(&mut seen[slot], true) {
+            return Err(Malformed);
+        }
+        match slot {
+            0 => fields.content = scanner.choices()?,
+            1 => fields.usage = scanner.usage()?,
+            _ => fields.has_error = !scanner.null()?,
+        }
+        Ok(())
+    })?;
+    scanner.skip_ws();
+    if scanner.pos != scanner.bytes.len() {
+        return Err(Malformed);
+    }
+    Ok(fields)
+}
+
+/// A JSON string literal found in the payload.
+struct JsonStr<'a> {
+    /// The literal with its quotes.
+    literal: &'a str,
+    /// Whether it contains a backslash escape.
+    escaped: bool,
+}
+
+impl<'a> JsonStr<'a> {
+    fn decode(&self) -> Scan<Cow<'a, str>> {
+        if self.escaped {
+            serde_json::from_str::<String>(self.literal)
+                .map(Cow::Owned)
+                .map_err(|_| Malformed)
+        } else {
+            Ok(Cow::Borrowed(&self.literal[1..self.literal.len() - 1]))
+        }
+    }
+
+    fn is(&self, name: &str) -> Scan<bool> {
+        if self.escaped {
+            return Ok(self.decode()? == name);
+        }
+        Ok(&self.literal[1..self.literal.len() - 1] == name)
+    }
+}
+
+/// A cursor over a UTF-8 checked payload.
+struct Scanner<'a> {
+    text: &'a str,
+    bytes: &'a [u8],
+    pos: usize,
+    depth: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.pos).copied()
+    }
+
+    fn skip_ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    fn expect(&mut self, byte: u8) -> Scan<()> {
+        if self.peek() != Some(byte) {
+            return Err(Malformed);
+        }
+        self.pos += 1;
+        Ok(())
+    }
+
+    fn nest(&mut self) -> Scan<()> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(Malformed);
+        }
+        Ok(())
+    }
+
+    /// Walks the object at the cursor; `on_member` must consume each member's value.
+    fn object<F>(&mut self, mut on_member: F) -> Scan<()>
+    where
+        F: FnMut(&mut Self, JsonStr<'a>) -> Scan<()>,
+    {
+        self.nest()?;
+        self.expect(b'{')?;
+        self.skip_ws();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            self.depth -= 1;
+            return Ok(());
+        }
+        loop {
+            self.skip_ws();
+            let key = self.string()?;
+            self.skip_ws();
+            self.expect(b':')?;
+            self.skip_ws();
+            on_member(self, key)?;
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b'}') => {
+                    self.pos += 1;
+                    self.depth -= 1;
+                    return Ok(());
+                }
+                _ => return Err(Malformed),
+            }
+        }
+    }
+
+    /// Walks the array at the cursor; `on_element` gets each index and must consume the value.
+    fn array<F>(&mut self, mut on_element: F) -> Scan<()>
+    where
+        F: FnMut(&mut Self, usize) -> Scan<()>,
+    {
+        self.nest()?;
+        self.expect(b'[')?;
+        self.skip_ws();
+        if self.peek() == Some(b']') {
+            self.pos += 1;
+            self.depth -= 1;
+            return Ok(());
+        }
+        let mut index = 0;
+        loop {
+            self.skip_ws();
+            on_element(self, index)?;
+            index += 1;
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b']') => {
+                    self.pos += 1;
+                    self.depth -= 1;
+                    return Ok(());
+                }
+                _ => return Err(Malformed),
+            }
+        }
+    }
+
+    fn skip_value(&mut self) -> Scan<()> {
+        match self.peek() {
+            Some(b'{') => self.object(|scanner, _| scanner.skip_value()),
+            Some(b'[') => self.array(|scanner, _| scanner.skip_value()),
+            Some(b'"') => self.string().map(drop),
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
+            Some(b'-' | b'0'..=b'9') => self.number().map(drop),
+            _ => Err(Malformed),
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Scan<()> {
+        if !self.bytes[self.pos..].starts_with(word) {
+            return Err(Malformed);
+        }
+        self.pos += word.len();
+        Ok(())
+    }
+
+    /// Consumes a `null` if one is at the cursor, else any other value.
+    fn null(&mut self) -> Scan<bool> {
+        if self.peek() == Some(b'n') {
+            self.literal(b"null")?;
+            return Ok(true);
+        }
+        self.skip_value()?;
+        Ok(false)
+    }
+
+    /// The string literal at the cursor. Escapes are checked for shape here; a string the
+    /// gateway uses is decoded (and fully checked) by serde_json in [`JsonStr::decode`].
+    fn string(&mut self) -> Scan<JsonStr<'a>> {
+        let start = self.pos;
+        self.expect(b'"')?;
+        let mut escaped = false;
+        loop {
+            // Strings in chunks are short, where a byte loop beats a vectorised search.
+            let stop = self.bytes[self.pos..]
+                .iter()
+                .position(|&byte| byte == b'"' || byte == b'\\' || byte < 0x20)
+                .ok_or(Malformed)?;
+            self.pos += stop;
+            match self.bytes[self.pos] {
+                b'"' => {
+                    self.pos += 1;
+                    let literal = self.text.get(start..self.pos).ok_or(Malformed)?;
+                    return Ok(JsonStr { literal, escaped });
+                }
+                b'\\' => self.pos += 1,
+                _ => return Err(Malformed),
+            }
+            escaped = true;
+            match self.peek() {
+                Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.pos += 1,
+                Some(b'u') => {
+                    let hex = self
+                        .bytes
+                        .get(self.pos + 1..self.pos + 5)
+                        .ok_or(Malformed)?;
+                    if !hex.iter().all(u8::is_ascii_hexdigit) {
+                        return Err(Malformed);
+                    }
+                    self.pos += 5;
+                }
+                _ => return Err(Malformed),
+            }
+        }
+    }
+
+    /// Checks the number at the cursor; gives its value when it is a plain integer that fits a u64.
+    fn number(&mut self) -> Scan<Option<u64>> {
+        let start = self.pos;
+        let negative = self.peek() == Some(b'-');
+        if negative {
+            self.pos += 1;
+        }
+        let digits_start = self.pos;
+        match self.peek() {
+            Some(b'0') => self.pos += 1,
+            Some(b'1'..=b'9') => self.skip_digits(),
+            _ => return Err(Malformed),
+        }
+        let digits_end = self.pos;
+        let mut integer = !negative;
+        if self.peek() == Some(b'.') {
+            self.pos += 1;
+            self.require_digits()?;
+            integer = false;
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.pos += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.pos += 1;
+            }
+            self.require_digits()?;
+            integer = false;
+        }
+        if !integer {
+            // Like serde_json, refuse numbers beyond f64's range.
+            let finite = self
+                .text
+                .get(start..self.pos)
+                .and_then(|n| n.parse::<f64>().ok());
+            return match finite {
+                Some(value) if value.is_finite() => Ok(None),
+                _ => Err(Malformed),
+            };
+        }
+        Ok(self.bytes[digits_start..digits_end]
+            .iter()
+            .try_fold(0u64, |value, &digit| {
+                value.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+            }))
+    }
+
+    fn skip_digits(&mut self) {
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    fn require_digits(&mut self) -> Scan<()> {
+        let start = self.pos;
+        self.skip_digits();
+        if self.pos == start {
+            return Err(Malformed);
+        }
+        Ok(())
+    }
+
+    /// `choices`: null or an array whose first element is a choice object.
+    fn choices(&mut self) -> Scan<Option<Cow<'a, str>>> {
+        if self.peek() != Some(b'[') {
+            return self.null_or_malformed().map(|()| None);
+        }
+        let mut content = None;
+        self.array(|scanner, index| {
+            if index == 0 {
+                content = scanner.first_choice()?;
+                Ok(())
+            } else {
+                scanner.skip_value()
+            }
+        })?;
+        Ok(content)
+    }
+
+    fn first_choice(&mut self) -> Scan<Option<Cow<'a, str>>> {
+        if self.peek() != Some(b'{') {
+            return Err(Malformed);
+        }
+        let mut content = None;
+        let mut seen_delta = false;
+        self.object(|scanner, key| {
+            if !key.is("delta")? {
+                return scanner.skip_value();
+            }
+            if std::mem::replace(&mut seen_delta, true) {
+                return Err(Malformed);
+            }
+            content = scanner.delta()?;
+            Ok(())
+        })?;
+        Ok(content)
+    }
+
+    /// `delta`: null or an object whose `content` is null or a string.
+    fn delta(&mut self) -> Scan<Option<Cow<'a, str>>> {
+        if self.peek() != Some(b'{') {
+            return self.null_or_malformed().map(|()| None);
+        }
+        let mut content = None;
+        let mut seen_content = false;
+        self.object(|scanner, key| {
+            if !key.is("content")? {
+                return scanner.skip_value();
+            }
+            if std::mem::replace(&mut seen_content, true) {
+                return Err(Malformed);
+            }
+            if scanner.peek() == Some(b'"') {
+                content = Some(scanner.string()?.decode()?);
+                Ok(())
+            } else {
+                scanner.null_or_malformed()
+            }
+        })?;
+        Ok(content)
+    }
+
+    /// `usage`: null or an object whose token counts, when present, are u64 integers.
+    fn usage(&mut self) -> Scan<Option<Usage>> {
+        if self.peek() != Some(b'{') {
+            return self.null_or_malformed().map(|()| None);
+        }
+        let mut usage = Usage::default();
+        let mut seen = [false; 2];
+        self.object(|scanner, key| {
+            let slot = if key.is("prompt_tokens")? {
+                0
+            } else if key.is("completion_tokens")? {
+                1
+            } else {
+                return scanner.skip_value();
+            };
+            if std::mem::replace(&mut seen[slot], true) {
+                return Err(Malformed);
+            }
+            if !matches!(scanner.peek(), Some(b'-' | b'0'..=b'9')) {
+                return Err(Malformed);
+            }
+            let count = scanner.number()?.ok_or(Malformed)?;
+            if slot == 0 {
+                usage.prompt_tokens = count;
+            } else {
+                usage.completion_tokens = count;
+            }
+            Ok(())
+        })?;
+        Ok(Some(usage))
+    }
+
+    fn null_or_malformed(&mut self) -> Scan<()> {
+        self.literal(b"null")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Events = Vec<UpstreamEvent<'static>>;
+
+    /// Feeds `pieces` then finishes; returns the events and the first error.
+    fn parse_pieces(
+        parser: &mut UpstreamSseParser,
+        pieces: &[&[u8]],
+    ) -> (Events, Option<SseError>) {
+        let mut events = Vec::new();
+        let mut sink = |event: UpstreamEvent<'_>| events.push(event.into_owned());
+        for piece in pieces {
+            if let Err(error) = parser.feed(piece, &mut sink) {
+                return (events, Some(error));
+            }
+        }
+        let error = parser.finish(&mut sink).err();
+        (events, error)
+    }
+
+    fn parse(pieces: &[&[u8]]) -> (Events, Option<SseError>) {
+        parse_pieces(&mut UpstreamSseParser::default(), pieces)
+    }
+
+    fn delta(text: &str) -> UpstreamEvent<'static> {
+        UpstreamEvent::Delta(Cow::Owned(text.to_owned()))
+    }
+
+    fn content_chunk(text: &str) -> String {
+        format!(
+            r#"{{"id":"c","object":"chat.completion.chunk","choices":[{{"index":0,"delta":{{"content":{}}},"finish_reason":null}}],"usage":null}}"#,
+            serde_json::to_string(text).unwrap()
+        )
+    }
+
+    #[test]
+    fn reads_a_typical_openai_stream() {
+        let body = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"},\"finish_reason\":null}]}\n\n",
+            ": keep-alive\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" \\\"w\\u00f6rld\\\"\"},\"logprobs\":null}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        assert_eq!(
+            parse(&[body.as_bytes()]),
+            (
+                vec![
+                    delta("Hello"),
+                    delta(" \"wörld\""),
+                    UpstreamEvent::Usage(Usage {
+                        prompt_tokens: 9,
+                        completion_tokens: 2
+                    }),
+                    UpstreamEvent::Done,
+                ],
+                None
+            )
+        );
+    }
+
+    #[test]
+    fn unescaped_delta_text_is_borrowed() {
+        let mut parser = UpstreamSseParser::default();
+        let mut borrowed = Vec::new();
+        let chunk = format!("data: {}\n\n", content_chunk("plain"));
+        parser
+            .feed(chunk.as_bytes(), &mut |event| {
+                borrowed.push(matches!(
+                    event,
+                    UpstreamEvent::Delta(Cow::Borrowed("plain"))
+                ))
+            })
+            .unwrap();
+        assert_eq!(borrowed, vec![true]);
+    }
+
+    #[test]
+    fn every_line_ending_works() {
+        for ending in ["\n", "\r\n", "\r"] {
+            let body = format!(
+                "data: {a}{e}{e}:c{e}data: {b}{e}{e}data: [DONE]{e}{e}",
+                a = content_chunk("a"),
+                b = content_chunk("b"),
+                e = ending
+            );
+            assert_eq!(
+                parse(&[body.as_bytes()]),
+                (vec![delta("a"), delta("b"), UpstreamEvent::Done], None),
+                "ending {ending:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cr_and_lf_split_across_pieces_end_one_line() {
+        let chunk = format!("data: {}", content_chunk("x"));
+        // Were the `\n` after the split `\r` a second line end, the blank line would
+        // dispatch early and the following line would never be seen as part of the event.
+        let pieces: [&[u8]; 5] = [chunk.as_bytes(), b"\r", b"\n\r", b"\ndata: [DONE]\r", b"\n"];
+        assert_eq!(
+            parse(&pieces),
+            (vec![delta("x"), UpstreamEvent::Done], None)
+        );
+
+        let two_lines: [&[u8]; 4] = [b"data: {\"choices\":\r", b"\n", b"data: []}\r", b"\r\n"];
+        assert_eq!(parse(&two_lines), (vec![], None));
+    }
+
+    #[test]
+    fn empty_pieces_keep_a_pending_cr() {
+        let chunk = format!("data: {}\r", content_chunk("x"));
+        let pieces: [&[u8]; 4] = [chunk.as_bytes(), b"", b"\n", b"\n"];
+        assert_eq!(parse(&pieces), (vec![delta("x")], None));
+    }
+
+    #[test]
+    fn field_rules() {
+        // No space after the colon, a second space kept, data lines joined with \n
+        // (valid JSON whitespace here), other fields ignored.
+        let body = concat!(
+            "event: completion\nid: 7\nretry: 100\nfoo: bar\ndata:{\"choices\":[{\"delta\":\n",
+            "data:  {\"content\":\"a\"}}]}\n\n",
+            "data\n\n",
+            "data:  [DONE]\n\n"
+        );
+        assert_eq!(
+            parse(&[body.as_bytes()]),
+            (vec![delta("a"), UpstreamEvent::Done], None)
+        );
+    }
+
+    #[test]
+    fn data_lines_join_with_newline() {
+        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"a\ndata: b\"}}]}\n\n";
+        // The joined payload contains a raw newline inside a JSON string, which JSON forbids.
+        assert_eq!(
+            parse(&[body.as_bytes()]),
+            (vec![], Some(SseError::MalformedChunk))
+        );
+    }
+
+    #[test]
+    fn multibyte_characters_split_across_pieces_are_reassembled() {
+        let body = format!("data: {}\n\ndata: [DONE]\n\n", content_chunk("你好😀"));
+        let bytes = body.as_bytes();
+        let pieces: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert_eq!(
+            parse(&pieces),
+            (vec![delta("你好😀"), UpstreamEvent::Done], None)
+        );
+    }
+
+    #[test]
+    fn trailing_event_without_blank_line_is_dispatched_at_finish() {
+        let body = format!("data: {}\n\ndata: [DONE]", content_chunk("a"));
+        assert_eq!(
+            parse(&[body.as_bytes()]),
+            (vec![delta("a"), UpstreamEvent::Done], None)
+        );
+        let unterminated_line = format!("data: {}\n", content_chunk("b"));
+        assert_eq!(
+            parse(&[unterminated_line.as_bytes()]),
+            (vec![delta("b")], None)
+        );
+    }
+
+    #[test]
+    fn chunks_without_text_give_nothing() {
+        let body = concat!(
+            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":null},\"finish_reason\":\"length\"}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"\"}}]}\n\n",
+            "data: {\"choices\":[]}\n\n",
+            "data: {\"choices\":null,\"usage\":null}\n\n",
+            "data: {\"choices\":[{\"delta\":null}]}\n\n",
+            "data: {}\n\n",
+            "data: \n\n",
+        );
+        assert_eq!(parse(&[body.as_bytes()]), (vec![], None));
+    }
+
+    #[test]
+    fn content_and_usage_in_one_chunk_give_both() {
+        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"z\"}},{\"delta\":{\"content\":\"ignored\"}}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\n";
+        assert_eq!(
+            parse(&[body.as_bytes()]),
+            (
+                vec![
+                    delta("z"),
+                    UpstreamEvent::Usage(Usage {
+                        prompt_tokens: 1,
+                        completion_tokens: 1
+                    })
+                ],
+                None
+            )
+        );
+    }
+
+    #[test]
+    fn upstream_errors_end_the_stream() {
+        let object = "data: {\"error\":{\"message\":\"The server had an error\\nwhile processing\",\"type\":\"server_error\"}}\n\ndata: [DONE]\n\n";
+        assert_eq!(
+            parse(&[object.as_bytes()]),
+            (
+                vec![UpstreamEvent::Error(
+                    "The server had an error while processing".to_owned()
+                )],
+                None
+            )
+        );
+        let text = "data: {\"error\":\"overloaded\"}\n\n";
+        assert_eq!(
+            parse(&[text.as_bytes()]),
+            (vec![UpstreamEvent::Error("overloaded".to_owned())], None)
+        );
+        let null_error = format!(
+            "data: {}\n\n",
+            content_chunk("ok").replace("\"usage\":null", "\"error\":null")
+        );
+        assert_eq!(parse(&[null_error.as_bytes()]), (vec![delta("ok")], None));
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors_and_end_the_stream() {
+        for payload in [
+            "{\"choices\":",
+            "hello",
+            "{\"choices\":5}",
+            "{\"choices\":[{\"delta\":{\"content\":7}}]}",
+            "[1]",
+        ] {
+            let body = format!("data: {payload}\n\ndata: {}\n\n", content_chunk("late"));
+            assert_eq!(
+                parse(&[body.as_bytes()]),
+                (vec![], Some(SseError::MalformedChunk)),
+                "payload {payload}"
+            );
+        }
+        let invalid_utf8: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"\xff\"}}]}\n\n";
+        assert_eq!(
+            parse(&[invalid_utf8]),
+            (vec![], Some(SseError::MalformedChunk))
+        );
+        assert_eq!(
+            SseError::MalformedChunk.to_string(),
+            "upstream sent a malformed stream chunk"
+        );
+    }
+
+    #[test]
+    fn input_after_done_is_ignored() {
+        let body = format!(
+            "data: [DONE]\n\ndata: {}\n\nnot even sse",
+            content_chunk("late")
+        );
+        assert_eq!(
+            parse(&[body.as_bytes(), b"\xff\xfe"]),
+            (vec![UpstreamEvent::Done], None)
+        );
+    }
+
+    #[test]
+    fn event_size_is_bounded() {
+        let limit = 64;
+        let long_line = format!("data: {}", "x".repeat(limit));
+        let expected = Some(SseError::EventTooLarge { limit });
+        // One line, arriving whole or in pieces, never terminated.
+        let mut parser = UpstreamSseParser::new(limit);
+        assert_eq!(
+            parse_pieces(&mut parser, &[long_line.as_bytes()]),
+            (vec![], expected.clone())
+        );
+        assert!(parser.is_ended());
+        let pieces: Vec<&[u8]> = long_line.as_bytes().chunks(5).collect();
+        assert_eq!(
+            parse_pieces(&mut UpstreamSseParser::new(limit), &pieces),
+            (vec![], expected.clone())
+        );
+        // Many short data lines that add up.
+        let many = "data: 0123456789\n".repeat(7);
+        assert_eq!(
+            parse_pieces(&mut UpstreamSseParser::new(limit), &[many.as_bytes()]),
+            (vec![], expected.clone())
+        );
+        // Exactly at the limit is fine.
+        let chunk = content_chunk("a");
+        let at_limit = format!("data: {chunk}\n\n");
+        assert_eq!(
+            parse_pieces(
+                &mut UpstreamSseParser::new(chunk.len()),
+                &[at_limit.as_bytes()]
+            ),
+            (vec![delta("a")], None)
+        );
+        // Comments that each fit do not add up.
+        let comments = ": 0123456789\n".repeat(100);
+        assert_eq!(
+            parse_pieces(&mut UpstreamSseParser::new(limit), &[comments.as_bytes()]),
+            (vec![], None)
+        );
+    }
+
+    /// What serde_json's general parser says the used fields are; the scanner must agree.
+    fn reference_fields(payload: &[u8]) -> Option<(Option<String>, Option<Usage>, bool)> {
+        use serde_json::Value;
+        let value: Value = serde_json::from_slice(payload).ok()?;
+        let object = value.as_object()?;
+        let content = match object.get("choices") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(choices)) => match choices.first() {
+                None => None,
+                Some(Value::Object(choice)) => match choice.get("delta") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Object(delta)) => match delta.get("content") {
+                        None | Some(Value::Null) => None,
+                        Some(Value::String(text)) => Some(text.clone()),
+                        Some(_) => return None,
+                    },
+                    Some(_) => return None,
+                },
+                Some(_) => return None,
+            },
+            Some(_) => return None,
+        };
+        let usage = match object.get("usage") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(usage)) => {
+                let count = |name: &str| match usage.get(name) {
+                    None => Some(0),
+                    Some(value) => value.as_u64(),
+                };
+                Some(Usage {
+                    prompt_tokens: count("prompt_tokens")?,
+                    completion_tokens: count("completion_tokens")?,
+                })
+            }
+            Some(_) => return None,
+        };
+        let has_error = object.get("error").is_some_and(|error| !error.is_null());
+        Some((content, usage, has_error))
+    }
+
+    mod differential {
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::{json, Map, Value};
+
+        fn any_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<u64>().prop_map(|n| json!(n)),
+                any::<i32>().prop_map(|n| json!(n)),
+                (-1e6f64..1e6).prop_map(|n| json!(n)),
+                "[a-z \"\\\\\n\u{1}你😀/]{0,6}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::vec(("[a-z_]{1,8}", inner), 0..4)
+                        .prop_map(|members| Value::Object(members.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn maybe(value: impl Strategy<Value = Value>) -> impl Strategy<Value = Option<Value>> {
+            prop::option::of(prop_oneof![3 => value, 1 => any_json()])
+        }
+
+        fn chunk() -> impl Strategy<Value = Value> {
+            let content = prop_oneof![
+                "[a-z \"\\\\\n\r你😀]{0,6}".prop_map(Value::String),
+                Just(Value::Null)
+            ];
+            let delta = maybe(content).prop_map(|content| {
+                let mut delta = Map::new();
+                delta.insert("role".to_owned(), json!("assistant"));
+                if let Some(content) = content {
+                    delta.insert("content".to_owned(), content);
+                }
+                Value::Object(delta)
+            });
+            let choice = maybe(delta).prop_map(|delta| {
+                let mut choice = Map::new();
+                choice.insert("index".to_owned(), json!(0));
+                if let Some(delta) = delta {
+                    choice.insert("delta".to_owned(), delta);
+                }
+                choice.insert("finish_reason".to_owned(), Value::Null);
+                Value::Object(choice)
+            });
+            let choices = prop::collection::vec(choice, 0..3).prop_map(Value::Array);
+            let usage = (any::<u64>(), maybe(Just(json!(5))))
+                .prop_map(|(prompt, completion)| json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": 1}));
+            let error = Just(json!({"message": "boom"}));
+            (
+                maybe(choices),
+                maybe(usage),
+                prop::option::weighted(0.1, error),
+                any_json(),
+            )
+                .prop_map(|(choices, usage, error, extra)| {
+                    let mut chunk = Map::new();
+                    chunk.insert("id".to_owned(), json!("chatcmpl-1"));
+                    chunk.insert("extra".to_owned(), extra);
+                    for (key, value) in [("choices", choices), ("usage", usage), ("error", error)] {
+                        if let Some(value) = value {
+                            chunk.insert(key.to_owned(), value);
+                        }
+                    }
+                    Value::Object(chunk)
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn scanner_agrees_with_serde_json(
+                chunk in chunk(),
+                edits in prop::collection::vec(
+                    (any::<prop::sample::Index>(), any::<bool>(), prop::sample::select(b"{}[]\",:\\ 0e-.nu\x01".to_vec())),
+                    0..3,
+                ),
+                cut in prop::option::weighted(0.1, any::<prop::sample::Index>()),
+            ) {
+                let mut payload = serde_json::to_vec(&chunk).unwrap();
+                for (at, insert, byte) in edits {
+                    let at = at.index(payload.len());
+                    if insert {
+                        payload.insert(at, byte);
+                    } else {
+                        payload.remove(at);
+                    }
+                }
+                if let Some(cut) = cut {
+                    payload.truncate(cut.index(payload.len()));
+                }
+                let scanned = scan_chunk(&payload).ok().map(|fields| {
+                    (fields.content.map(Cow::into_owned), fields.usage, fields.has_error)
+                });
+                prop_assert_eq!(scanned, reference_fields(&payload), "payload {}", String::from_utf8_lossy(&payload));
+            }
+        }
+    }
+
+    #[test]
+    fn scanner_edge_cases() {
+        let cases: &[(&str, bool)] = &[
+            (
+                r#"{"choices":[{"delta":{"content":"\u00e9\ud83d\ude00"}}]}"#,
+                true,
+            ),
+            (r#"{"\u0063hoices":[{"delta":{"content":"k"}}]}"#, true),
+            (r#"{"choices":[{"delta":{"content":"\ud800"}}]}"#, false),
+            (
+                r#"{"choices":[{"delta":{"content":"a","content":"b"}}]}"#,
+                false,
+            ),
+            (r#"{"choices":[],"choices":[]}"#, false),
+            (r#"{"usage":{"prompt_tokens":1.5}}"#, false),
+            (r#"{"usage":{"prompt_tokens":18446744073709551616}}"#, false),
+            (r#"{"usage":{"prompt_tokens":-1}}"#, false),
+            (r#"{"x":01}"#, false),
+            (r#"{"x":1.}"#, false),
+            (r#"{"x":-}"#, false),
+            (r#"{"x":1e400}"#, false),
+            (r#"{"x":-0.1e309}"#, true),
+            (r#"{"x":"\x"}"#, false),
+            (r#"{"x":"\u12"}"#, false),
+            (r#"{"x":tru}"#, false),
+            (r#"{"x":[1,]}"#, false),
+            (r#"{"x":1,}"#, false),
+            (r#" {"x":[-0.5e+3, true, false, null, {}, []]} "#, true),
+            ("{\"x\":\"\t\"}", false),
+            ("[]", false),
+            ("null", false),
+        ];
+        for (payload, valid) in cases {
+            assert_eq!(
+                scan_chunk(payload.as_bytes()).is_ok(),
+                *valid,
+                "payload {payload}"
+            );
+        }
+        let deep = format!("{{\"x\":{}{}}}", "[".repeat(200), "]".repeat(200));
+        assert!(scan_chunk(deep.as_bytes()).is_err());
+        let fine = format!("{{\"x\":{}{}}}", "[".repeat(100), "]".repeat(100));
+        assert!(scan_chunk(fine.as_bytes()).is_ok());
+        let escaped =
+            scan_chunk(br#"{"choices":[{"delta":{"content":"\u00e9\ud83d\ude00\n"}}]}"#).ok();
+        assert_eq!(
+            escaped.and_then(|fields| fields.content).as_deref(),
+            Some("é😀\n")
+        );
+    }
+}

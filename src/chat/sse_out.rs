@@ -1,0 +1,162 @@
+//! Downstream SSE encoder: turns answer text into the `event: message` frames of the
+//! wire contract, plus the `event: error` frame and the keep-alive comment.
+//! Appends to a caller-owned `BytesMut` so a stream reuses one buffer.
+
+use bytes::{BufMut, BytesMut};
+use serde::Deserialize;
+
+/// SSE comment sent during long upstream silences so idle timers along the path do not fire.
+pub const KEEPALIVE_COMMENT: &[u8] = b": keep-alive\n\n";
+
+/// How a route renders the text of a `message` event's `data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// The raw text; line breaks become several `data:` lines (SSE's own multi-line rule).
+    #[default]
+    Text,
+    /// The text as one JSON string literal, so the client sees escapes instead of line breaks.
+    Json,
+}
+
+/// Appends one `event: message` frame carrying `text` (which may be empty).
+pub fn write_message_event(text: &str, format: DataFormat, out: &mut BytesMut) {
+    out.reserve(text.len() + 32);
+    out.put_slice(b"event: message\n");
+    match format {
+        DataFormat::Text => write_text_data_lines(text.as_bytes(), out),
+        DataFormat::Json => {
+            out.put_slice(b"data: ");
+            push_json_string(text, out);
+            out.put_slice(b"\n");
+        }
+    }
+    out.put_slice(b"\n");
+}
+
+/// Appends one `event: error` frame whose data is `{"errorMessage": <error_message>}`.
+pub fn write_error_event(error_message: &str, out: &mut BytesMut) {
+    out.reserve(error_message.len() + 48);
+    out.put_slice(b"event: error\ndata: {\"errorMessage\": ");
+    push_json_string(error_message, out);
+    out.put_slice(b"}\n\n");
+}
+
+/// One `data: ` line per line of `text`; `\r\n`, `\n` and `\r` all end a line, because an
+/// SSE client treats all three as line ends and a raw one inside a data line would cut it.
+fn write_text_data_lines(text: &[u8], out: &mut BytesMut) {
+    let mut rest = text;
+    loop {
+        match memchr::memchr2(b'\n', b'\r', rest) {
+            None => {
+                put_data_line(rest, out);
+                return;
+            }
+            Some(at) => {
+                put_data_line(&rest[..at], out);
+                let ending = if rest[at] == b'\r' && rest.get(at + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                rest = &rest[at + ending..];
+            }
+        }
+    }
+}
+
+fn put_data_line(line: &[u8], out: &mut BytesMut) {
+    out.put_slice(b"data: ");
+    out.put_slice(line);
+    out.put_slice(b"\n");
+}
+
+fn push_json_string(text: &str, out: &mut BytesMut) {
+    // A str always serializes, and BytesMut grows on demand, so this cannot fail.
+    let _ = serde_json::to_writer(out.writer(), text);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(text: &str, format: DataFormat) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        write_message_event(text, format, &mut out);
+        out.to_vec()
+    }
+
+    #[test]
+    fn text_format_splits_every_kind_of_line_break() {
+        let cases: &[(&str, &[u8])] = &[
+            ("", b"event: message\ndata: \n\n"),
+            ("Hello", b"event: message\ndata: Hello\n\n"),
+            (" Xiao", b"event: message\ndata:  Xiao\n\n"),
+            ("a\nb", b"event: message\ndata: a\ndata: b\n\n"),
+            ("\n", b"event: message\ndata: \ndata: \n\n"),
+            ("a\r\nb", b"event: message\ndata: a\ndata: b\n\n"),
+            ("a\rb", b"event: message\ndata: a\ndata: b\n\n"),
+            ("\r\n", b"event: message\ndata: \ndata: \n\n"),
+            (
+                "\r\r\n\n",
+                b"event: message\ndata: \ndata: \ndata: \ndata: \n\n",
+            ),
+            ("a\n", b"event: message\ndata: a\ndata: \n\n"),
+            ("你好😀", "event: message\ndata: 你好😀\n\n".as_bytes()),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(
+                message(text, DataFormat::Text),
+                expected.to_vec(),
+                "text {text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_format_is_one_escaped_literal() {
+        assert_eq!(
+            message("", DataFormat::Json),
+            b"event: message\ndata: \"\"\n\n".to_vec()
+        );
+        assert_eq!(
+            message("a\r\n\"b\"\\ 你", DataFormat::Json),
+            "event: message\ndata: \"a\\r\\n\\\"b\\\"\\\\ 你\"\n\n"
+                .as_bytes()
+                .to_vec()
+        );
+    }
+
+    #[test]
+    fn error_event_matches_the_contract() {
+        let mut out = BytesMut::new();
+        write_error_event(
+            "Failed with chatbot.ChatCompletion: upstream error: \"bad\"\n",
+            &mut out,
+        );
+        assert_eq!(
+            &out[..],
+            b"event: error\ndata: {\"errorMessage\": \"Failed with chatbot.ChatCompletion: upstream error: \\\"bad\\\"\\n\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn events_append_to_the_buffer() {
+        let mut out = BytesMut::new();
+        write_message_event("a", DataFormat::Text, &mut out);
+        out.put_slice(KEEPALIVE_COMMENT);
+        write_message_event("b", DataFormat::Text, &mut out);
+        assert_eq!(
+            &out[..],
+            b"event: message\ndata: a\n\n: keep-alive\n\nevent: message\ndata: b\n\n"
+        );
+    }
+
+    #[test]
+    fn data_format_deserializes_from_lowercase_names() {
+        let parsed: Vec<DataFormat> = serde_json::from_str(r#"["text","json"]"#).unwrap();
+        assert_eq!(parsed, vec![DataFormat::Text, DataFormat::Json]);
+        assert!(serde_json::from_str::<DataFormat>(r#""Text""#).is_err());
+        assert_eq!(DataFormat::default(), DataFormat::Text);
+    }
+}

@@ -1,0 +1,418 @@
+//! Streaming reply transcoder: reads the upstream's OpenAI SSE body piece by piece and
+//! writes the contract's downstream SSE frames (one empty event first, one per text
+//! delta, one empty event last), reporting when the stream finished or failed.
+
+use bytes::BytesMut;
+
+use super::reply::Usage;
+use super::sse_in::{SseError, UpstreamEvent, UpstreamSseParser};
+use super::sse_out::{write_message_event, DataFormat};
+
+/// Where a streamed reply stands after a call to the transcoder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamStatus {
+    /// More upstream input is expected.
+    Open,
+    /// The closing empty event has been written; the downstream body is complete.
+    Finished,
+    /// The upstream failed; the caller writes the error event with this cause
+    /// (`Failed with chatbot.ChatCompletion: <cause>`) and closes the stream.
+    Failed(String),
+}
+
+/// Turns one upstream SSE body into the downstream SSE body.
+#[derive(Debug)]
+pub struct StreamTranscoder {
+    parser: UpstreamSseParser,
+    format: DataFormat,
+    status: StreamStatus,
+    usage: Option<Usage>,
+    events_sent: u64,
+}
+
+impl StreamTranscoder {
+    /// A transcoder rendering text as `format`, refusing upstream events over `max_event_bytes`.
+    pub fn new(format: DataFormat, max_event_bytes: usize) -> Self {
+        Self {
+            parser: UpstreamSseParser::new(max_event_bytes),
+            format,
+            status: StreamStatus::Open,
+            usage: None,
+            events_sent: 0,
+        }
+    }
+
+    /// Writes the opening empty `message` event; call once, when the upstream answered 200.
+    pub fn start(&mut self, out: &mut BytesMut) {
+        write_message_event("", self.format, out);
+    }
+
+    /// Transcodes the next piece of the upstream body into `out`.
+    pub fn feed(&mut self, piece: &[u8], out: &mut BytesMut) -> StreamStatus {
+        if self.status != StreamStatus::Open {
+            return self.status.clone();
+        }
+        let mut sink = EventSink::new(self.format, out);
+        let result = self.parser.feed(piece, &mut |event| sink.take(event));
+        self.settle(sink, result)
+    }
+
+    /// Ends the upstream body (it closed cleanly): dispatches a trailing event and, unless
+    /// the stream already finished or failed, writes the closing empty event.
+    pub fn finish(&mut self, out: &mut BytesMut) -> StreamStatus {
+        if self.status != StreamStatus::Open {
+            return self.status.clone();
+        }
+        let mut sink = EventSink::new(self.format, out);
+        let result = self.parser.finish(&mut |event| sink.take(event));
+        let status = self.settle(sink, result);
+        if status != StreamStatus::Open {
+            return status;
+        }
+        write_message_event("", self.format, out);
+        self.status = StreamStatus::Finished;
+        StreamStatus::Finished
+    }
+
+    /// The last usage the upstream reported, if any.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// How many non-empty `message` events were written.
+    pub fn events_sent(&self) -> u64 {
+        self.events_sent
+    }
+
+    fn settle(&mut self, sink: EventSink<'_>, result: Result<(), SseError>) -> StreamStatus {
+        self.events_sent += sink.events_sent;
+        if sink.usage.is_some() {
+            self.usage = sink.usage;
+        }
+        self.status = match (result, sink.ending) {
+            (Err(error), _) => StreamStatus::Failed(error.to_string()),
+            (Ok(()), Some(Ending::Done)) => {
+                write_message_event("", self.format, sink.out);
+                StreamStatus::Finished
+            }
+            (Ok(()), Some(Ending::UpstreamError(message))) => {
+                StreamStatus::Failed(format!("upstream error: {message}"))
+            }
+            (Ok(()), None) => StreamStatus::Open,
+        };
+        self.status.clone()
+    }
+}
+
+enum Ending {
+    Done,
+    UpstreamError(String),
+}
+
+/// Collects what the parser reports during one call, writing text events as they come.
+struct EventSink<'o> {
+    format: DataFormat,
+    out: &'o mut BytesMut,
+    events_sent: u64,
+    usage: Option<Usage>,
+    ending: Option<Ending>,
+}
+
+impl<'o> EventSink<'o> {
+    fn new(format: DataFormat, out: &'o mut BytesMut) -> Self {
+        Self {
+            format,
+            out,
+            events_sent: 0,
+            usage: None,
+            ending: None,
+        }
+    }
+
+    fn take(&mut self, event: UpstreamEvent<'_>) {
+        match event {
+            UpstreamEvent::Delta(text) => {
+                write_message_event(&text, self.format, self.out);
+                self.events_sent += 1;
+            }
+            UpstreamEvent::Usage(usage) => self.usage = Some(usage),
+            UpstreamEvent::Done => self.ending = Some(Ending::Done),
+            UpstreamEvent::Error(message) => self.ending = Some(Ending::UpstreamError(message)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::sse_in::DEFAULT_MAX_EVENT_BYTES;
+    use proptest::prelude::*;
+
+    const EMPTY_EVENT: &str = "event: message\ndata: \n\n";
+
+    fn transcoder() -> StreamTranscoder {
+        StreamTranscoder::new(DataFormat::Text, DEFAULT_MAX_EVENT_BYTES)
+    }
+
+    fn chunk(text: &str) -> String {
+        format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{}}}}}]}}\n\n",
+            serde_json::to_string(text).unwrap()
+        )
+    }
+
+    fn text(out: &BytesMut) -> &str {
+        std::str::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn frames_a_complete_stream() {
+        let mut stream = transcoder();
+        let mut out = BytesMut::new();
+        stream.start(&mut out);
+        let body = format!(
+            "{}{}{}data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":4}}}}\n\ndata: [DONE]\n\n",
+            chunk("Hello"),
+            chunk(","),
+            chunk(" Xiao\nZhi")
+        );
+        assert_eq!(
+            stream.feed(body.as_bytes(), &mut out),
+            StreamStatus::Finished
+        );
+        assert_eq!(
+            text(&out),
+            "event: message\ndata: \n\nevent: message\ndata: Hello\n\nevent: message\ndata: ,\n\n\
+             event: message\ndata:  Xiao\ndata: Zhi\n\nevent: message\ndata: \n\n"
+        );
+        assert_eq!(stream.events_sent(), 3);
+        assert_eq!(
+            stream.usage(),
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4
+            })
+        );
+        // The closing event is written once, whatever follows.
+        out.clear();
+        assert_eq!(
+            stream.feed(chunk("late").as_bytes(), &mut out),
+            StreamStatus::Finished
+        );
+        assert_eq!(stream.finish(&mut out), StreamStatus::Finished);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn json_format_renders_literals() {
+        let mut stream = StreamTranscoder::new(DataFormat::Json, DEFAULT_MAX_EVENT_BYTES);
+        let mut out = BytesMut::new();
+        stream.start(&mut out);
+        stream.feed(chunk("a\nb").as_bytes(), &mut out);
+        assert_eq!(stream.finish(&mut out), StreamStatus::Finished);
+        assert_eq!(
+            text(&out),
+            "event: message\ndata: \"\"\n\nevent: message\ndata: \"a\\nb\"\n\nevent: message\ndata: \"\"\n\n"
+        );
+    }
+
+    #[test]
+    fn end_of_body_without_done_closes_the_stream() {
+        let mut stream = transcoder();
+        let mut out = BytesMut::new();
+        let body = chunk("a");
+        let unterminated = body.trim_end();
+        assert_eq!(
+            stream.feed(unterminated.as_bytes(), &mut out),
+            StreamStatus::Open
+        );
+        assert!(out.is_empty());
+        assert_eq!(stream.finish(&mut out), StreamStatus::Finished);
+        assert_eq!(
+            text(&out),
+            format!("event: message\ndata: a\n\n{EMPTY_EVENT}")
+        );
+        assert_eq!(stream.finish(&mut out), StreamStatus::Finished);
+        assert_eq!(stream.usage(), None);
+    }
+
+    #[test]
+    fn upstream_error_fails_after_writing_earlier_events() {
+        let mut stream = transcoder();
+        let mut out = BytesMut::new();
+        let body = format!(
+            "{}data: {{\"error\":{{\"message\":\"Rate limit reached\"}}}}\n\n{}",
+            chunk("partial"),
+            chunk("never")
+        );
+        let failed = StreamStatus::Failed("upstream error: Rate limit reached".to_owned());
+        assert_eq!(stream.feed(body.as_bytes(), &mut out), failed);
+        assert_eq!(text(&out), "event: message\ndata: partial\n\n");
+        assert_eq!(stream.events_sent(), 1);
+        out.clear();
+        assert_eq!(stream.feed(b"data: [DONE]\n\n", &mut out), failed);
+        assert_eq!(stream.finish(&mut out), failed);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn malformed_chunk_fails_without_closing_event() {
+        let mut stream = transcoder();
+        let mut out = BytesMut::new();
+        let body = format!("{}data: {{\"choices\":[{{\n\n", chunk("a"));
+        let failed = StreamStatus::Failed("upstream sent a malformed stream chunk".to_owned());
+        assert_eq!(stream.feed(body.as_bytes(), &mut out), failed);
+        assert_eq!(text(&out), "event: message\ndata: a\n\n");
+        // A malformed trailing event found at end of body fails too.
+        let mut stream = transcoder();
+        out.clear();
+        assert_eq!(stream.feed(b"data: {", &mut out), StreamStatus::Open);
+        assert_eq!(stream.finish(&mut out), failed);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn oversized_event_fails() {
+        let mut stream = StreamTranscoder::new(DataFormat::Text, 32);
+        let mut out = BytesMut::new();
+        assert_eq!(
+            stream.feed(chunk("a").as_bytes(), &mut out),
+            StreamStatus::Failed("upstream sent a stream event larger than 32 bytes".to_owned())
+        );
+        assert!(out.is_empty());
+    }
+
+    /// A realistic upstream body for `tokens`, with per-event line endings and comments.
+    fn render_upstream(tokens: &[String], endings: &[u8], comments: &[bool]) -> Vec<u8> {
+        let mut payloads = vec![
+            r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":null}"#.to_owned(),
+        ];
+        for token in tokens {
+            payloads.push(format!(
+                r#"{{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","system_fingerprint":"fp_1","choices":[{{"index":0,"delta":{{"content":{}}},"logprobs":null,"finish_reason":null}}],"usage":null}}"#,
+                serde_json::to_string(token).unwrap()
+            ));
+        }
+        payloads.push(r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"usage":null}"#.to_owned());
+        payloads.push(r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":17,"completion_tokens":5,"total_tokens":22}}"#.to_owned());
+        payloads.push("[DONE]".to_owned());
+
+        let mut body = Vec::new();
+        for (i, payload) in payloads.iter().enumerate() {
+            let ending: &[u8] = match endings.get(i).copied().unwrap_or(0) % 3 {
+                0 => b"\n",
+                1 => b"\r\n",
+                _ => b"\r",
+            };
+            if comments.get(i).copied().unwrap_or(false) {
+                body.extend_from_slice(b": keep-alive");
+                body.extend_from_slice(ending);
+                body.extend_from_slice(ending);
+            }
+            body.extend_from_slice(b"data: ");
+            body.extend_from_slice(payload.as_bytes());
+            body.extend_from_slice(ending);
+            body.extend_from_slice(ending);
+        }
+        body
+    }
+
+    fn transcode(
+        format: DataFormat,
+        pieces: &[&[u8]],
+    ) -> (Vec<u8>, StreamStatus, StreamTranscoder) {
+        let mut stream = StreamTranscoder::new(format, DEFAULT_MAX_EVENT_BYTES);
+        let mut out = BytesMut::new();
+        stream.start(&mut out);
+        let mut status = StreamStatus::Open;
+        for piece in pieces {
+            status = stream.feed(piece, &mut out);
+        }
+        if status == StreamStatus::Open {
+            status = stream.finish(&mut out);
+        }
+        (out.to_vec(), status, stream)
+    }
+
+    /// Decodes a downstream body as an SSE client would: the `data` of each `message` event.
+    fn decode_message_events(body: &[u8], format: DataFormat) -> Vec<String> {
+        let body = std::str::from_utf8(body).unwrap();
+        let mut events = Vec::new();
+        for frame in body.split_terminator("\n\n") {
+            let mut lines = frame.split('\n');
+            assert_eq!(lines.next(), Some("event: message"));
+            let data: Vec<&str> = lines
+                .map(|line| line.strip_prefix("data: ").unwrap())
+                .collect();
+            let data = data.join("\n");
+            events.push(match format {
+                DataFormat::Text => data,
+                DataFormat::Json => serde_json::from_str(&data).unwrap(),
+            });
+        }
+        events
+    }
+
+    fn token() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("你好".to_owned()),
+            Just("😀".to_owned()),
+            Just("\n".to_owned()),
+            Just("\r\n".to_owned()),
+            Just(String::new()),
+            Just(" Xiao".to_owned()),
+            Just("\"q\" \\ \u{1}".to_owned()),
+            "[a-z \n\r你é😀]{0,6}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_gives_the_same_output(
+            tokens in prop::collection::vec(token(), 0..12),
+            endings in prop::collection::vec(any::<u8>(), 16),
+            comments in prop::collection::vec(any::<bool>(), 16),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..24),
+            json in any::<bool>(),
+        ) {
+            let format = if json { DataFormat::Json } else { DataFormat::Text };
+            let upstream = render_upstream(&tokens, &endings, &comments);
+            let (whole, status, stream) = transcode(format, &[&upstream]);
+            prop_assert_eq!(status, StreamStatus::Finished);
+            prop_assert_eq!(stream.usage(), Some(Usage { prompt_tokens: 17, completion_tokens: 5 }));
+            let non_empty = tokens.iter().filter(|token| !token.is_empty()).count() as u64;
+            prop_assert_eq!(stream.events_sent(), non_empty);
+
+            let events = decode_message_events(&whole, format);
+            prop_assert_eq!(events.len() as u64, non_empty + 2);
+            prop_assert_eq!(events.first().map(String::as_str), Some(""));
+            prop_assert_eq!(events.last().map(String::as_str), Some(""));
+            // A client reassembles multi-line data with \n, whatever the original break was.
+            let expected: String = match format {
+                DataFormat::Text => tokens
+                    .iter()
+                    .map(|token| token.replace("\r\n", "\n").replace('\r', "\n"))
+                    .collect(),
+                DataFormat::Json => tokens.concat(),
+            };
+            prop_assert_eq!(events.concat(), expected);
+
+            let mut points: Vec<usize> = cuts.iter().map(|cut| cut.index(upstream.len() + 1)).collect();
+            points.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut start = 0;
+            for point in points {
+                pieces.push(&upstream[start..point]);
+                start = point;
+            }
+            pieces.push(&upstream[start..]);
+            let (split, split_status, _) = transcode(format, &pieces);
+            prop_assert_eq!(&split, &whole);
+            prop_assert_eq!(split_status, StreamStatus::Finished);
+
+            let bytes: Vec<&[u8]> = upstream.chunks(1).collect();
+            let (byte_by_byte, _, _) = transcode(format, &bytes);
+            prop_assert_eq!(&byte_by_byte, &whole);
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The command line: `serve`, `check`, `users ...`, `demo` and `simulate`.
+//! Each subcommand is a thin shell over the library; exit codes are 0 for
+//! success, 1 for an operator error (bad config, unknown user), 2 for usage.
+
+mod demo;
+mod users;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, RouteKind};
+use crate::server::{self, ProcessFlags};
+use crate::simulator::SimOptions;
+
+/// chatgate — an LLM API gateway on Pingora.
+#[derive(Debug, Parser)]
+#[command(name = "chatgate", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the config file is.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Path of the YAML config file.
+    #[arg(short, long, env = "CHATGATE_CONFIG", default_value = "conf/chatgate.yaml")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Take over the listening sockets of a running chatgate (send it SIGQUIT afterwards).
+        #[arg(short, long)]
+        upgrade: bool,
+        /// Run in the background.
+        #[arg(short, long)]
+        daemon: bool,
+        /// Check that the server can start with this config, then exit.
+        #[arg(short, long)]
+        test: bool,
+    },
+    /// Load and validate the config, print a summary; exit 1 on error.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Manage users in the configured credential store.
+    Users {
+        #[command(subcommand)]
+        action: users::UsersCommand,
+    },
+    /// Try chatgate out: built-in users and simulator, no config, no Redis.
+    Demo(demo::DemoArgs),
+    /// Run the built-in OpenAI-compatible simulator (for tests and benchmarks).
+    Simulate {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: String,
+        #[command(flatten)]
+        options: SimOptions,
+    },
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    init_logging();
+    match cli.command {
+        Command::Serve { config, upgrade, daemon, test } => {
+            let config = match Config::load(&config.config) {
+                Ok(c) => c,
+                Err(e) => return fail(&e.to_string()),
+            };
+            match server::run(config, ProcessFlags { upgrade, daemon, test }, server::Extras::default()) {
+                Ok(()) => 0,
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Check { config } => match Config::load(&config.config) {
+            Ok(c) => {
+                print!("{}", summary(&c));
+                0
+            }
+            Err(e) => fail(&e.to_string()),
+        },
+        Command::Users { action } => users::run(action),
+        Command::Demo(args) => demo::run(args),
+        Command::Simulate { listen, options } => match crate::simulator::run_standalone(&listen, options) {
+            Ok(never) => match never {},
+            Err(e) => fail(&format!("simulator on {listen}: {e}")),
+        },
+    }
+}
+
+fn fail(message: &str) -> i32 {
+    eprintln!("chatgate: {message}");
+    1
+}
+
+/// JSON log lines on stderr; `RUST_LOG` picks the level (default `info`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_current_span(false)
+        .try_init();
+}
+
+/// What `chatgate check` prints.
+pub fn summary(c: &Config) -> String {
+    let mut out = format!("config {} is valid\n", c.source);
+    out += &format!("listen: {}\n", c.listen.join(", "));
+    out += &format!("admin listen: {}\n", c.admin_listen.as_deref().unwrap_or("(none)"));
+    out += &format!("credentials: {}\n", c.auth.credentials.describe());
+    out += &format!(
+        "tokens: {:?}, lifetime {}, {} previous secret(s)\n",
+        c.auth.algorithm,
+        humantime::format_duration(c.auth.token_ttl),
+        c.auth.previous_secrets.len()
+    );
+    for u in &c.upstreams {
+        let endpoints: Vec<String> = u.endpoints.iter().map(|e| e.label()).collect();
+        out += &format!(
+            "upstream {}: {} ({}{}, {} key(s), retries {})\n",
+            u.name,
+            endpoints.join(", "),
+            if u.tls { "https" } else { "http" },
+            u.base_path,
+            u.api_keys.len(),
+            u.retries
+        );
+    }
+    for r in &c.routes {
+        let kind = match r.kind {
+            RouteKind::Chat => "chat",
+            RouteKind::ChatStream => "chat_stream",
+        };
+        out += &format!("route POST {} ({kind}) -> {} model {}\n", r.path, c.upstreams[r.upstream].name, r.model);
+    }
+    out
+}

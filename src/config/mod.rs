@@ -1,0 +1,764 @@
+//! Configuration: the YAML file (`raw`) is parsed once at start-up into the
+//! validated [`Config`] below — durations parsed, routes resolved to upstreams,
+//! secrets read. Nothing downstream re-checks strings.
+
+mod duration;
+mod raw;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::server::configuration::ServerConf;
+
+pub use duration::{parse_duration, ConfigDuration};
+
+use crate::auth::password::PasswordParams;
+use crate::auth::store::redis::RedisSettings;
+use crate::auth::token::TokenAlgorithm;
+use crate::chat::DataFormat;
+use raw::{RawBackend, RawConfig, RawEndpoint, RawRouteKind, RawUpstream};
+
+/// The shortest JWT secret start-up accepts (RFC 7518 §3.2 asks for at least
+/// the hash size for HS256).
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
+/// A configuration problem, naming the file, the line when known, and the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the problem is in.
+    pub file: String,
+    /// 1-based line of the offending key, when it could be found.
+    pub line: Option<usize>,
+    /// `key.path: what is wrong`.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file, line, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A secret read from the environment or a file; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// Wraps raw secret bytes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Secret(bytes)
+    }
+    /// The secret's bytes, for the one place that needs them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+    /// The secret as text (API keys are ASCII); lossy for anything else.
+    pub fn expose_str(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+/// The validated configuration of one gateway process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from (a path, or `<demo>`), for messages.
+    pub source: String,
+    /// Addresses the public listener binds.
+    pub listen: Vec<String>,
+    /// Address of the operations listener (`/healthz`, `/readyz`, `/metrics`).
+    pub admin_listen: Option<String>,
+    /// Settings handed to Pingora's `ServerConf`.
+    pub server: ServerSettings,
+    /// Request size limits.
+    pub limits: Limits,
+    /// Login, tokens and the credential store.
+    pub auth: AuthSettings,
+    /// Upstream LLM backends, referenced by index from routes.
+    pub upstreams: Vec<Arc<UpstreamSettings>>,
+    /// Chat routes in file order.
+    pub routes: Vec<RouteSettings>,
+}
+
+/// The subset of Pingora's `ServerConf` an operator sets.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub threads: usize,
+    pub work_stealing: bool,
+    pub grace_period_seconds: u64,
+    pub graceful_shutdown_timeout_seconds: u64,
+    pub upgrade_sock: String,
+    pub pid_file: String,
+    pub error_log: Option<String>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub upstream_keepalive_pool_size: usize,
+}
+
+impl ServerSettings {
+    /// Pingora's server configuration for these settings.
+    pub fn server_conf(&self) -> ServerConf {
+        ServerConf {
+            threads: self.threads,
+            work_stealing: self.work_stealing,
+            grace_period_seconds: Some(self.grace_period_seconds),
+            graceful_shutdown_timeout_seconds: Some(self.graceful_shutdown_timeout_seconds),
+            upgrade_sock: self.upgrade_sock.clone(),
+            pid_file: self.pid_file.clone(),
+            error_log: self.error_log.clone(),
+            user: self.user.clone(),
+            group: self.group.clone(),
+            upstream_keepalive_pool_size: self.upstream_keepalive_pool_size,
+            ..ServerConf::default()
+        }
+    }
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            threads: 2,
+            work_stealing: true,
+            grace_period_seconds: 60,
+            graceful_shutdown_timeout_seconds: 10,
+            upgrade_sock: "/tmp/chatgate_upgrade.sock".into(),
+            pid_file: "/tmp/chatgate.pid".into(),
+            error_log: None,
+            user: None,
+            group: None,
+            upstream_keepalive_pool_size: 128,
+        }
+    }
+}
+
+/// Request body limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest chat request body (default 1 MiB).
+    pub max_body_bytes: usize,
+    /// Largest `/auth` request body (default 64 KiB).
+    pub max_auth_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_body_bytes: 1 << 20, max_auth_body_bytes: 64 << 10 }
+    }
+}
+
+/// Login and token settings.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// Lifetime of issued tokens (default 7 days).
+    pub token_ttl: Duration,
+    /// The one JWT algorithm accepted and issued.
+    pub algorithm: TokenAlgorithm,
+    /// The secret that signs new tokens.
+    pub secret: Secret,
+    /// Older secrets that still verify tokens during a rotation.
+    pub previous_secrets: Vec<Secret>,
+    /// argon2id parameters for new hashes.
+    pub password: PasswordParams,
+    /// How many password hashes may run at once.
+    pub hash_concurrency: usize,
+    /// How long the chat path trusts a cached "user exists and is enabled".
+    pub user_cache_ttl: Duration,
+    /// Where users live.
+    pub credentials: CredentialSettings,
+}
+
+/// The credential store backend.
+#[derive(Debug, Clone)]
+pub enum CredentialSettings {
+    /// Redis or Redis Cluster.
+    Redis(RedisSettings),
+    /// A YAML users file.
+    File(PathBuf),
+    /// In memory only (the demo).
+    Memory,
+}
+
+impl CredentialSettings {
+    /// A short description for `chatgate check`, without secrets.
+    pub fn describe(&self) -> String {
+        match self {
+            CredentialSettings::Redis(r) if !r.cluster.is_empty() => {
+                format!("redis cluster ({} seed nodes), prefix {:?}", r.cluster.len(), r.key_prefix)
+            }
+            CredentialSettings::Redis(r) => {
+                format!("redis {}, prefix {:?}", mask_url_password(&r.url), r.key_prefix)
+            }
+            CredentialSettings::File(p) => format!("file {}", p.display()),
+            CredentialSettings::Memory => "in-memory (demo)".into(),
+        }
+    }
+}
+
+/// `redis://user:pass@host/0` → `redis://user:***@host/0`.
+pub fn mask_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else { return url.to_string() };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}://{}:***{}", &url[..scheme_end], user, &rest[at..])
+        }
+        None => url.to_string(),
+    }
+}
+
+/// One upstream endpoint as configured: a host name or IP, a port, a weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSettings {
+    /// Host name or IP literal (without IPv6 brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Relative share of traffic.
+    pub weight: u32,
+}
+
+impl EndpointSettings {
+    /// `host:port` as written for logs and labels (IPv6 bracketed).
+    pub fn label(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// An OpenAI-compatible backend.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// The name routes refer to.
+    pub name: String,
+    /// Where it listens.
+    pub endpoints: Vec<EndpointSettings>,
+    /// Whether to speak TLS (rustls, verified).
+    pub tls: bool,
+    /// SNI and certificate name; defaults to the endpoint host.
+    pub sni: Option<String>,
+    /// `Host` header; defaults to the endpoint's `host[:port]`.
+    pub host_header: Option<String>,
+    /// Path prefix before `/chat/completions` (default `/v1`).
+    pub base_path: String,
+    /// API keys used in rotation; may be empty (local backends).
+    pub api_keys: Vec<Secret>,
+    /// Whether streaming requests ask for `stream_options.include_usage`.
+    pub stream_usage: bool,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub total_timeout: Duration,
+    /// Extra attempts after the first, before any byte went to the client.
+    pub retries: u32,
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+    /// How long a key answered with 401/429 is skipped.
+    pub key_cooldown: Duration,
+    /// How often host names are resolved again.
+    pub dns_refresh: Duration,
+}
+
+impl UpstreamSettings {
+    /// Settings with the documented defaults for a plain HTTP backend.
+    pub fn with_defaults(name: &str, endpoints: Vec<EndpointSettings>) -> Self {
+        UpstreamSettings {
+            name: name.to_string(),
+            endpoints,
+            tls: false,
+            sni: None,
+            host_header: None,
+            base_path: "/v1".into(),
+            api_keys: Vec::new(),
+            stream_usage: true,
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            total_timeout: Duration::from_secs(600),
+            retries: 2,
+            retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(5),
+            key_cooldown: Duration::from_secs(30),
+            dns_refresh: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Whether a chat route answers with one JSON object or an SSE stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// `{"message": ...}`.
+    Chat,
+    /// Server-Sent Events.
+    ChatStream,
+}
+
+/// A chat route.
+#[derive(Debug, Clone)]
+pub struct RouteSettings {
+    /// Exact request path.
+    pub path: String,
+    pub kind: RouteKind,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    /// Model name sent upstream.
+    pub model: String,
+    /// Prepended as a system message when the client sent none.
+    pub system_prompt: Option<String>,
+    /// Extra OpenAI request fields (`temperature`, `max_tokens`, ...).
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// How streamed text is put into `data:` lines.
+    pub data_format: DataFormat,
+    /// SSE comment interval during upstream silence.
+    pub keepalive_interval: Duration,
+    /// Largest request body for this route.
+    pub max_body_bytes: usize,
+}
+
+/// OpenAI request fields the gateway sets itself; `params` may not override them.
+const RESERVED_PARAMS: &[&str] = &["model", "messages", "stream", "stream_options"];
+
+impl Config {
+    /// Reads, parses and validates a config file, secrets included.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with(path, SecretsPolicy::Required)
+    }
+
+    /// Reads a config file; with [`SecretsPolicy::Skip`] the JWT secret and
+    /// API keys are not read (user administration needs neither).
+    pub fn load_with(path: &Path, secrets: SecretsPolicy) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            line: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Self::from_yaml(&file, &text, path.parent().unwrap_or(Path::new(".")), secrets)
+    }
+
+    /// Parses and validates YAML text; `base_dir` anchors relative paths.
+    pub fn from_yaml(file: &str, text: &str, base_dir: &Path, secrets: SecretsPolicy) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| ConfigError {
+            file: file.to_string(),
+            line: e.location().map(|l| l.line()),
+            message: e.to_string(),
+        })?;
+        Validator { file, text, base_dir, secrets }.validate(raw)
+    }
+
+    /// The upstream a route sends to.
+    pub fn route_upstream(&self, route: &RouteSettings) -> &Arc<UpstreamSettings> {
+        &self.upstreams[route.upstream]
+    }
+}
+
+/// Whether loading a config reads its secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretsPolicy {
+    /// Read and check every secret (serving, `check`).
+    Required,
+    /// Leave secrets unread (user administration).
+    Skip,
+}
+
+/// Turns the raw file into [`Config`], producing errors that point into the text.
+struct Validator<'a> {
+    file: &'a str,
+    text: &'a str,
+    base_dir: &'a Path,
+    secrets: SecretsPolicy,
+}
+
+impl Validator<'_> {
+    fn error(&self, key: &str, near: &str, message: impl fmt::Display) -> ConfigError {
+        ConfigError { file: self.file.to_string(), line: self.locate(near), message: format!("{key}: {message}") }
+    }
+
+    /// The first line that contains `needle`, to point the operator at it.
+    fn locate(&self, needle: &str) -> Option<usize> {
+        if needle.is_empty() {
+            return None;
+        }
+        self.text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+    }
+
+    fn resolve_path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        if raw.listen.is_empty() {
+            return Err(self.error("listen", "listen:", "at least one address is required"));
+        }
+        for addr in raw.listen.iter().chain(raw.admin_listen.iter()) {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(self.error("listen", addr, format!("{addr:?} is not an IP:port address")));
+            }
+        }
+        let defaults = ServerSettings::default();
+        let p = raw.pingora;
+        let server = ServerSettings {
+            threads: p.threads.unwrap_or(defaults.threads).max(1),
+            work_stealing: p.work_stealing.unwrap_or(defaults.work_stealing),
+            grace_period_seconds: p.grace_period_seconds.unwrap_or(defaults.grace_period_seconds),
+            graceful_shutdown_timeout_seconds: p
+                .graceful_shutdown_timeout_seconds
+                .unwrap_or(defaults.graceful_shutdown_timeout_seconds),
+            upgrade_sock: p.upgrade_sock.unwrap_or(defaults.upgrade_sock),
+            pid_file: p.pid_file.unwrap_or(defaults.pid_file),
+            error_log: p.error_log,
+            user: p.user,
+            group: p.group,
+            upstream_keepalive_pool_size: p
+                .upstream_keepalive_pool_size
+                .unwrap_or(defaults.upstream_keepalive_pool_size),
+        };
+        let limit_defaults = Limits::default();
+        let limits = Limits {
+            max_body_bytes: raw.limits.max_body_bytes.unwrap_or(limit_defaults.max_body_bytes),
+            max_auth_body_bytes: raw
+                .limits
+                .max_auth_body_bytes
+                .unwrap_or(limit_defaults.max_auth_body_bytes),
+        };
+        if limits.max_body_bytes == 0 || limits.max_auth_body_bytes == 0 {
+            return Err(self.error("limits", "limits:", "body limits must be greater than 0"));
+        }
+        let auth = self.auth(raw.auth)?;
+
+        let mut upstreams = Vec::new();
+        for (name, u) in raw.upstreams {
+            upstreams.push(Arc::new(self.upstream(&name, u)?));
+        }
+        let mut routes = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            let key = format!("routes[{i}]");
+            if !r.path.starts_with('/') {
+                return Err(self.error(&key, &r.path, format!("path {:?} must start with '/'", r.path)));
+            }
+            if r.path == "/auth" || !seen.insert(r.path.clone()) {
+                return Err(self.error(&key, &r.path, format!("path {:?} is already taken", r.path)));
+            }
+            let Some(upstream) = upstreams.iter().position(|u| u.name == r.upstream) else {
+                let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+                return Err(self.error(
+                    &format!("{key}.upstream"),
+                    &format!("upstream: {}", r.upstream),
+                    format!("unknown upstream {:?} (defined: {})", r.upstream, known.join(", ")),
+                ));
+            };
+            if r.model.trim().is_empty() {
+                return Err(self.error(&format!("{key}.model"), "model:", "must not be empty"));
+            }
+            if let Some(reserved) = RESERVED_PARAMS.iter().find(|k| r.params.contains_key(**k)) {
+                return Err(self.error(
+                    &format!("{key}.params"),
+                    &format!("{reserved}:"),
+                    format!("{reserved:?} is set by the gateway and cannot be a route parameter"),
+                ));
+            }
+            routes.push(RouteSettings {
+                path: r.path,
+                kind: match r.kind {
+                    RawRouteKind::Chat => RouteKind::Chat,
+                    RawRouteKind::ChatStream => RouteKind::ChatStream,
+                },
+                upstream,
+                model: r.model,
+                system_prompt: r.system_prompt.filter(|s| !s.is_empty()),
+                params: r.params,
+                data_format: r.data_format.unwrap_or_default(),
+                keepalive_interval: r.keepalive_interval.map_or(Duration::from_secs(15), |d| d.0),
+                max_body_bytes: r.max_body_bytes.unwrap_or(limits.max_body_bytes),
+            });
+        }
+        if routes.iter().any(|r| r.keepalive_interval.is_zero()) {
+            return Err(self.error("routes.keepalive_interval", "keepalive_interval", "must be greater than 0"));
+        }
+        Ok(Config {
+            source: self.file.to_string(),
+            listen: raw.listen,
+            admin_listen: raw.admin_listen,
+            server,
+            limits,
+            auth,
+            upstreams,
+            routes,
+        })
+    }
+
+    fn auth(&self, a: raw::RawAuth) -> Result<AuthSettings, ConfigError> {
+        let jwt = a.jwt;
+        let skip = self.secrets == SecretsPolicy::Skip;
+        let secret = match (&jwt.secret_env, &jwt.secret_file) {
+            (Some(_), None) | (None, Some(_)) if skip => Secret::new(vec![0; MIN_JWT_SECRET_BYTES]),
+            (Some(var), None) => self.env_secret("auth.jwt.secret_env", var)?,
+            (None, Some(path)) => self.file_secret("auth.jwt.secret_file", path)?,
+            _ => {
+                return Err(self.error(
+                    "auth.jwt",
+                    "jwt:",
+                    "set exactly one of secret_env or secret_file (the JWT secret is never written in the file)",
+                ))
+            }
+        };
+        check_secret_strength(&secret).map_err(|m| self.error("auth.jwt", "secret_", m))?;
+        let mut previous_secrets = Vec::new();
+        let previous_text = match (&jwt.previous_secrets_env, &jwt.previous_secrets_file) {
+            _ if skip => None,
+            (Some(var), None) => std::env::var(var).ok(),
+            (None, Some(path)) => Some(self.file_secret("auth.jwt.previous_secrets_file", path)?.expose_str()),
+            (None, None) => None,
+            _ => {
+                return Err(self.error(
+                    "auth.jwt",
+                    "previous_secrets",
+                    "set at most one of previous_secrets_env or previous_secrets_file",
+                ))
+            }
+        };
+        for part in previous_text.iter().flat_map(|t| t.split([',', '\n'])) {
+            let part = part.trim();
+            if part.is_empty() {
+                continue;
+            }
+            let s = Secret::new(part.as_bytes().to_vec());
+            check_secret_strength(&s)
+                .map_err(|m| self.error("auth.jwt.previous_secrets", "previous_secrets", m))?;
+            previous_secrets.push(s);
+        }
+        let ph = a.password_hash;
+        let defaults = PasswordParams::default();
+        let password = PasswordParams {
+            memory_kib: ph.memory_kib.unwrap_or(defaults.memory_kib),
+            iterations: ph.iterations.unwrap_or(defaults.iterations),
+            parallelism: ph.parallelism.unwrap_or(defaults.parallelism),
+        };
+        if let Err(e) = argon2::Params::new(password.memory_kib, password.iterations, password.parallelism, None) {
+            return Err(self.error("auth.password_hash", "password_hash", format!("invalid argon2 parameters: {e}")));
+        }
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let hash_concurrency = ph.max_concurrent.unwrap_or((cores / 2).max(1)).max(1);
+        let token_ttl = a.token_ttl.map_or(Duration::from_secs(7 * 86400), |d| d.0);
+        if token_ttl.is_zero() {
+            return Err(self.error("auth.token_ttl", "token_ttl", "must be greater than 0"));
+        }
+        let credentials = self.credentials(a.credentials)?;
+        Ok(AuthSettings {
+            token_ttl,
+            algorithm: jwt.algorithm.unwrap_or(TokenAlgorithm::HS256),
+            secret,
+            previous_secrets,
+            password,
+            hash_concurrency,
+            user_cache_ttl: a.user_cache_ttl.map_or(Duration::from_secs(5), |d| d.0),
+            credentials,
+        })
+    }
+
+    fn credentials(&self, c: raw::RawCredentials) -> Result<CredentialSettings, ConfigError> {
+        match c.backend {
+            RawBackend::File => {
+                let Some(path) = c.file else {
+                    return Err(self.error("auth.credentials.file", "backend:", "backend `file` needs `file: PATH`"));
+                };
+                Ok(CredentialSettings::File(self.resolve_path(&path)))
+            }
+            RawBackend::Redis => {
+                let Some(r) = c.redis else {
+                    return Err(self.error("auth.credentials.redis", "backend:", "backend `redis` needs a `redis:` section"));
+                };
+                let key = "auth.credentials.redis";
+                let url = match (&r.url, &r.url_env) {
+                    (Some(u), None) => u.clone(),
+                    (None, Some(var)) => self.env_secret(&format!("{key}.url_env"), var)?.expose_str(),
+                    (None, None) => String::new(),
+                    _ => return Err(self.error(key, "url", "set at most one of url or url_env")),
+                };
+                let mut cluster = r.cluster.unwrap_or_default();
+                if let Some(var) = &r.cluster_env {
+                    let list = self.env_secret(&format!("{key}.cluster_env"), var)?.expose_str();
+                    cluster.extend(list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from));
+                }
+                if url.is_empty() && cluster.is_empty() {
+                    return Err(self.error(key, "redis:", "set url, url_env, cluster or cluster_env"));
+                }
+                if !url.is_empty() && !cluster.is_empty() {
+                    return Err(self.error(key, "cluster", "set either a single-server url or a cluster, not both"));
+                }
+                for u in std::iter::once(&url).filter(|u| !u.is_empty()).chain(cluster.iter()) {
+                    if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("unix://") || u.starts_with("redis+unix://")) {
+                        return Err(self.error(key, "url", format!("{} is not a redis:// URL", mask_url_password(u))));
+                    }
+                }
+                let timeout = r.timeout.map_or(Duration::from_millis(500), |d| d.0);
+                if timeout.is_zero() {
+                    return Err(self.error(&format!("{key}.timeout"), "timeout", "must be greater than 0"));
+                }
+                Ok(CredentialSettings::Redis(RedisSettings {
+                    url,
+                    cluster,
+                    key_prefix: r.key_prefix.unwrap_or_else(|| "chatgate:".into()),
+                    timeout,
+                }))
+            }
+        }
+    }
+
+    fn upstream(&self, name: &str, u: RawUpstream) -> Result<UpstreamSettings, ConfigError> {
+        let key = format!("upstreams.{name}");
+        if u.endpoints.is_empty() {
+            return Err(self.error(&format!("{key}.endpoints"), name, "at least one endpoint is required"));
+        }
+        let mut endpoints = Vec::new();
+        for e in u.endpoints {
+            let (address, weight) = match e {
+                RawEndpoint::Address(a) => (a, 1),
+                RawEndpoint::Weighted(w) => (w.address, w.weight.unwrap_or(1)),
+            };
+            let parsed = parse_host_port(&address)
+                .map_err(|m| self.error(&format!("{key}.endpoints"), &address, m))?;
+            if weight == 0 {
+                return Err(self.error(&format!("{key}.endpoints"), &address, "weight must be at least 1"));
+            }
+            endpoints.push(EndpointSettings { host: parsed.0, port: parsed.1, weight });
+        }
+        let mut s = UpstreamSettings::with_defaults(name, endpoints);
+        s.tls = u.tls;
+        s.sni = u.sni;
+        s.host_header = u.host_header;
+        if let Some(bp) = u.base_path {
+            if !bp.starts_with('/') {
+                return Err(self.error(&format!("{key}.base_path"), &bp, "must start with '/'"));
+            }
+            s.base_path = bp.trim_end_matches('/').to_string();
+        }
+        let keys_text = match (&u.api_keys_env, &u.api_keys_file) {
+            _ if self.secrets == SecretsPolicy::Skip => None,
+            (Some(var), None) => Some(self.env_secret(&format!("{key}.api_keys_env"), var)?.expose_str()),
+            (None, Some(p)) => Some(self.file_secret(&format!("{key}.api_keys_file"), p)?.expose_str()),
+            (None, None) => None,
+            _ => return Err(self.error(&key, "api_keys", "set at most one of api_keys_env or api_keys_file")),
+        };
+        s.api_keys = keys_text
+            .iter()
+            .flat_map(|t| t.split([',', '\n']))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|k| Secret::new(k.as_bytes().to_vec()))
+            .collect();
+        if keys_text.is_some() && s.api_keys.is_empty() {
+            return Err(self.error(&key, "api_keys", "the API key list is empty"));
+        }
+        if s.api_keys.iter().any(|k| k.expose().iter().any(|b| !b.is_ascii_graphic())) {
+            return Err(self.error(&key, "api_keys", "API keys must be printable ASCII without spaces"));
+        }
+        s.stream_usage = u.stream_usage.unwrap_or(true);
+        let set = |slot: &mut Duration, v: Option<ConfigDuration>| {
+            if let Some(d) = v {
+                *slot = d.0;
+            }
+        };
+        set(&mut s.connect_timeout, u.connect_timeout);
+        set(&mut s.first_byte_timeout, u.first_byte_timeout);
+        set(&mut s.idle_timeout, u.idle_timeout);
+        set(&mut s.total_timeout, u.total_timeout);
+        set(&mut s.retry_backoff, u.retry_backoff);
+        set(&mut s.retry_backoff_max, u.retry_backoff_max);
+        set(&mut s.key_cooldown, u.key_cooldown);
+        set(&mut s.dns_refresh, u.dns_refresh);
+        s.retries = u.retries.unwrap_or(s.retries);
+        for (field, d) in [
+            ("connect_timeout", s.connect_timeout),
+            ("first_byte_timeout", s.first_byte_timeout),
+            ("idle_timeout", s.idle_timeout),
+            ("total_timeout", s.total_timeout),
+            ("dns_refresh", s.dns_refresh),
+        ] {
+            if d.is_zero() {
+                return Err(self.error(&format!("{key}.{field}"), field, "must be greater than 0"));
+            }
+        }
+        if s.retries > 10 {
+            return Err(self.error(&format!("{key}.retries"), "retries", "at most 10"));
+        }
+        Ok(s)
+    }
+
+    fn env_secret(&self, key: &str, var: &str) -> Result<Secret, ConfigError> {
+        match std::env::var_os(var) {
+            Some(v) if !v.is_empty() => Ok(Secret::new(v.into_encoded_bytes())),
+            _ => Err(self.error(key, var, format!("environment variable {var} is not set or empty"))),
+        }
+    }
+
+    fn file_secret(&self, key: &str, path: &Path) -> Result<Secret, ConfigError> {
+        let full = self.resolve_path(path);
+        let mut bytes = std::fs::read(&full)
+            .map_err(|e| self.error(key, &path.display().to_string(), format!("cannot read {}: {e}", full.display())))?;
+        while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            bytes.pop();
+        }
+        if bytes.is_empty() {
+            return Err(self.error(key, &path.display().to_string(), format!("{} is empty", full.display())));
+        }
+        Ok(Secret::new(bytes))
+    }
+}
+
+/// Refuses JWT secrets that are too short to resist brute force.
+pub fn check_secret_strength(secret: &Secret) -> Result<(), String> {
+    let n = secret.expose().len();
+    if n < MIN_JWT_SECRET_BYTES {
+        return Err(format!(
+            "the JWT secret is {n} bytes; at least {MIN_JWT_SECRET_BYTES} are required (generate one with `openssl rand -base64 48`)"
+        ));
+    }
+    Ok(())
+}
+
+/// Splits `host:port` / `[v6]:port`.
+pub fn parse_host_port(address: &str) -> Result<(String, u16), String> {
+    let bad = || format!("{address:?} is not host:port");
+    let (host, port) = if let Some(rest) = address.strip_prefix('[') {
+        let (h, p) = rest.split_once("]:").ok_or_else(bad)?;
+        (h, p)
+    } else {
+        address.rsplit_once(':').ok_or_else(bad)?
+    };
+    if host.is_empty() || host.contains(['/', ' ']) {
+        return Err(bad());
+    }
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,167 @@
+//! The YAML file as written by an operator: serde structs that mirror
+//! `conf/chatgate.yaml` key for key. Nothing here is trusted yet; `super::load`
+//! turns it into the validated [`super::Config`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::duration::ConfigDuration;
+use crate::auth::token::TokenAlgorithm;
+use crate::chat::DataFormat;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub listen: Vec<String>,
+    #[serde(default)]
+    pub admin_listen: Option<String>,
+    #[serde(default)]
+    pub pingora: RawPingora,
+    #[serde(default)]
+    pub limits: RawLimits,
+    pub auth: RawAuth,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPingora {
+    pub threads: Option<usize>,
+    pub work_stealing: Option<bool>,
+    pub grace_period_seconds: Option<u64>,
+    pub graceful_shutdown_timeout_seconds: Option<u64>,
+    pub upgrade_sock: Option<String>,
+    pub pid_file: Option<String>,
+    pub error_log: Option<String>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub upstream_keepalive_pool_size: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub max_body_bytes: Option<usize>,
+    pub max_auth_body_bytes: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuth {
+    pub token_ttl: Option<ConfigDuration>,
+    pub jwt: RawJwt,
+    #[serde(default)]
+    pub password_hash: RawPasswordHash,
+    pub user_cache_ttl: Option<ConfigDuration>,
+    pub credentials: RawCredentials,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawJwt {
+    pub algorithm: Option<TokenAlgorithm>,
+    pub secret_env: Option<String>,
+    pub secret_file: Option<PathBuf>,
+    pub previous_secrets_env: Option<String>,
+    pub previous_secrets_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPasswordHash {
+    pub memory_kib: Option<u32>,
+    pub iterations: Option<u32>,
+    pub parallelism: Option<u32>,
+    pub max_concurrent: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawBackend {
+    Redis,
+    File,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCredentials {
+    pub backend: RawBackend,
+    pub redis: Option<RawRedis>,
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRedis {
+    pub url: Option<String>,
+    pub url_env: Option<String>,
+    pub cluster: Option<Vec<String>>,
+    pub cluster_env: Option<String>,
+    pub key_prefix: Option<String>,
+    pub timeout: Option<ConfigDuration>,
+}
+
+/// An endpoint is written either as `"host:port"` or as `{address, weight}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawEndpoint {
+    Address(String),
+    Weighted(RawWeightedEndpoint),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWeightedEndpoint {
+    pub address: String,
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    pub endpoints: Vec<RawEndpoint>,
+    #[serde(default)]
+    pub tls: bool,
+    pub sni: Option<String>,
+    pub host_header: Option<String>,
+    pub base_path: Option<String>,
+    pub api_keys_env: Option<String>,
+    pub api_keys_file: Option<PathBuf>,
+    pub stream_usage: Option<bool>,
+    pub connect_timeout: Option<ConfigDuration>,
+    pub first_byte_timeout: Option<ConfigDuration>,
+    pub idle_timeout: Option<ConfigDuration>,
+    pub total_timeout: Option<ConfigDuration>,
+    pub retries: Option<u32>,
+    pub retry_backoff: Option<ConfigDuration>,
+    pub retry_backoff_max: Option<ConfigDuration>,
+    pub key_cooldown: Option<ConfigDuration>,
+    pub dns_refresh: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawRouteKind {
+    Chat,
+    ChatStream,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    pub path: String,
+    pub kind: RawRouteKind,
+    pub upstream: String,
+    pub model: String,
+    pub system_prompt: Option<String>,
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+    pub data_format: Option<DataFormat>,
+    pub keepalive_interval: Option<ConfigDuration>,
+    pub max_body_bytes: Option<usize>,
+}

@@ -1,0 +1,65 @@
+//! The operations listener: `/healthz` (the process serves) and `/readyz`
+//! (the credential store answers and every route has an endpoint with a known
+//! address). Kept apart from the public listener so it can stay private.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::Response;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::auth::store::CredentialStore;
+use crate::error::{error_body, json_object1};
+use crate::upstream::Upstream;
+
+/// Answers the operations endpoints.
+pub struct AdminApp {
+    store: Arc<dyn CredentialStore>,
+    /// (route path, its upstream) for the readiness check.
+    routes: Vec<(String, Arc<Upstream>)>,
+}
+
+impl AdminApp {
+    /// An admin app checking this store and these routes.
+    pub fn new(store: Arc<dyn CredentialStore>, routes: Vec<(String, Arc<Upstream>)>) -> Self {
+        AdminApp { store, routes }
+    }
+
+    async fn readiness(&self) -> Result<(), String> {
+        self.store
+            .ping()
+            .await
+            .map_err(|e| format!("credential store unreachable: {e}"))?;
+        for (path, upstream) in &self.routes {
+            if !upstream.endpoints.iter().any(|e| e.socket_addr().is_some()) {
+                return Err(format!("route {path}: no endpoint of upstream {} has an address", upstream.name()));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn json(status: u16, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    let len = resp.body().len();
+    resp.headers_mut().insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    resp
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        match path.as_str() {
+            "/healthz" => json(200, json_object1("status", "ok")),
+            "/readyz" => match self.readiness().await {
+                Ok(()) => json(200, json_object1("status", "ready")),
+                Err(reason) => json(503, error_body(&format!("Not ready: {reason}"))),
+            },
+            _ => json(404, error_body("Not found")),
+        }
+    }
+}

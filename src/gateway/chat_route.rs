@@ -1,0 +1,202 @@
+//! Chat routes: Bearer check, body validation and rewrite (all before any
+//! upstream connection), the upstream call, then either `{"message": ...}` or
+//! the SSE stream transcoded chunk by chunk with keep-alives, idle timeout and
+//! cancellation when the client goes away.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pingora::proxy::Session;
+
+use super::{body, reply, ChatRoute, RequestCtx};
+use crate::auth::Authenticator;
+use crate::chat::reply::parse_completion;
+use crate::chat::request::{build_openai_body, parse_messages, UpstreamRequestSpec};
+use crate::chat::sse_out::{write_error_event, KEEPALIVE_COMMENT};
+use crate::chat::stream::{StreamStatus, StreamTranscoder};
+use crate::config::RouteKind;
+use crate::error::{json_object1, upstream_failure_message, ApiError};
+use crate::upstream::{OpenResponse, UpstreamError};
+
+/// Largest non-streaming upstream reply accepted.
+const MAX_REPLY_BYTES: usize = 16 << 20;
+/// Largest single upstream SSE event accepted.
+const MAX_UPSTREAM_EVENT_BYTES: usize = 1 << 20;
+
+/// Handles one chat request; errors before the reply started are answered by the caller.
+pub(super) async fn handle(
+    auth: &Authenticator,
+    route: &ChatRoute,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<(), ApiError> {
+    let authorization = session.get_header(http::header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
+    let caller = auth.authorize(authorization.as_deref()).await?;
+    ctx.user_id = Some(caller.user_id);
+
+    let settings = &route.settings;
+    let raw = match body::read_limited(session, settings.max_body_bytes).await {
+        Ok(b) => b,
+        Err(Some(e)) => return Err(e),
+        Err(None) => {
+            ctx.outcome = "client_gone";
+            return Ok(());
+        }
+    };
+    let messages = parse_messages(&raw).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+    drop(raw);
+    let stream = settings.kind == RouteKind::ChatStream;
+    let upstream_body = Bytes::from(build_openai_body(
+        &messages,
+        &UpstreamRequestSpec {
+            model: &settings.model,
+            system_prompt: settings.system_prompt.as_deref(),
+            params: &settings.params,
+            stream,
+            include_usage: route.include_usage,
+        },
+    ));
+    drop(messages);
+
+    let upstream = &route.upstream;
+    let deadline = Instant::now() + upstream.settings.total_timeout;
+    let opened = tokio::select! {
+        biased;
+        _ = session.downstream_session.read_body_or_idle(true) => {
+            ctx.outcome = "cancelled";
+            return Ok(());
+        }
+        opened = upstream.open(&upstream_body, stream, deadline) => opened,
+    };
+    let mut open = opened.map_err(|e| upstream_failed(ctx, &e))?;
+    drop(upstream_body);
+    ctx.attempts = open.attempts;
+    ctx.upstream_endpoint = Some(upstream.endpoints[open.endpoint].label.clone());
+    ctx.time_to_first_byte = Some(open.first_byte_at.duration_since(ctx.started));
+
+    if stream {
+        stream_reply(route, session, ctx, open, deadline).await;
+        return Ok(());
+    }
+    let idle = upstream.settings.idle_timeout;
+    let body = tokio::select! {
+        biased;
+        _ = session.downstream_session.read_body_or_idle(true) => {
+            ctx.outcome = "cancelled";
+            return Ok(());
+        }
+        body = open.read_all(MAX_REPLY_BYTES, idle, deadline) => body,
+    };
+    let body = body.map_err(|e| upstream_failed(ctx, &e))?;
+    upstream.release(open).await;
+    let completion = parse_completion(&body).map_err(|e| ApiError::Upstream(e.to_string()))?;
+    ctx.tokens = completion.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
+    reply::send_json(session, ctx, 200, json_object1("message", &completion.content), &[]).await;
+    Ok(())
+}
+
+fn upstream_failed(ctx: &mut RequestCtx, e: &UpstreamError) -> ApiError {
+    ctx.outcome = "upstream_error";
+    ApiError::Upstream(e.to_string())
+}
+
+/// What ended the upstream read loop.
+enum StreamEnd {
+    Finished,
+    Failed(String),
+    ClientGone,
+}
+
+/// Streams the upstream's chunks to the client as CONTRACT's SSE events.
+async fn stream_reply(
+    route: &ChatRoute,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    mut open: OpenResponse,
+    deadline: Instant,
+) {
+    let settings = &route.settings;
+    let upstream = &route.upstream;
+    ctx.status = 200;
+    let mut out = BytesMut::with_capacity(4096);
+    let mut transcoder = StreamTranscoder::new(settings.data_format, MAX_UPSTREAM_EVENT_BYTES);
+    transcoder.start(&mut out);
+    let started = async {
+        let mut h = reply::header(200, ctx, "text/event-stream; charset=utf-8", None)?;
+        h.insert_header(http::header::CACHE_CONTROL, "no-cache")?;
+        h.insert_header("X-Accel-Buffering", "no")?;
+        if session.req_header().version == http::Version::HTTP_11 {
+            // Without a length Pingora would fall back to close-delimited
+            // framing; chunked keeps the connection reusable and each write
+            // is flushed as it happens.
+            h.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+        }
+        session.write_response_header(Box::new(h), false).await?;
+        session.write_response_body(Some(out.split().freeze()), false).await
+    }
+    .await;
+    if started.is_err() {
+        ctx.outcome = "client_gone";
+        return;
+    }
+
+    let idle = upstream.settings.idle_timeout;
+    let keepalive_every = settings.keepalive_interval;
+    let mut last_upstream_byte = Instant::now();
+    let mut next_keepalive = Instant::now() + keepalive_every;
+    let end = loop {
+        let idle_deadline = (last_upstream_byte + idle).min(deadline);
+        let status = tokio::select! {
+            biased;
+            _ = session.downstream_session.read_body_or_idle(true) => break StreamEnd::ClientGone,
+            chunk = tokio::time::timeout_at(idle_deadline.into(), open.read_chunk()) => match chunk {
+                Err(_) if Instant::now() >= deadline => break StreamEnd::Failed(
+                    UpstreamError::Timeout { what: "before the reply was complete", after: upstream.settings.total_timeout }.to_string()),
+                Err(_) => break StreamEnd::Failed(
+                    UpstreamError::Timeout { what: "while streaming (idle)", after: idle }.to_string()),
+                Ok(Err(e)) => break StreamEnd::Failed(e.to_string()),
+                Ok(Ok(Some(piece))) => {
+                    last_upstream_byte = Instant::now();
+                    transcoder.feed(&piece, &mut out)
+                }
+                Ok(Ok(None)) => transcoder.finish(&mut out),
+            },
+            _ = tokio::time::sleep_until(next_keepalive.into()) => {
+                out.extend_from_slice(KEEPALIVE_COMMENT);
+                StreamStatus::Open
+            }
+        };
+        if !out.is_empty() {
+            next_keepalive = Instant::now() + keepalive_every;
+            let finished = matches!(status, StreamStatus::Finished);
+            if session.write_response_body(Some(out.split().freeze()), finished).await.is_err() {
+                break StreamEnd::ClientGone;
+            }
+        }
+        match status {
+            StreamStatus::Open => continue,
+            StreamStatus::Finished => break StreamEnd::Finished,
+            StreamStatus::Failed(cause) => break StreamEnd::Failed(cause),
+        }
+    };
+    ctx.tokens = transcoder.usage().map(|u| (u.prompt_tokens, u.completion_tokens));
+    match end {
+        StreamEnd::Finished => {
+            // Drain what follows [DONE] (usually nothing) so the connection can be reused.
+            let rest = open.read_all(MAX_UPSTREAM_EVENT_BYTES, Duration::from_millis(200), deadline).await;
+            if rest.is_ok() {
+                upstream.release(open).await;
+            }
+        }
+        StreamEnd::Failed(cause) => {
+            ctx.outcome = "upstream_error";
+            write_error_event(&upstream_failure_message(&cause), &mut out);
+            let _ = session.write_response_body(Some(out.split().freeze()), true).await;
+            tracing::debug!(request_id = %ctx.request_id, cause = %cause, "stream failed after the first event");
+        }
+        StreamEnd::ClientGone => {
+            // Dropping `open` closes the upstream connection, cancelling the generation.
+            ctx.outcome = "cancelled";
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Writing complete replies downstream: JSON bodies with the headers every
+//! reply carries (`X-Request-Id`, `Content-Type`, `nosniff`), and errors
+//! through [`ApiError`]'s one mapping.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+use super::RequestCtx;
+use crate::error::ApiError;
+
+/// A response header with the headers common to every reply.
+pub(super) fn header(status: u16, ctx: &RequestCtx, content_type: &str, content_length: Option<usize>) -> pingora::Result<ResponseHeader> {
+    let mut h = ResponseHeader::build(status, Some(6))?;
+    h.insert_header(http::header::CONTENT_TYPE, content_type)?;
+    if let Some(n) = content_length {
+        h.insert_header(http::header::CONTENT_LENGTH, n.to_string())?;
+    }
+    h.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+    h.insert_header("X-Content-Type-Options", "nosniff")?;
+    Ok(h)
+}
+
+/// Sends a complete JSON reply; `extra` headers are added as given.
+pub(super) async fn send_json(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+    body: Vec<u8>,
+    extra: &[(&'static str, String)],
+) {
+    ctx.status = status;
+    let result = async {
+        let mut h = header(status, ctx, "application/json", Some(body.len()))?;
+        for (name, value) in extra {
+            h.insert_header(*name, value.as_str())?;
+        }
+        session.write_response_header(Box::new(h), false).await?;
+        session.write_response_body(Some(Bytes::from(body)), true).await
+    }
+    .await;
+    if let Err(e) = result {
+        ctx.outcome = "client_gone";
+        tracing::debug!(request_id = %ctx.request_id, error = %e.etype().as_str(), "could not write reply");
+    }
+}
+
+/// Sends an error as CONTRACT says: its status, its extra headers, and
+/// `{"errorMessage": ...}`.
+pub(super) async fn send_error(session: &mut Session, ctx: &mut RequestCtx, error: &ApiError) {
+    if ctx.outcome == "ok" {
+        ctx.outcome = "error";
+    }
+    let mut extra = error.extra_headers();
+    if ctx.route == "/auth" {
+        extra.push(("Cache-Control", "no-store".into()));
+    }
+    send_json(session, ctx, error.status(), error.body(), &extra).await;
+    if matches!(error, ApiError::BodyTooLarge { .. }) {
+        // Drain a little of what the client is still sending, so closing the
+        // socket does not reset the connection before it reads the 413.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), session.drain_request_body()).await;
+        session.set_keepalive(None);
+    }
+}

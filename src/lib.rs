@@ -1,0 +1,14 @@
+//! chatgate: an LLM API gateway on Pingora. It logs users in against Redis (or
+//! a users file), issues and checks JWTs, rewrites the seed API's message
+//! arrays into OpenAI chat-completions calls and streams the answers back as
+//! the documented Server-Sent Events.
+
+pub mod auth;
+pub mod chat;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod gateway;
+pub mod server;
+pub mod simulator;
+pub mod upstream;

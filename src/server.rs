@@ -1,0 +1,89 @@
+//! Assembling the Pingora server from a validated [`Config`]: the public
+//! gateway service, the admin listener, background DNS refresh, and any extra
+//! services (the demo's simulator).
+
+use std::sync::Arc;
+
+use pingora::prelude::Opt;
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use pingora::services::ServiceWithDependents;
+
+use crate::auth::store::CredentialStore;
+use crate::auth::{open_store, Authenticator};
+use crate::config::Config;
+use crate::gateway::admin::AdminApp;
+use crate::gateway::{ChatRoute, Gateway};
+use crate::upstream::resolve::DnsRefresher;
+use crate::upstream::Upstream;
+
+/// Pingora's process switches, passed through from `chatgate serve`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessFlags {
+    /// Take over the listeners of a running instance (graceful upgrade).
+    pub upgrade: bool,
+    /// Run in the background.
+    pub daemon: bool,
+    /// Check that the server can start, then exit.
+    pub test: bool,
+}
+
+/// What a caller adds to the configured services.
+#[derive(Default)]
+pub struct Extras {
+    /// More services to run in the same process (the demo's simulator).
+    pub services: Vec<Box<dyn ServiceWithDependents>>,
+    /// A ready credential store to use instead of opening the configured one.
+    pub store: Option<Arc<dyn CredentialStore>>,
+}
+
+/// Builds every service and runs the server until it is told to stop.
+pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), String> {
+    let opt = Opt { upgrade: flags.upgrade, daemon: flags.daemon, test: flags.test, nocapture: false, conf: None };
+    let mut server = Server::new_with_opt_and_conf(opt, config.server.server_conf());
+    server.bootstrap();
+
+    let store = match extras.store {
+        Some(store) => store,
+        None => open_store(&config.auth.credentials).map_err(|e| format!("credential store: {e}"))?,
+    };
+    let auth = Arc::new(Authenticator::new(&config.auth, store.clone())?);
+    let upstreams: Vec<Arc<Upstream>> = config
+        .upstreams
+        .iter()
+        .map(|u| Arc::new(Upstream::new(u.clone(), config.server.upstream_keepalive_pool_size)))
+        .collect();
+    let routes: Vec<ChatRoute> = config
+        .routes
+        .iter()
+        .map(|r| ChatRoute {
+            settings: r.clone(),
+            upstream: upstreams[r.upstream].clone(),
+            include_usage: upstreams[r.upstream].settings.stream_usage,
+        })
+        .collect();
+    let admin_routes = routes.iter().map(|r| (r.settings.path.clone(), r.upstream.clone())).collect();
+
+    let gateway = Gateway::new(auth, routes, config.limits);
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "chatgate");
+    for addr in &config.listen {
+        proxy.add_tcp(addr);
+    }
+    server.add_service(proxy);
+
+    if let Some(addr) = &config.admin_listen {
+        let mut admin = Service::new("chatgate admin".to_string(), AdminApp::new(store, admin_routes));
+        admin.add_tcp(addr);
+        server.add_service(admin);
+    }
+    let refresher = DnsRefresher::new(upstreams);
+    if refresher.is_needed() {
+        server.add_service(background_service("dns refresh", refresher));
+    }
+    for service in extras.services {
+        server.add_boxed_service(service);
+    }
+    tracing::info!(listen = ?config.listen, admin = ?config.admin_listen, routes = config.routes.len(), "chatgate starting");
+    server.run_forever();
+}

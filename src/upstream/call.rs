@@ -1,0 +1,359 @@
+//! One chat-completions call to an upstream: endpoint and key choice, connect,
+//! send, wait for the response header, and retry with backoff on connect
+//! errors, first-byte timeouts, 429 and 5xx — always before the client has
+//! received a byte, because the caller only gets a response once it is 2xx.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pingora::http::RequestHeader;
+use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::ALPN;
+use pingora::upstreams::peer::HttpPeer;
+use rand::Rng;
+
+use super::keys::PickedKey;
+use super::Upstream;
+use crate::chat::reply::upstream_error_message;
+
+/// Largest upstream error body read to extract its message.
+const ERROR_BODY_LIMIT: usize = 64 << 10;
+/// Longest `Retry-After` honoured between attempts.
+const RETRY_AFTER_CAP: Duration = Duration::from_secs(10);
+/// How long idle pooled upstream connections are kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why an upstream call failed; the Display text is the `<error>` part of
+/// `Failed with chatbot.ChatCompletion: <error>`, and never holds a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// No TCP/TLS connection could be made (or the address is unknown).
+    Connect { endpoint: String, cause: String },
+    /// The upstream did not answer in time.
+    Timeout { what: &'static str, after: Duration },
+    /// The upstream answered with a non-2xx status.
+    Status { status: u16, message: Option<String> },
+    /// The connection broke or the reply could not be read.
+    Broken(String),
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamError::Connect { endpoint, cause } => {
+                write!(f, "cannot connect to upstream {endpoint}: {cause}")
+            }
+            UpstreamError::Timeout { what, after } => {
+                write!(f, "upstream timed out {what} (after {})", humantime::format_duration(*after))
+            }
+            UpstreamError::Status { status, message } => {
+                let reason = http::StatusCode::from_u16(*status)
+                    .ok()
+                    .and_then(|s| s.canonical_reason())
+                    .unwrap_or("");
+                write!(f, "upstream returned {status}")?;
+                if !reason.is_empty() {
+                    write!(f, " {reason}")?;
+                }
+                if let Some(m) = message {
+                    write!(f, ": {m}")?;
+                }
+                Ok(())
+            }
+            UpstreamError::Broken(cause) => write!(f, "{cause}"),
+        }
+    }
+}
+
+/// A 2xx upstream response whose body has not been read yet.
+pub struct OpenResponse {
+    session: HttpSession,
+    peer: HttpPeer,
+    /// Index of the endpoint that answered.
+    pub endpoint: usize,
+    /// How many attempts it took (1 = no retry).
+    pub attempts: u32,
+    /// When the response header arrived.
+    pub first_byte_at: Instant,
+}
+
+impl OpenResponse {
+    /// The next piece of the body; `None` at its clean end.
+    pub async fn read_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        self.session
+            .read_response_body()
+            .await
+            .map_err(|e| UpstreamError::Broken(format!("upstream connection failed: {}", e.etype().as_str())))
+    }
+
+    /// The whole body, bounded in size and in idle time between reads.
+    pub async fn read_all(&mut self, limit: usize, idle: Duration, deadline: Instant) -> Result<Bytes, UpstreamError> {
+        let mut body = BytesMut::new();
+        loop {
+            let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
+            let chunk = tokio::time::timeout(wait, self.read_chunk())
+                .await
+                .map_err(|_| UpstreamError::Timeout { what: "while sending the reply", after: wait })??;
+            match chunk {
+                Some(c) => {
+                    if body.len() + c.len() > limit {
+                        return Err(UpstreamError::Broken(format!("upstream reply exceeds {limit} bytes")));
+                    }
+                    body.extend_from_slice(&c);
+                }
+                None => return Ok(body.freeze()),
+            }
+        }
+    }
+
+    /// The response's `Content-Type`, if any.
+    pub fn content_type(&self) -> Option<&str> {
+        self.session
+            .response_header()
+            .and_then(|h| h.headers.get(http::header::CONTENT_TYPE))
+            .and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Why one attempt failed and what that means for the next.
+struct AttemptFailure {
+    error: UpstreamError,
+    retryable: bool,
+    retry_after: Option<Duration>,
+    /// The key was refused (401/403) or throttled (429): rest it.
+    blame_key: bool,
+}
+
+impl Upstream {
+    /// Sends a chat-completions request body and waits for a 2xx response
+    /// header, retrying as configured within `deadline`.
+    pub async fn open(&self, body: &Bytes, stream: bool, deadline: Instant) -> Result<OpenResponse, UpstreamError> {
+        let s = &self.settings;
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last_key: Option<usize> = None;
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let endpoint = self.pick_endpoint(&tried);
+            let key = self.keys.pick(last_key);
+            let failure = match self.attempt(endpoint, key, body, stream, deadline).await {
+                Ok(mut open) => {
+                    open.attempts = attempt;
+                    return Ok(open);
+                }
+                Err(f) => f,
+            };
+            if let (true, Some(k)) = (failure.blame_key, key) {
+                let rest = failure.retry_after.unwrap_or(s.key_cooldown).max(s.key_cooldown);
+                self.keys.cool_down(k.index, rest);
+            }
+            tracing::debug!(upstream = %s.name, endpoint = %self.endpoints[endpoint].label, attempt, error = %failure.error, "upstream attempt failed");
+            if !tried.contains(&endpoint) {
+                tried.push(endpoint);
+            }
+            last_key = key.map(|k| k.index);
+            if !failure.retryable || attempt > s.retries {
+                return Err(failure.error);
+            }
+            let pause = backoff(s.retry_backoff, s.retry_backoff_max, attempt, failure.retry_after);
+            if Instant::now() + pause >= deadline {
+                return Err(failure.error);
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    fn peer(&self, endpoint: usize) -> Result<HttpPeer, UpstreamError> {
+        let e = &self.endpoints[endpoint];
+        let addr = e.socket_addr().ok_or_else(|| UpstreamError::Connect {
+            endpoint: e.label.clone(),
+            cause: "host name not resolved".into(),
+        })?;
+        let s = &self.settings;
+        let mut peer = HttpPeer::new(addr, s.tls, e.sni.clone());
+        peer.options.connection_timeout = Some(s.connect_timeout);
+        peer.options.total_connection_timeout = Some(s.connect_timeout * 2);
+        peer.options.write_timeout = Some(s.first_byte_timeout);
+        peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
+        peer.options.alpn = ALPN::H1;
+        peer.options.verify_cert = true;
+        peer.options.verify_hostname = true;
+        Ok(peer)
+    }
+
+    fn request_header(&self, endpoint: usize, key: Option<PickedKey<'_>>, body_len: usize, stream: bool) -> pingora::Result<RequestHeader> {
+        let mut req = RequestHeader::build("POST", self.chat_path.as_bytes(), Some(6))?;
+        req.insert_header(http::header::HOST, self.endpoints[endpoint].host_header.as_str())?;
+        req.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        req.insert_header(http::header::CONTENT_LENGTH, body_len.to_string())?;
+        req.insert_header(
+            http::header::ACCEPT,
+            if stream { "text/event-stream" } else { "application/json" },
+        )?;
+        req.insert_header(http::header::USER_AGENT, concat!("chatgate/", env!("CARGO_PKG_VERSION")))?;
+        if let Some(k) = key {
+            req.insert_header(http::header::AUTHORIZATION, k.authorization)?;
+        }
+        Ok(req)
+    }
+
+    async fn attempt(
+        &self,
+        endpoint: usize,
+        key: Option<PickedKey<'_>>,
+        body: &Bytes,
+        stream: bool,
+        deadline: Instant,
+    ) -> Result<OpenResponse, AttemptFailure> {
+        let s = &self.settings;
+        let label = &self.endpoints[endpoint].label;
+        let connect_failure = |cause: String| AttemptFailure {
+            error: UpstreamError::Connect { endpoint: label.clone(), cause },
+            retryable: true,
+            retry_after: None,
+            blame_key: false,
+        };
+        let peer = self.peer(endpoint).map_err(|error| AttemptFailure {
+            error,
+            retryable: true,
+            retry_after: None,
+            blame_key: false,
+        })?;
+        let req = self
+            .request_header(endpoint, key, body.len(), stream)
+            .map_err(|e| connect_failure(format!("cannot build request: {}", e.etype().as_str())))?;
+        // A pooled connection may have been closed by the server while idle;
+        // such a failure gets one fresh connection without counting as an attempt.
+        let mut fresh_tries = 0;
+        let (mut session, first_byte_at) = loop {
+            let connect_wait = (s.connect_timeout * 2).min(deadline.saturating_duration_since(Instant::now()));
+            let (mut session, reused) = match tokio::time::timeout(connect_wait, self.connector.get_http_session(&peer)).await {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(e)) => return Err(connect_failure(connect_cause(&e))),
+                Err(_) => return Err(connect_failure(format!("connect timed out after {}", humantime::format_duration(connect_wait)))),
+            };
+            let wait = s.first_byte_timeout.min(deadline.saturating_duration_since(Instant::now()));
+            let outcome = tokio::time::timeout(wait, async {
+                session.write_request_header(Box::new(req.clone())).await?;
+                session.write_request_body(body.clone(), true).await?;
+                session.finish_request_body().await?;
+                loop {
+                    session.read_response_header().await?;
+                    let informational = session.response_header().is_some_and(|h| h.status.is_informational());
+                    if !informational {
+                        return Ok::<(), Box<pingora::Error>>(());
+                    }
+                }
+            })
+            .await;
+            match outcome {
+                Ok(Ok(())) => break (session, Instant::now()),
+                Ok(Err(e)) if reused && fresh_tries == 0 => {
+                    tracing::debug!(error = %e.etype().as_str(), "pooled upstream connection failed; retrying on a fresh one");
+                    fresh_tries += 1;
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    return Err(AttemptFailure {
+                        error: UpstreamError::Broken(format!("upstream connection failed before the reply: {}", e.etype().as_str())),
+                        retryable: true,
+                        retry_after: None,
+                        blame_key: false,
+                    })
+                }
+                Err(_) => {
+                    return Err(AttemptFailure {
+                        error: UpstreamError::Timeout { what: "waiting for the first byte", after: wait },
+                        retryable: true,
+                        retry_after: None,
+                        blame_key: false,
+                    })
+                }
+            }
+        };
+        if let HttpSession::H1(h1) = &mut session {
+            h1.respect_keepalive();
+        }
+        let Some(header) = session.response_header() else {
+            return Err(connect_failure("no response header".into()));
+        };
+        let status = header.status.as_u16();
+        if (200..300).contains(&status) {
+            return Ok(OpenResponse { session, peer, endpoint, attempts: 1, first_byte_at });
+        }
+        let retry_after = header
+            .headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|secs| Duration::from_secs(secs).min(RETRY_AFTER_CAP));
+        let mut open = OpenResponse { session, peer, endpoint, attempts: 1, first_byte_at };
+        let idle = Duration::from_secs(5).min(s.first_byte_timeout);
+        let message = match open.read_all(ERROR_BODY_LIMIT, idle, deadline).await {
+            Ok(body) => {
+                let message = upstream_error_message(&body);
+                self.release(open).await;
+                message
+            }
+            Err(_) => None,
+        };
+        Err(AttemptFailure {
+            error: UpstreamError::Status { status, message },
+            retryable: status == 429 || status >= 500 || ((status == 401 || status == 403) && self.keys.len() > 1),
+            retry_after,
+            blame_key: matches!(status, 401 | 403 | 429),
+        })
+    }
+
+    /// Returns a fully read response's connection to the pool (or closes it).
+    pub async fn release(&self, mut open: OpenResponse) {
+        if open.session.response_done() {
+            self.connector.release_http_session(open.session, &open.peer, Some(POOL_IDLE_TIMEOUT)).await;
+        }
+    }
+}
+
+/// A short cause for a connect error, without addresses' secrets (there are none) or keys.
+fn connect_cause(e: &pingora::Error) -> String {
+    match e.root_cause().to_string() {
+        cause if cause.is_empty() => e.etype().as_str().to_string(),
+        cause => cause,
+    }
+}
+
+/// Exponential backoff with full jitter, at least `Retry-After` (capped).
+fn backoff(base: Duration, max: Duration, attempt: u32, retry_after: Option<Duration>) -> Duration {
+    let exp = base.saturating_mul(1u32 << (attempt - 1).min(16)).min(max);
+    let jittered = if exp.is_zero() {
+        exp
+    } else {
+        rand::rng().random_range(exp / 2..=exp)
+    };
+    jittered.max(retry_after.unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_error_text_names_status_reason_and_message() {
+        let e = UpstreamError::Status { status: 429, message: Some("Rate limit reached".into()) };
+        assert_eq!(e.to_string(), "upstream returned 429 Too Many Requests: Rate limit reached");
+        let e = UpstreamError::Status { status: 503, message: None };
+        assert_eq!(e.to_string(), "upstream returned 503 Service Unavailable");
+    }
+
+    #[test]
+    fn backoff_grows_within_bounds_and_honours_retry_after() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(1);
+        for attempt in 1..8 {
+            let b = backoff(base, max, attempt, None);
+            let ceiling = base.saturating_mul(1 << (attempt - 1)).min(max);
+            assert!(b <= ceiling && b >= ceiling / 2, "attempt {attempt}: {b:?}");
+        }
+        assert_eq!(backoff(base, max, 1, Some(Duration::from_secs(3))), Duration::from_secs(3));
+    }
+}

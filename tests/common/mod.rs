@@ -1,0 +1,372 @@
+//! The one test harness: starts real processes — `redis-server` on its own
+//! port, the `chatgate` binary (gateway and simulator) on free ports — and
+//! stops them on drop. Tests talk HTTP to them over loopback.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The JWT secret every test gateway uses unless told otherwise.
+pub const JWT_SECRET: &str = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz";
+
+/// Path of the binary under test.
+pub fn chatgate_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_chatgate")
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_for_port(port: u16, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A private `redis-server` on a free port, killed on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts a fresh, empty Redis.
+    pub fn start() -> Redis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut r = Redis { port: free_port(), child: None, dir };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (the README's test command installs it)");
+        self.child = Some(child);
+        assert!(wait_for_port(self.port, Duration::from_secs(10)), "redis-server did not start");
+    }
+
+    /// `redis://127.0.0.1:<port>/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Stops the server (an outage).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c);
+        }
+    }
+
+    /// Starts it again on the same port (data is gone: nothing is saved).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Runs a redis-cli command against this server.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A `chatgate simulate` process, killed on drop.
+pub struct Simulator {
+    pub port: u16,
+    child: Child,
+}
+
+impl Simulator {
+    /// Starts a simulator with extra flags (see `chatgate simulate --help`).
+    pub fn start(flags: &[&str]) -> Simulator {
+        Self::start_on(free_port(), flags)
+    }
+
+    /// Starts a simulator on a given port.
+    pub fn start_on(port: u16, flags: &[&str]) -> Simulator {
+        let child = Command::new(chatgate_bin())
+            .args(["simulate", "--listen", &format!("127.0.0.1:{port}")])
+            .args(flags)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn simulator");
+        assert!(wait_for_port(port, Duration::from_secs(10)), "simulator did not start");
+        Simulator { port, child }
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The simulator's counters.
+    pub async fn stats(&self) -> serde_json::Value {
+        reqwest::get(format!("http://{}/_sim/stats", self.addr()))
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("stats json")
+    }
+
+    /// The chat requests it received, oldest first.
+    pub async fn requests(&self) -> Vec<serde_json::Value> {
+        reqwest::get(format!("http://{}/_sim/requests", self.addr()))
+            .await
+            .expect("requests")
+            .json()
+            .await
+            .expect("requests json")
+    }
+
+    /// Stops it (an outage).
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// Settings a test varies in the generated config file.
+pub struct GatewayConfig {
+    /// `credentials:` section body (YAML, indented 4 spaces).
+    pub credentials: String,
+    /// `upstreams:` entries (YAML, indented 2 spaces); empty for none.
+    pub upstreams: String,
+    /// `routes:` entries (YAML, indented 2 spaces); empty for none.
+    pub routes: String,
+    /// Extra keys under `auth:` (indented 2 spaces).
+    pub auth_extra: String,
+    /// Top-level extra YAML.
+    pub extra: String,
+    /// Environment for the process.
+    pub env: Vec<(String, String)>,
+}
+
+impl GatewayConfig {
+    /// Redis-backed credentials and the two seed routes on `upstream_addrs`.
+    pub fn redis(redis: &Redis, upstream_addrs: &[String]) -> GatewayConfig {
+        GatewayConfig {
+            credentials: format!(
+                "    backend: redis\n    redis:\n      url: {}\n      key_prefix: \"cg:\"\n      timeout: 300ms\n",
+                redis.url()
+            ),
+            upstreams: upstream_block("main", upstream_addrs, ""),
+            routes: seed_routes("main"),
+            auth_extra: String::new(),
+            extra: String::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+/// An `upstreams:` entry with fast test timeouts; `extra` adds keys (4-space indent).
+pub fn upstream_block(name: &str, addrs: &[String], extra: &str) -> String {
+    let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "  {name}:\n    endpoints: [{}]\n    connect_timeout: 1s\n    first_byte_timeout: 5s\n    idle_timeout: 5s\n    total_timeout: 30s\n    retry_backoff: 10ms\n    retry_backoff_max: 50ms\n{extra}",
+        list.join(", ")
+    )
+}
+
+/// The seed's two routes with the seed's system prompt.
+pub fn seed_routes(upstream: &str) -> String {
+    format!(
+        "  - path: /chatCompletion\n    kind: chat\n    upstream: {upstream}\n    model: test-model\n    system_prompt: \"You are the openEuler community assistant, your name is XiaoZhi.\"\n  - path: /chatCompletionStream\n    kind: chat_stream\n    upstream: {upstream}\n    model: test-model\n    system_prompt: \"You are the openEuler community assistant, your name is XiaoZhi.\"\n"
+    )
+}
+
+/// A running gateway, killed on drop; its stderr (the logs) is kept in a file.
+pub struct Gateway {
+    pub port: u16,
+    pub admin_port: u16,
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+/// Writes the config file for `cfg` into `dir` and returns its path.
+pub fn write_config(dir: &Path, port: u16, admin_port: u16, cfg: &GatewayConfig) -> PathBuf {
+    let d = dir.display();
+    let yaml = format!(
+        "listen: [\"127.0.0.1:{port}\"]\nadmin_listen: \"127.0.0.1:{admin_port}\"\npingora:\n  threads: 2\n  grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 1\n  upgrade_sock: {d}/upgrade.sock\n  pid_file: {d}/chatgate.pid\nauth:\n  token_ttl: 7d\n  jwt:\n    secret_env: CHATGATE_JWT_SECRET\n    previous_secrets_env: CHATGATE_JWT_PREVIOUS_SECRETS\n  password_hash: {{ memory_kib: 1024, iterations: 1, parallelism: 1 }}\n{}  credentials:\n{}{}{}{}",
+        cfg.auth_extra,
+        cfg.credentials,
+        if cfg.upstreams.is_empty() { String::new() } else { format!("upstreams:\n{}", cfg.upstreams) },
+        if cfg.routes.is_empty() { String::new() } else { format!("routes:\n{}", cfg.routes) },
+        cfg.extra,
+    );
+    let path = dir.join("chatgate.yaml");
+    std::fs::write(&path, yaml).expect("write config");
+    path
+}
+
+impl Gateway {
+    /// Starts `chatgate serve` with this config and waits until it listens.
+    pub fn start(cfg: GatewayConfig) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (port, admin_port) = (free_port(), free_port());
+        let config_path = write_config(dir.path(), port, admin_port, &cfg);
+        let mut env = vec![("CHATGATE_JWT_SECRET".to_string(), JWT_SECRET.to_string())];
+        env.extend(cfg.env.iter().cloned());
+        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
+        let child = Command::new(chatgate_bin())
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn gateway");
+        let mut gw = Gateway { port, admin_port, child, dir, config_path, env };
+        if !wait_for_port(port, Duration::from_secs(15)) {
+            let _ = gw.child.kill();
+            panic!("gateway did not start; log:\n{}", gw.log());
+        }
+        gw
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// `http://127.0.0.1:<admin port>`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.admin_port, path)
+    }
+
+    /// Everything the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// Runs `chatgate users ...` against this gateway's config, with `stdin`.
+    pub fn users(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+        users_cli(&self.config_path, args, stdin)
+    }
+
+    /// Adds a user through the CLI and asserts it worked.
+    pub fn add_user(&self, name: &str, password: &str) {
+        let out = self.users(&["add", name], Some(password));
+        assert!(out.status.success(), "users add failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// Runs `chatgate users <args> --config <path>`, feeding `stdin`.
+pub fn users_cli(config: &Path, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let mut child = Command::new(chatgate_bin())
+        .arg("users")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn users cli");
+    if let Some(mut input) = child.stdin.take() {
+        if let Some(text) = stdin {
+            let _ = input.write_all(text.as_bytes());
+        }
+    }
+    child.wait_with_output().expect("users cli output")
+}
+
+/// A client with no connection reuse surprises and a sane timeout.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// Logs in with a urlencoded form and returns the token.
+pub async fn login(gw: &Gateway, user: &str, password: &str) -> String {
+    let resp = client()
+        .post(gw.url("/auth"))
+        .form(&[("username", user), ("password", password)])
+        .send()
+        .await
+        .expect("auth request");
+    assert_eq!(resp.status(), 200, "login failed");
+    let body: serde_json::Value = resp.json().await.expect("auth json");
+    body["accessToken"].as_str().expect("accessToken").to_string()
+}
+
+/// Reads a reply as (status, parsed JSON body), asserting the JSON content type.
+pub async fn json_reply(resp: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    assert!(resp.headers().contains_key("x-request-id"), "reply without X-Request-Id");
+    let text = resp.text().await.expect("body");
+    assert_eq!(ct, "application/json", "content type of {status} {text}");
+    let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, value)
+}
+
+/// The `errorMessage` of an error reply.
+pub fn error_message(v: &serde_json::Value) -> &str {
+    v["errorMessage"].as_str().unwrap_or("<no errorMessage>")
+}
