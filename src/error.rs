@@ -153,16 +153,26 @@ mod tests {
 
     #[test]
     fn retry_after_rounds_up_and_is_at_least_one() {
-        let e = ApiError::TooManyRequests { retry_after: Duration::from_millis(1500) };
+        let e = ApiError::TooManyRequests {
+            retry_after: Duration::from_millis(1500),
+        };
         assert_eq!(e.message(), "Too many requests: retry after 2 seconds.");
         assert_eq!(e.extra_headers(), vec![("Retry-After", "2".to_string())]);
-        let e = ApiError::TooManyRequests { retry_after: Duration::ZERO };
+        let e = ApiError::TooManyRequests {
+            retry_after: Duration::ZERO,
+        };
         assert_eq!(e.extra_headers(), vec![("Retry-After", "1".to_string())]);
     }
 
     #[test]
     fn json_escapes_quotes_and_controls() {
-        assert_eq!(json_object1("message", "a\"b\n"), br#"{"message": "a\"b\n"}"#.to_vec());
-        assert_eq!(json_object1("message", "你\u{1}"), "{\"message\": \"你\\u0001\"}".as_bytes());
+        assert_eq!(
+            json_object1("message", "a\"b\n"),
+            br#"{"message": "a\"b\n"}"#.to_vec()
+        );
+        assert_eq!(
+            json_object1("message", "你\u{1}"),
+            "{\"message\": \"你\\u0001\"}".as_bytes()
+        );
     }
 }

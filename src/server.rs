@@ -40,19 +40,40 @@ pub struct Extras {
 
 /// Builds every service and runs the server until it is told to stop.
 pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), String> {
-    let opt = Opt { upgrade: flags.upgrade, daemon: flags.daemon, test: flags.test, nocapture: false, conf: None };
+    if !flags.upgrade {
+        // Pingora reports a busy port only inside a service task and keeps
+        // running without the listener; refuse to start instead.
+        for addr in config.listen.iter().chain(config.admin_listen.iter()) {
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        }
+    }
+    let opt = Opt {
+        upgrade: flags.upgrade,
+        daemon: flags.daemon,
+        test: flags.test,
+        nocapture: false,
+        conf: None,
+    };
     let mut server = Server::new_with_opt_and_conf(opt, config.server.server_conf());
     server.bootstrap();
 
     let store = match extras.store {
         Some(store) => store,
-        None => open_store(&config.auth.credentials).map_err(|e| format!("credential store: {e}"))?,
+        None => {
+            open_store(&config.auth.credentials).map_err(|e| format!("credential store: {e}"))?
+        }
     };
     let auth = Arc::new(Authenticator::new(&config.auth, store.clone())?);
     let upstreams: Vec<Arc<Upstream>> = config
         .upstreams
         .iter()
-        .map(|u| Arc::new(Upstream::new(u.clone(), config.server.upstream_keepalive_pool_size)))
+        .map(|u| {
+            Arc::new(Upstream::new(
+                u.clone(),
+                config.server.upstream_keepalive_pool_size,
+            ))
+        })
         .collect();
     let routes: Vec<ChatRoute> = config
         .routes
@@ -63,17 +84,24 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
             include_usage: upstreams[r.upstream].settings.stream_usage,
         })
         .collect();
-    let admin_routes = routes.iter().map(|r| (r.settings.path.clone(), r.upstream.clone())).collect();
+    let admin_routes = routes
+        .iter()
+        .map(|r| (r.settings.path.clone(), r.upstream.clone()))
+        .collect();
 
     let gateway = Gateway::new(auth, routes, config.limits);
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "chatgate");
+    let mut proxy =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "chatgate");
     for addr in &config.listen {
         proxy.add_tcp(addr);
     }
     server.add_service(proxy);
 
     if let Some(addr) = &config.admin_listen {
-        let mut admin = Service::new("chatgate admin".to_string(), AdminApp::new(store, admin_routes));
+        let mut admin = Service::new(
+            "chatgate admin".to_string(),
+            AdminApp::new(store, admin_routes),
+        );
         admin.add_tcp(addr);
         server.add_service(admin);
     }

@@ -35,7 +35,12 @@ async fn setup_custom(sims: Vec<Simulator>, upstreams: String, routes: String) -
     let gw = Gateway::start(cfg);
     gw.add_user("temporary_user", "default_password");
     let token = login(&gw, "temporary_user", "default_password").await;
-    Setup { _redis: redis, sims, gw, token }
+    Setup {
+        _redis: redis,
+        sims,
+        gw,
+        token,
+    }
 }
 
 async fn setup(sim_flags: &[&str]) -> Setup {
@@ -94,10 +99,14 @@ async fn chat_completion_echoes_with_system_prompt_and_case_insensitive_keys() {
     assert_eq!(headers["host"], s.sim().addr());
     assert!(headers.get("accept-encoding").is_none(), "{headers}");
     assert!(headers.get("cookie").is_none(), "{headers}");
-    assert!(!headers.to_string().contains(&s.token), "the client's JWT went upstream");
+    assert!(
+        !headers.to_string().contains(&s.token),
+        "the client's JWT went upstream"
+    );
 
     // A client system message replaces the route's prompt.
-    let body = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]);
+    let body =
+        json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]);
     let (status, _) = json_reply(post(&s, "/chatCompletion", body.to_string()).await).await;
     assert_eq!(status, 200);
     let seen = s.sim().requests().await;
@@ -109,20 +118,42 @@ async fn invalid_bodies_get_400_naming_index_and_field() {
     let s = setup(&[]).await;
     let cases = [
         ("not json", "Invalid request: body is not valid JSON"),
-        (r#"{"role":"user","content":"x"}"#, "Invalid request: body must be a JSON array of messages"),
+        (
+            r#"{"role":"user","content":"x"}"#,
+            "Invalid request: body must be a JSON array of messages",
+        ),
         ("[]", "Invalid request: at least one message is required"),
-        (r#"[{"role":"user","content":"a"},{"role":"robot","content":"b"}]"#, "Invalid request: messages[1].role"),
-        (r#"[{"role":"user","content":5}]"#, "Invalid request: messages[0].content must be a string"),
-        (r#"[{"role":"user"}]"#, "Invalid request: messages[0].content is missing"),
-        (r#"[{"role":"user","content":"a"}, 7]"#, "Invalid request: messages[1] must be an object"),
+        (
+            r#"[{"role":"user","content":"a"},{"role":"robot","content":"b"}]"#,
+            "Invalid request: messages[1].role",
+        ),
+        (
+            r#"[{"role":"user","content":5}]"#,
+            "Invalid request: messages[0].content must be a string",
+        ),
+        (
+            r#"[{"role":"user"}]"#,
+            "Invalid request: messages[0].content is missing",
+        ),
+        (
+            r#"[{"role":"user","content":"a"}, 7]"#,
+            "Invalid request: messages[1] must be an object",
+        ),
     ];
     let before = s.sim().stats().await["chat_requests"].as_u64();
     for (body, expected) in cases {
         let (status, reply) = json_reply(post(&s, "/chatCompletion", body).await).await;
         assert_eq!(status, 400, "{body}: {reply}");
-        assert!(error_message(&reply).starts_with(expected), "{body}: {reply}");
+        assert!(
+            error_message(&reply).starts_with(expected),
+            "{body}: {reply}"
+        );
     }
-    assert_eq!(s.sim().stats().await["chat_requests"].as_u64(), before, "a bad request reached the upstream");
+    assert_eq!(
+        s.sim().stats().await["chat_requests"].as_u64(),
+        before,
+        "a bad request reached the upstream"
+    );
 }
 
 #[tokio::test]
@@ -141,23 +172,43 @@ async fn bodies_of_every_size_are_forwarded_intact_and_oversize_is_413() {
         assert_eq!(reply["message"], "last question");
         let seen = s.sim().requests().await;
         let body = &seen.last().expect("request")["body"];
-        assert_eq!(body["messages"][1]["content"], filler, "size {size}: history altered");
+        assert_eq!(
+            body["messages"][1]["content"], filler,
+            "size {size}: history altered"
+        );
         assert_eq!(body["messages"].as_array().map(Vec::len), Some(4));
     }
     let big = user(&"x".repeat(2 << 20));
     let (status, reply) = json_reply(post(&s, "/chatCompletion", big).await).await;
-    assert_eq!((status, error_message(&reply)), (413, "Invalid request: body exceeds 1048576 bytes"));
+    assert_eq!(
+        (status, error_message(&reply)),
+        (413, "Invalid request: body exceeds 1048576 bytes")
+    );
 }
 
 #[tokio::test]
 async fn stream_framing_is_byte_exact() {
     let s = setup(&[]).await;
-    let resp = post(&s, "/chatCompletionStream", user("#sim chunk_size=5\nHello, XiaoZhi.")).await;
+    let resp = post(
+        &s,
+        "/chatCompletionStream",
+        user("#sim chunk_size=5\nHello, XiaoZhi."),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let h = resp.headers();
-    assert_eq!(h.get("content-type").map(|v| v.to_str().unwrap_or("")), Some("text/event-stream; charset=utf-8"));
-    assert_eq!(h.get("cache-control").map(|v| v.to_str().unwrap_or("")), Some("no-cache"));
-    assert_eq!(h.get("x-accel-buffering").map(|v| v.to_str().unwrap_or("")), Some("no"));
+    assert_eq!(
+        h.get("content-type").map(|v| v.to_str().unwrap_or("")),
+        Some("text/event-stream; charset=utf-8")
+    );
+    assert_eq!(
+        h.get("cache-control").map(|v| v.to_str().unwrap_or("")),
+        Some("no-cache")
+    );
+    assert_eq!(
+        h.get("x-accel-buffering").map(|v| v.to_str().unwrap_or("")),
+        Some("no")
+    );
     let text = resp.text().await.expect("body");
     assert_eq!(text, sse_text(&["Hello", ", Xia", "oZhi."]));
 
@@ -170,10 +221,26 @@ async fn stream_framing_is_byte_exact() {
 #[tokio::test]
 async fn stream_splits_line_breaks_and_keeps_multibyte_text() {
     let s = setup(&[]).await;
-    let text = post(&s, "/chatCompletionStream", user("#sim reply=text:a\\nb chunks=1")).await.text().await.expect("body");
-    assert!(text.contains("data: a\ndata: b\n\n") || text.contains("data: a\\nb"), "{text}");
+    let text = post(
+        &s,
+        "/chatCompletionStream",
+        user("#sim chunks=1 reply=text:a\\nb\\r\\nc"),
+    )
+    .await
+    .text()
+    .await
+    .expect("body");
+    assert_eq!(text, "event: message\ndata: \n\nevent: message\ndata: a\ndata: b\ndata: c\n\nevent: message\ndata: \n\n");
 
-    let text = post(&s, "/chatCompletionStream", user("#sim reply=multibyte chunk_size=1")).await.text().await.expect("body");
+    let text = post(
+        &s,
+        "/chatCompletionStream",
+        user("#sim reply=multibyte chunk_size=1"),
+    )
+    .await
+    .text()
+    .await
+    .expect("body");
     let joined: String = text
         .split("\n\n")
         .filter_map(|ev| ev.strip_prefix("event: message\ndata: "))
@@ -188,31 +255,43 @@ async fn json_data_format_keeps_bare_newline_tokens() {
     let upstreams = upstream_block("main", &[sim.addr()], "");
     let routes = "  - path: /chatCompletionStream\n    kind: chat_stream\n    upstream: main\n    model: m\n    data_format: json\n".to_string();
     let s = setup_custom(vec![sim], upstreams, routes).await;
-    let text = post(&s, "/chatCompletionStream", user("#sim reply=newlines")).await.text().await.expect("body");
+    let text = post(&s, "/chatCompletionStream", user("#sim reply=newlines"))
+        .await
+        .text()
+        .await
+        .expect("body");
     assert!(text.starts_with("event: message\ndata: \"\"\n\n"), "{text}");
     assert!(text.ends_with("event: message\ndata: \"\"\n\n"), "{text}");
     let mut joined = String::new();
     for ev in text.split("\n\n").filter(|e| !e.is_empty()) {
-        let data = ev.strip_prefix("event: message\ndata: ").unwrap_or_else(|| panic!("bad event {ev:?}"));
+        let data = ev
+            .strip_prefix("event: message\ndata: ")
+            .unwrap_or_else(|| panic!("bad event {ev:?}"));
         assert!(!data.contains('\n'));
         joined += &serde_json::from_str::<String>(data).expect("JSON string literal");
     }
     assert!(joined.contains("\n\n"), "paragraph breaks lost: {joined:?}");
-    assert!(text.contains("data: \"\\n\"\n"), "no bare newline token event: {text}");
+    assert!(
+        text.contains("data: \"\\n\"\n"),
+        "no bare newline token event: {text}"
+    );
 }
 
 #[tokio::test]
 async fn upstream_failures_before_the_reply_are_500() {
     let s = setup(&[]).await;
-    let (status, reply) = json_reply(post(&s, "/chatCompletion", user("#sim status=400")).await).await;
+    let (status, reply) =
+        json_reply(post(&s, "/chatCompletion", user("#sim status=400")).await).await;
     assert_eq!(status, 500);
     assert_eq!(
         error_message(&reply),
         "Failed with chatbot.ChatCompletion: upstream returned 400 Bad Request: simulated 400"
     );
-    let (status, reply) = json_reply(post(&s, "/chatCompletionStream", user("#sim status=404")).await).await;
+    let (status, reply) =
+        json_reply(post(&s, "/chatCompletionStream", user("#sim status=404")).await).await;
     assert_eq!(status, 500);
-    assert!(error_message(&reply).starts_with("Failed with chatbot.ChatCompletion: upstream returned 404"));
+    assert!(error_message(&reply)
+        .starts_with("Failed with chatbot.ChatCompletion: upstream returned 404"));
 
     // Nothing listens: connect error after the retries.
     let port = free_port();
@@ -220,40 +299,82 @@ async fn upstream_failures_before_the_reply_are_500() {
     let dead = setup_custom(Vec::new(), upstreams, seed_routes("main")).await;
     let (status, reply) = json_reply(post(&dead, "/chatCompletion", user("hi")).await).await;
     assert_eq!(status, 500);
-    assert!(error_message(&reply).starts_with("Failed with chatbot.ChatCompletion: cannot connect to upstream"), "{reply}");
+    assert!(
+        error_message(&reply)
+            .starts_with("Failed with chatbot.ChatCompletion: cannot connect to upstream"),
+        "{reply}"
+    );
 }
 
 #[tokio::test]
 async fn failures_after_the_first_event_end_with_an_error_event() {
     let s = setup(&[]).await;
     for (directive, cause) in [
-        ("#sim chunk_size=2 error_after=2", "simulated mid-stream failure"),
-        ("#sim chunk_size=2 cut_after=2", "upstream connection failed"),
+        (
+            "#sim chunk_size=2 error_after=2",
+            "simulated mid-stream failure",
+        ),
+        (
+            "#sim chunk_size=2 cut_after=2",
+            "upstream connection failed",
+        ),
     ] {
-        let text = post(&s, "/chatCompletionStream", user(&format!("{directive}\nabcdefgh"))).await.text().await.expect("body");
+        let text = post(
+            &s,
+            "/chatCompletionStream",
+            user(&format!("{directive}\nabcdefgh")),
+        )
+        .await
+        .text()
+        .await
+        .expect("body");
         let expected_start = "event: message\ndata: \n\nevent: message\ndata: ab\n\nevent: message\ndata: cd\n\nevent: error\ndata: {\"errorMessage\": \"Failed with chatbot.ChatCompletion: ";
         assert!(text.starts_with(expected_start), "{directive}: {text}");
         assert!(text.contains(cause), "{directive}: {text}");
         assert!(text.ends_with("\"}\n\n"), "{directive}: {text}");
-        assert_eq!(text.matches("data: \n").count(), 1, "{directive}: closing empty event after an error");
+        assert_eq!(
+            text.matches("data: \n").count(),
+            1,
+            "{directive}: closing empty event after an error"
+        );
     }
 }
 
 #[tokio::test]
 async fn idle_upstream_times_out_and_silence_gets_keepalives() {
     let sim = Simulator::start(&[]);
-    let upstreams = upstream_block("main", &[sim.addr()], "").replace("idle_timeout: 5s", "idle_timeout: 1500ms");
+    let upstreams = upstream_block("main", &[sim.addr()], "")
+        .replace("idle_timeout: 5s", "idle_timeout: 1500ms");
     let routes = "  - path: /chatCompletionStream\n    kind: chat_stream\n    upstream: main\n    model: m\n    keepalive_interval: 300ms\n".to_string();
     let s = setup_custom(vec![sim], upstreams, routes).await;
 
     // Slow but alive: keep-alive comments between events, complete answer.
-    let text = post(&s, "/chatCompletionStream", user("#sim chunk_size=3 chunk_delay_ms=700\nabcdef")).await.text().await.expect("body");
+    let text = post(
+        &s,
+        "/chatCompletionStream",
+        user("#sim chunk_size=3 chunk_delay_ms=700\nabcdef"),
+    )
+    .await
+    .text()
+    .await
+    .expect("body");
     assert!(text.contains(": keep-alive\n\n"), "{text}");
-    assert_eq!(text.replace(": keep-alive\n\n", ""), sse_text(&["abc", "def"]));
+    assert_eq!(
+        text.replace(": keep-alive\n\n", ""),
+        sse_text(&["abc", "def"])
+    );
 
     // Stalled: an error event once the idle timeout passes.
     let started = Instant::now();
-    let text = post(&s, "/chatCompletionStream", user("#sim chunk_size=3 stall_after=1\nabcdef")).await.text().await.expect("body");
+    let text = post(
+        &s,
+        "/chatCompletionStream",
+        user("#sim chunk_size=3 stall_after=1\nabcdef"),
+    )
+    .await
+    .text()
+    .await
+    .expect("body");
     assert!(text.contains("event: error\n"), "{text}");
     assert!(text.contains("timed out"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -278,18 +399,28 @@ async fn client_disconnect_cancels_the_upstream_at_once() {
         assert!(n > 0, "stream ended early: {seen}");
         seen += &String::from_utf8_lossy(&buf[..n]);
     }
-    let closed_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let closed_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     drop(sock);
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let stats = s.sim().stats().await;
         if stats["streams_cancelled"].as_u64() == Some(1) {
             let at = stats["last_cancel_unix_ms"].as_u64().unwrap_or(0);
-            assert!(at.saturating_sub(closed_at) < 100, "upstream cancelled {} ms after the client left", at - closed_at);
+            assert!(
+                at.saturating_sub(closed_at) < 100,
+                "upstream cancelled {} ms after the client left",
+                at - closed_at
+            );
             assert_eq!(stats["active_streams"], 0);
             break;
         }
-        assert!(Instant::now() < deadline, "upstream never cancelled: {stats}");
+        assert!(
+            Instant::now() < deadline,
+            "upstream never cancelled: {stats}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -300,20 +431,49 @@ async fn retries_move_to_the_next_endpoint_before_the_first_byte() {
     let failing = Simulator::start(&["--fail-first", "100", "--name", "failing"]);
     let healthy = Simulator::start(&["--name", "healthy"]);
     let refused = format!("127.0.0.1:{}", free_port());
-    let upstreams = upstream_block("main", &[failing.addr(), refused, healthy.addr()], "    retries: 2\n");
+    let upstreams = upstream_block(
+        "main",
+        &[failing.addr(), refused, healthy.addr()],
+        "    retries: 2\n",
+    );
     let s = setup_custom(vec![failing, healthy], upstreams, seed_routes("main")).await;
     for i in 0..6 {
-        let (status, reply) = json_reply(post(&s, "/chatCompletion", user(&format!("q{i}"))).await).await;
-        assert_eq!((status, reply["message"].as_str()), (200, Some(format!("q{i}").as_str())), "{reply}");
-        let text = post(&s, "/chatCompletionStream", user(&format!("s{i}"))).await.text().await.expect("body");
+        let (status, reply) =
+            json_reply(post(&s, "/chatCompletion", user(&format!("q{i}"))).await).await;
+        assert_eq!(
+            (status, reply["message"].as_str()),
+            (200, Some(format!("q{i}").as_str())),
+            "{reply}"
+        );
+        let text = post(&s, "/chatCompletionStream", user(&format!("s{i}")))
+            .await
+            .text()
+            .await
+            .expect("body");
         assert_eq!(text, sse_text(&[&format!("s{i}")]));
     }
-    assert!(s.sims[0].stats().await["chat_requests"].as_u64().unwrap_or(0) > 0, "the failing endpoint was never tried");
+    assert!(
+        s.sims[0].stats().await["chat_requests"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "the failing endpoint was never tried"
+    );
 
     // 429 with a key pool: the throttled key is rested, the other key serves.
-    let sim = Simulator::start(&["--require-key", "sk-good", "--require-key", "sk-limited", "--rate-limited-key", "sk-limited"]);
-    let mut upstreams = upstream_block("main", &[sim.addr()], "    api_keys_env: TEST_UPSTREAM_KEYS\n    retries: 1\n");
-    upstreams = upstreams.replace("retry_backoff: 10ms", "retry_backoff: 10ms");
+    let sim = Simulator::start(&[
+        "--require-key",
+        "sk-good",
+        "--require-key",
+        "sk-limited",
+        "--rate-limited-key",
+        "sk-limited",
+    ]);
+    let upstreams = upstream_block(
+        "main",
+        &[sim.addr()],
+        "    api_keys_env: TEST_UPSTREAM_KEYS\n    retries: 1\n",
+    );
     let redis = Redis::start();
     let mut cfg = GatewayConfig::redis(&redis, &[]);
     cfg.upstreams = upstreams;
@@ -333,29 +493,68 @@ async fn retries_move_to_the_next_endpoint_before_the_first_byte() {
         assert_eq!(json_reply(resp).await.0, 200);
     }
     let seen = sim.requests().await;
-    let keys: Vec<String> = seen.iter().map(|r| r["headers"]["authorization"].as_str().unwrap_or("").to_string()).collect();
-    assert_eq!(keys.iter().filter(|k| *k == "Bearer sk-limited").count(), 1, "{keys:?}");
+    let keys: Vec<String> = seen
+        .iter()
+        .map(|r| {
+            r["headers"]["authorization"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        keys.iter().filter(|k| *k == "Bearer sk-limited").count(),
+        1,
+        "{keys:?}"
+    );
     let log = gw.log();
-    assert!(!log.contains("sk-limited") && !log.contains("sk-good"), "an API key reached the log");
+    assert!(
+        !log.contains("sk-limited") && !log.contains("sk-good"),
+        "an API key reached the log"
+    );
 }
 
 #[tokio::test]
 async fn no_retry_after_the_first_byte() {
     let failing = Simulator::start(&[]);
     let healthy = Simulator::start(&[]);
-    let upstreams = upstream_block("main", &[failing.addr(), healthy.addr()], "    retries: 2\n");
+    let upstreams = upstream_block(
+        "main",
+        &[failing.addr(), healthy.addr()],
+        "    retries: 2\n",
+    );
     let s = setup_custom(vec![failing, healthy], upstreams, seed_routes("main")).await;
-    let text = post(&s, "/chatCompletionStream", user("#sim chunk_size=2 cut_after=1\nabcdef")).await.text().await.expect("body");
+    let text = post(
+        &s,
+        "/chatCompletionStream",
+        user("#sim chunk_size=2 cut_after=1\nabcdef"),
+    )
+    .await
+    .text()
+    .await
+    .expect("body");
     assert!(text.contains("event: error"), "{text}");
-    let total = s.sims[0].stats().await["chat_requests"].as_u64().unwrap_or(0)
-        + s.sims[1].stats().await["chat_requests"].as_u64().unwrap_or(0);
-    assert_eq!(total, 1, "the request was retried after bytes went to the client");
+    let total = s.sims[0].stats().await["chat_requests"]
+        .as_u64()
+        .unwrap_or(0)
+        + s.sims[1].stats().await["chat_requests"]
+            .as_u64()
+            .unwrap_or(0);
+    assert_eq!(
+        total, 1,
+        "the request was retried after bytes went to the client"
+    );
 }
 
 #[tokio::test]
 async fn stream_events_arrive_as_they_are_produced() {
     let s = setup(&[]).await;
-    let resp = post(&s, "/chatCompletionStream", user("#sim chunk_size=4 chunk_delay_ms=300\naaaabbbbcccc")).await;
+    let resp = post(
+        &s,
+        "/chatCompletionStream",
+        user("#sim chunk_size=4 chunk_delay_ms=300\naaaabbbbcccc"),
+    )
+    .await;
     let started = Instant::now();
     let mut stream = resp.bytes_stream();
     let mut arrivals = Vec::new();
@@ -370,5 +569,8 @@ async fn stream_events_arrive_as_they_are_produced() {
     }
     assert_eq!(arrivals.len(), 3, "{seen}");
     // Each token arrives on its own, not all at the end: the gaps follow the upstream's.
-    assert!(arrivals[2].1 - arrivals[0].1 >= Duration::from_millis(450), "{arrivals:?}");
+    assert!(
+        arrivals[2].1 - arrivals[0].1 >= Duration::from_millis(450),
+        "{arrivals:?}"
+    );
 }

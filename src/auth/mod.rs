@@ -49,8 +49,11 @@ impl Authenticator {
     pub fn new(settings: &AuthSettings, store: Arc<dyn CredentialStore>) -> Result<Self, String> {
         let passwords = Passwords::new(settings.password, settings.hash_concurrency)
             .map_err(|e| format!("password hashing: {e}"))?;
-        let previous: Vec<Vec<u8>> =
-            settings.previous_secrets.iter().map(|s| s.expose().to_vec()).collect();
+        let previous: Vec<Vec<u8>> = settings
+            .previous_secrets
+            .iter()
+            .map(|s| s.expose().to_vec())
+            .collect();
         let tokens = TokenService::new(
             settings.algorithm,
             settings.secret.expose(),
@@ -91,9 +94,14 @@ impl Authenticator {
             }
         };
         let stored_hash = user.as_ref().map(|u| u.password_hash.as_str());
-        let verdict = self.passwords.verify(&credentials.password, stored_hash).await;
+        let verdict = self
+            .passwords
+            .verify(&credentials.password, stored_hash)
+            .await;
         let (user, needs_rehash) = match (user, verdict) {
-            (Some(user), Verification::Valid { needs_rehash }) if !user.disabled => (user, needs_rehash),
+            (Some(user), Verification::Valid { needs_rehash }) if !user.disabled => {
+                (user, needs_rehash)
+            }
             _ => return Err(ApiError::CredentialsRejected),
         };
         if needs_rehash {
@@ -115,10 +123,16 @@ impl Authenticator {
                 return;
             }
         };
-        match self.store.replace_password_hash(&user.username, &user.password_hash, &new_hash).await {
+        match self
+            .store
+            .replace_password_hash(&user.username, &user.password_hash, &new_hash)
+            .await
+        {
             Ok(true) => tracing::info!(user_id = user.id, "password hash upgraded to argon2id"),
             Ok(false) => {}
-            Err(e) => tracing::warn!(user_id = user.id, error = %e, "storing re-hashed password failed"),
+            Err(e) => {
+                tracing::warn!(user_id = user.id, error = %e, "storing re-hashed password failed")
+            }
         }
     }
 
@@ -134,7 +148,10 @@ impl Authenticator {
             ApiError::TokenRejected
         })?;
         self.check_user_status(&claims).await?;
-        Ok(Caller { user_id: claims.identity, username: claims.sub })
+        Ok(Caller {
+            user_id: claims.identity,
+            username: claims.sub,
+        })
     }
 
     async fn check_user_status(&self, claims: &Claims) -> Result<(), ApiError> {
@@ -190,7 +207,10 @@ const USER_CACHE_MAX: usize = 100_000;
 
 impl UserCache {
     fn new(ttl: Duration) -> Self {
-        UserCache { ttl, entries: Mutex::new(HashMap::new()) }
+        UserCache {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
     }
 
     fn get(&self, username: &str) -> Option<UserStatus> {
@@ -230,7 +250,12 @@ impl UserCache {
     fn put_missing(&self, username: &str) -> UserStatus {
         self.insert(
             username,
-            UserStatus { exists: false, disabled: true, user_id: 0, tokens_valid_after: u64::MAX },
+            UserStatus {
+                exists: false,
+                disabled: true,
+                user_id: 0,
+                tokens_valid_after: u64::MAX,
+            },
         )
     }
 }

@@ -278,6 +278,49 @@ struct Malformed;
 
 type Scan<T> = Result<T, Malformed>;
 
+/// Bytes that end a run of plain characters inside a JSON string: the closing quote, an
+/// escape, or a control character (which JSON forbids there).
+const ENDS_STRING_RUN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        table[byte] = true;
+        byte += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
+/// Index of the first byte of `bytes` that ends a plain run (see [`ENDS_STRING_RUN`]).
+/// Chunk strings are short, where memchr's setup costs more than it saves, so this tests
+/// eight bytes per step with word arithmetic and looks at single bytes only near a hit.
+fn plain_run_len(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut words = bytes.chunks_exact(8);
+    let mut offset = 0;
+    for word in words.by_ref() {
+        let mut eight = [0u8; 8];
+        eight.copy_from_slice(word);
+        let w = u64::from_le_bytes(eight);
+        let quote = w ^ (ONES * u64::from(b'"'));
+        let backslash = w ^ (ONES * u64::from(b'\\'));
+        // Each term has a high bit set iff some byte is zero (resp. below 0x20).
+        let hits = (quote.wrapping_sub(ONES) & !quote)
+            | (backslash.wrapping_sub(ONES) & !backslash)
+            | (w.wrapping_sub(ONES * 0x20) & !w);
+        if hits & HIGHS != 0 {
+            break;
+        }
+        offset += 8;
+    }
+    bytes[offset..]
+        .iter()
+        .position(|&byte| ENDS_STRING_RUN[usize::from(byte)])
+        .map(|at| offset + at)
+}
+
 /// Deepest nesting accepted in a chunk, as in serde_json.
 const MAX_DEPTH: usize = 128;
 
@@ -299,14 +342,11 @@ fn scan_chunk(payload: &[u8]) -> Scan<ChunkFields<'_>> {
     let mut fields = ChunkFields::default();
     let mut seen = [false; 3];
     scanner.object(|scanner, key| {
-        let slot = if key.is("choices")? {
-            0
-        } else if key.is("usage")? {
-            1
-        } else if key.is("error")? {
-            2
-        } else {
-            return scanner.skip_value();
+        let slot = match &*key.name()? {
+            "choices" => 0,
+            "usage" => 1,
+            "error" => 2,
+            _ => return scanner.skip_value(),
         };
         // serde refuses a repeated field too; which copy would win is anyone's guess.
         if std::mem::replace(&mut seen[slot], true) {
@@ -345,11 +385,9 @@ impl<'a> JsonStr<'a> {
         }
     }
 
-    fn is(&self, name: &str) -> Scan<bool> {
-        if self.escaped {
-            return Ok(self.decode()? == name);
-        }
-        Ok(&self.literal[1..self.literal.len() - 1] == name)
+    /// The decoded text, for object keys; keys rarely have escapes, so this rarely allocates.
+    fn name(&self) -> Scan<Cow<'a, str>> {
+        self.decode()
     }
 }
 
@@ -490,11 +528,7 @@ impl<'a> Scanner<'a> {
         self.expect(b'"')?;
         let mut escaped = false;
         loop {
-            // Strings in chunks are short, where a byte loop beats a vectorised search.
-            let stop = self.bytes[self.pos..]
-                .iter()
-                .position(|&byte| byte == b'"' || byte == b'\\' || byte < 0x20)
-                .ok_or(Malformed)?;
+            let stop = plain_run_len(&self.bytes[self.pos..]).ok_or(Malformed)?;
             self.pos += stop;
             match self.bytes[self.pos] {
                 b'"' => {
@@ -608,7 +642,7 @@ impl<'a> Scanner<'a> {
         let mut content = None;
         let mut seen_delta = false;
         self.object(|scanner, key| {
-            if !key.is("delta")? {
+            if key.name()? != "delta" {
                 return scanner.skip_value();
             }
             if std::mem::replace(&mut seen_delta, true) {
@@ -628,7 +662,7 @@ impl<'a> Scanner<'a> {
         let mut content = None;
         let mut seen_content = false;
         self.object(|scanner, key| {
-            if !key.is("content")? {
+            if key.name()? != "content" {
                 return scanner.skip_value();
             }
             if std::mem::replace(&mut seen_content, true) {
@@ -652,12 +686,10 @@ impl<'a> Scanner<'a> {
         let mut usage = Usage::default();
         let mut seen = [false; 2];
         self.object(|scanner, key| {
-            let slot = if key.is("prompt_tokens")? {
-                0
-            } else if key.is("completion_tokens")? {
-                1
-            } else {
-                return scanner.skip_value();
+            let slot = match &*key.name()? {
+                "prompt_tokens" => 0,
+                "completion_tokens" => 1,
+                _ => return scanner.skip_value(),
             };
             if std::mem::replace(&mut seen[slot], true) {
                 return Err(Malformed);
@@ -1180,5 +1212,20 @@ mod tests {
             escaped.and_then(|fields| fields.content).as_deref(),
             Some("é😀\n")
         );
+    }
+
+    #[test]
+    fn plain_run_len_finds_the_first_stop_byte() {
+        for len in 0..40 {
+            for stop in [b'"', b'\\', 0x00, 0x1f] {
+                let mut bytes = vec![b'a'; len];
+                bytes.extend_from_slice("é\x7f~ ".as_bytes());
+                let plain = bytes.len();
+                bytes.push(stop);
+                bytes.extend_from_slice(b"\"\\\x01");
+                assert_eq!(plain_run_len(&bytes), Some(plain), "len {len} stop {stop}");
+            }
+            assert_eq!(plain_run_len(&vec![b' '; len]), None);
+        }
     }
 }

@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use rand::RngCore;
 
-use crate::auth::password::{Passwords, PasswordParams};
+use crate::auth::password::{PasswordParams, Passwords};
+use crate::auth::store::file::FileStore;
+use crate::auth::store::CredentialStore;
 use crate::chat::DataFormat;
 use crate::config::{
     parse_host_port, AuthSettings, Config, CredentialSettings, EndpointSettings, Limits, RouteKind,
     RouteSettings, Secret, ServerSettings, UpstreamSettings,
 };
-use crate::auth::store::file::FileStore;
-use crate::auth::store::CredentialStore;
 use crate::server::{self, Extras, ProcessFlags};
 use crate::simulator::{simulator_service, SimOptions};
 
@@ -47,7 +47,10 @@ pub fn run(args: DemoArgs) -> i32 {
     banner(&args.listen);
     let conf = Arc::new(config.server.server_conf());
     let sim = simulator_service(&conf, &args.simulator_listen, SimOptions::default());
-    let extras = Extras { services: vec![Box::new(sim)], store: Some(store) };
+    let extras = Extras {
+        services: vec![Box::new(sim)],
+        store: Some(store),
+    };
     match server::run(config, ProcessFlags::default(), extras) {
         Ok(()) => 0,
         Err(e) => super::fail(&e),
@@ -60,7 +63,11 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
     let (sim_host, sim_port) = parse_host_port(&args.simulator_listen)?;
     let mut upstream = UpstreamSettings::with_defaults(
         "simulator",
-        vec![EndpointSettings { host: sim_host, port: sim_port, weight: 1 }],
+        vec![EndpointSettings {
+            host: sim_host,
+            port: sim_port,
+            weight: 1,
+        }],
     );
     upstream.retries = 1;
     let route = |path: &str, kind| RouteSettings {
@@ -75,7 +82,8 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
         max_body_bytes: Limits::default().max_body_bytes,
     };
     for addr in [&args.listen, &args.admin_listen, &args.simulator_listen] {
-        addr.parse::<std::net::SocketAddr>().map_err(|_| format!("{addr:?} is not an IP:port address"))?;
+        addr.parse::<std::net::SocketAddr>()
+            .map_err(|_| format!("{addr:?} is not an IP:port address"))?;
     }
     let password = PasswordParams::default();
     Ok(Config {

@@ -25,7 +25,12 @@ pub struct Cli {
 #[derive(Debug, clap::Args)]
 pub struct ConfigArg {
     /// Path of the YAML config file.
-    #[arg(short, long, env = "CHATGATE_CONFIG", default_value = "conf/chatgate.yaml")]
+    #[arg(
+        short,
+        long,
+        env = "CHATGATE_CONFIG",
+        default_value = "conf/chatgate.yaml"
+    )]
     pub config: PathBuf,
 }
 
@@ -78,12 +83,25 @@ pub fn main() -> i32 {
     };
     init_logging();
     match cli.command {
-        Command::Serve { config, upgrade, daemon, test } => {
+        Command::Serve {
+            config,
+            upgrade,
+            daemon,
+            test,
+        } => {
             let config = match Config::load(&config.config) {
                 Ok(c) => c,
                 Err(e) => return fail(&e.to_string()),
             };
-            match server::run(config, ProcessFlags { upgrade, daemon, test }, server::Extras::default()) {
+            match server::run(
+                config,
+                ProcessFlags {
+                    upgrade,
+                    daemon,
+                    test,
+                },
+                server::Extras::default(),
+            ) {
                 Ok(()) => 0,
                 Err(e) => fail(&e),
             }
@@ -97,10 +115,12 @@ pub fn main() -> i32 {
         },
         Command::Users { action } => users::run(action),
         Command::Demo(args) => demo::run(args),
-        Command::Simulate { listen, options } => match crate::simulator::run_standalone(&listen, options) {
-            Ok(never) => match never {},
-            Err(e) => fail(&format!("simulator on {listen}: {e}")),
-        },
+        Command::Simulate { listen, options } => {
+            match crate::simulator::run_standalone(&listen, options) {
+                Ok(never) => match never {},
+                Err(e) => fail(&format!("simulator on {listen}: {e}")),
+            }
+        }
     }
 }
 
@@ -125,7 +145,10 @@ fn init_logging() {
 pub fn summary(c: &Config) -> String {
     let mut out = format!("config {} is valid\n", c.source);
     out += &format!("listen: {}\n", c.listen.join(", "));
-    out += &format!("admin listen: {}\n", c.admin_listen.as_deref().unwrap_or("(none)"));
+    out += &format!(
+        "admin listen: {}\n",
+        c.admin_listen.as_deref().unwrap_or("(none)")
+    );
     out += &format!("credentials: {}\n", c.auth.credentials.describe());
     out += &format!(
         "tokens: {:?}, lifetime {}, {} previous secret(s)\n",
@@ -150,7 +173,10 @@ pub fn summary(c: &Config) -> String {
             RouteKind::Chat => "chat",
             RouteKind::ChatStream => "chat_stream",
         };
-        out += &format!("route POST {} ({kind}) -> {} model {}\n", r.path, c.upstreams[r.upstream].name, r.model);
+        out += &format!(
+            "route POST {} ({kind}) -> {} model {}\n",
+            r.path, c.upstreams[r.upstream].name, r.model
+        );
     }
     out
 }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use clap::Subcommand;
 
 use super::ConfigArg;
+use crate::auth::open_store;
 use crate::auth::password::Passwords;
 use crate::auth::store::{validate_username, CredentialStore};
-use crate::auth::open_store;
 use crate::config::{Config, SecretsPolicy};
 
 #[derive(Debug, Subcommand)]
@@ -78,7 +78,10 @@ pub fn run(command: UsersCommand) -> i32 {
         Ok(s) => s,
         Err(e) => return super::fail(&format!("credential store: {e}")),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => return super::fail(&format!("cannot start a runtime: {e}")),
     };
@@ -106,14 +109,21 @@ fn read_password() -> Result<String, String> {
     std::io::stdin()
         .read_to_string(&mut input)
         .map_err(|e| format!("cannot read the password from standard input: {e}"))?;
-    let password = input.strip_suffix('\n').map(|p| p.strip_suffix('\r').unwrap_or(p)).unwrap_or(&input);
+    let password = input
+        .strip_suffix('\n')
+        .map(|p| p.strip_suffix('\r').unwrap_or(p))
+        .unwrap_or(&input);
     if password.is_empty() {
         return Err("refusing an empty password (pipe it on standard input, e.g. `printf '%s' \"$PW\" | chatgate users add NAME`)".into());
     }
     Ok(password.to_string())
 }
 
-async fn execute(command: UsersCommand, config: &Config, store: Arc<dyn CredentialStore>) -> Result<String, String> {
+async fn execute(
+    command: UsersCommand,
+    config: &Config,
+    store: Arc<dyn CredentialStore>,
+) -> Result<String, String> {
     let hasher = || Passwords::new(config.auth.password, 1).map_err(|e| e.to_string());
     let store_err = |e: crate::auth::store::StoreError| e.to_string();
     match command {
@@ -122,12 +132,18 @@ async fn execute(command: UsersCommand, config: &Config, store: Arc<dyn Credenti
             let password = read_password()?;
             let hash = hasher()?.hash(&password).await.map_err(|e| e.to_string())?;
             let user = store.create_user(&name, &hash).await.map_err(store_err)?;
-            Ok(format!("created user {} with id {}", user.username, user.id))
+            Ok(format!(
+                "created user {} with id {}",
+                user.username, user.id
+            ))
         }
         UsersCommand::Passwd { name, .. } => {
             let password = read_password()?;
             let hash = hasher()?.hash(&password).await.map_err(|e| e.to_string())?;
-            store.set_password_hash(&name, &hash).await.map_err(store_err)?;
+            store
+                .set_password_hash(&name, &hash)
+                .await
+                .map_err(store_err)?;
             Ok(format!("password of {name} changed"))
         }
         UsersCommand::Disable { name, .. } => {
@@ -139,7 +155,10 @@ async fn execute(command: UsersCommand, config: &Config, store: Arc<dyn Credenti
             Ok(format!("user {name} enabled"))
         }
         UsersCommand::Revoke { name, .. } => {
-            store.revoke_tokens(&name, now_secs()).await.map_err(store_err)?;
+            store
+                .revoke_tokens(&name, now_secs())
+                .await
+                .map_err(store_err)?;
             Ok(format!("tokens of {name} issued until now are revoked"))
         }
         UsersCommand::Remove { name, .. } => {

@@ -155,7 +155,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_body_bytes: 1 << 20, max_auth_body_bytes: 64 << 10 }
+        Limits {
+            max_body_bytes: 1 << 20,
+            max_auth_body_bytes: 64 << 10,
+        }
     }
 }
 
@@ -196,10 +199,18 @@ impl CredentialSettings {
     pub fn describe(&self) -> String {
         match self {
             CredentialSettings::Redis(r) if !r.cluster.is_empty() => {
-                format!("redis cluster ({} seed nodes), prefix {:?}", r.cluster.len(), r.key_prefix)
+                format!(
+                    "redis cluster ({} seed nodes), prefix {:?}",
+                    r.cluster.len(),
+                    r.key_prefix
+                )
             }
             CredentialSettings::Redis(r) => {
-                format!("redis {}, prefix {:?}", mask_url_password(&r.url), r.key_prefix)
+                format!(
+                    "redis {}, prefix {:?}",
+                    mask_url_password(&r.url),
+                    r.key_prefix
+                )
             }
             CredentialSettings::File(p) => format!("file {}", p.display()),
             CredentialSettings::Memory => "in-memory (demo)".into(),
@@ -209,7 +220,9 @@ impl CredentialSettings {
 
 /// `redis://user:pass@host/0` → `redis://user:***@host/0`.
 pub fn mask_url_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_string() };
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
     let rest = &url[scheme_end + 3..];
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let authority = &rest[..authority_end];
@@ -352,17 +365,33 @@ impl Config {
             line: None,
             message: format!("cannot read the config file: {e}"),
         })?;
-        Self::from_yaml(&file, &text, path.parent().unwrap_or(Path::new(".")), secrets)
+        Self::from_yaml(
+            &file,
+            &text,
+            path.parent().unwrap_or(Path::new(".")),
+            secrets,
+        )
     }
 
     /// Parses and validates YAML text; `base_dir` anchors relative paths.
-    pub fn from_yaml(file: &str, text: &str, base_dir: &Path, secrets: SecretsPolicy) -> Result<Config, ConfigError> {
+    pub fn from_yaml(
+        file: &str,
+        text: &str,
+        base_dir: &Path,
+        secrets: SecretsPolicy,
+    ) -> Result<Config, ConfigError> {
         let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| ConfigError {
             file: file.to_string(),
             line: e.location().map(|l| l.line()),
             message: e.to_string(),
         })?;
-        Validator { file, text, base_dir, secrets }.validate(raw)
+        Validator {
+            file,
+            text,
+            base_dir,
+            secrets,
+        }
+        .validate(raw)
     }
 
     /// The upstream a route sends to.
@@ -390,7 +419,11 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn error(&self, key: &str, near: &str, message: impl fmt::Display) -> ConfigError {
-        ConfigError { file: self.file.to_string(), line: self.locate(near), message: format!("{key}: {message}") }
+        ConfigError {
+            file: self.file.to_string(),
+            line: self.locate(near),
+            message: format!("{key}: {message}"),
+        }
     }
 
     /// The first line that contains `needle`, to point the operator at it.
@@ -398,7 +431,10 @@ impl Validator<'_> {
         if needle.is_empty() {
             return None;
         }
-        self.text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+        self.text
+            .lines()
+            .position(|l| l.contains(needle))
+            .map(|i| i + 1)
     }
 
     fn resolve_path(&self, p: &Path) -> PathBuf {
@@ -415,7 +451,11 @@ impl Validator<'_> {
         }
         for addr in raw.listen.iter().chain(raw.admin_listen.iter()) {
             if addr.parse::<std::net::SocketAddr>().is_err() {
-                return Err(self.error("listen", addr, format!("{addr:?} is not an IP:port address")));
+                return Err(self.error(
+                    "listen",
+                    addr,
+                    format!("{addr:?} is not an IP:port address"),
+                ));
             }
         }
         let defaults = ServerSettings::default();
@@ -423,7 +463,9 @@ impl Validator<'_> {
         let server = ServerSettings {
             threads: p.threads.unwrap_or(defaults.threads).max(1),
             work_stealing: p.work_stealing.unwrap_or(defaults.work_stealing),
-            grace_period_seconds: p.grace_period_seconds.unwrap_or(defaults.grace_period_seconds),
+            grace_period_seconds: p
+                .grace_period_seconds
+                .unwrap_or(defaults.grace_period_seconds),
             graceful_shutdown_timeout_seconds: p
                 .graceful_shutdown_timeout_seconds
                 .unwrap_or(defaults.graceful_shutdown_timeout_seconds),
@@ -438,7 +480,10 @@ impl Validator<'_> {
         };
         let limit_defaults = Limits::default();
         let limits = Limits {
-            max_body_bytes: raw.limits.max_body_bytes.unwrap_or(limit_defaults.max_body_bytes),
+            max_body_bytes: raw
+                .limits
+                .max_body_bytes
+                .unwrap_or(limit_defaults.max_body_bytes),
             max_auth_body_bytes: raw
                 .limits
                 .max_auth_body_bytes
@@ -458,17 +503,29 @@ impl Validator<'_> {
         for (i, r) in raw.routes.into_iter().enumerate() {
             let key = format!("routes[{i}]");
             if !r.path.starts_with('/') {
-                return Err(self.error(&key, &r.path, format!("path {:?} must start with '/'", r.path)));
+                return Err(self.error(
+                    &key,
+                    &r.path,
+                    format!("path {:?} must start with '/'", r.path),
+                ));
             }
             if r.path == "/auth" || !seen.insert(r.path.clone()) {
-                return Err(self.error(&key, &r.path, format!("path {:?} is already taken", r.path)));
+                return Err(self.error(
+                    &key,
+                    &r.path,
+                    format!("path {:?} is already taken", r.path),
+                ));
             }
             let Some(upstream) = upstreams.iter().position(|u| u.name == r.upstream) else {
                 let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
                 return Err(self.error(
                     &format!("{key}.upstream"),
                     &format!("upstream: {}", r.upstream),
-                    format!("unknown upstream {:?} (defined: {})", r.upstream, known.join(", ")),
+                    format!(
+                        "unknown upstream {:?} (defined: {})",
+                        r.upstream,
+                        known.join(", ")
+                    ),
                 ));
             };
             if r.model.trim().is_empty() {
@@ -492,12 +549,18 @@ impl Validator<'_> {
                 system_prompt: r.system_prompt.filter(|s| !s.is_empty()),
                 params: r.params,
                 data_format: r.data_format.unwrap_or_default(),
-                keepalive_interval: r.keepalive_interval.map_or(Duration::from_secs(15), |d| d.0),
+                keepalive_interval: r
+                    .keepalive_interval
+                    .map_or(Duration::from_secs(15), |d| d.0),
                 max_body_bytes: r.max_body_bytes.unwrap_or(limits.max_body_bytes),
             });
         }
         if routes.iter().any(|r| r.keepalive_interval.is_zero()) {
-            return Err(self.error("routes.keepalive_interval", "keepalive_interval", "must be greater than 0"));
+            return Err(self.error(
+                "routes.keepalive_interval",
+                "keepalive_interval",
+                "must be greater than 0",
+            ));
         }
         Ok(Config {
             source: self.file.to_string(),
@@ -531,7 +594,10 @@ impl Validator<'_> {
         let previous_text = match (&jwt.previous_secrets_env, &jwt.previous_secrets_file) {
             _ if skip => None,
             (Some(var), None) => std::env::var(var).ok(),
-            (None, Some(path)) => Some(self.file_secret("auth.jwt.previous_secrets_file", path)?.expose_str()),
+            (None, Some(path)) => Some(
+                self.file_secret("auth.jwt.previous_secrets_file", path)?
+                    .expose_str(),
+            ),
             (None, None) => None,
             _ => {
                 return Err(self.error(
@@ -558,8 +624,17 @@ impl Validator<'_> {
             iterations: ph.iterations.unwrap_or(defaults.iterations),
             parallelism: ph.parallelism.unwrap_or(defaults.parallelism),
         };
-        if let Err(e) = argon2::Params::new(password.memory_kib, password.iterations, password.parallelism, None) {
-            return Err(self.error("auth.password_hash", "password_hash", format!("invalid argon2 parameters: {e}")));
+        if let Err(e) = argon2::Params::new(
+            password.memory_kib,
+            password.iterations,
+            password.parallelism,
+            None,
+        ) {
+            return Err(self.error(
+                "auth.password_hash",
+                "password_hash",
+                format!("invalid argon2 parameters: {e}"),
+            ));
         }
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let hash_concurrency = ph.max_concurrent.unwrap_or((cores / 2).max(1)).max(1);
@@ -584,40 +659,80 @@ impl Validator<'_> {
         match c.backend {
             RawBackend::File => {
                 let Some(path) = c.file else {
-                    return Err(self.error("auth.credentials.file", "backend:", "backend `file` needs `file: PATH`"));
+                    return Err(self.error(
+                        "auth.credentials.file",
+                        "backend:",
+                        "backend `file` needs `file: PATH`",
+                    ));
                 };
                 Ok(CredentialSettings::File(self.resolve_path(&path)))
             }
             RawBackend::Redis => {
                 let Some(r) = c.redis else {
-                    return Err(self.error("auth.credentials.redis", "backend:", "backend `redis` needs a `redis:` section"));
+                    return Err(self.error(
+                        "auth.credentials.redis",
+                        "backend:",
+                        "backend `redis` needs a `redis:` section",
+                    ));
                 };
                 let key = "auth.credentials.redis";
                 let url = match (&r.url, &r.url_env) {
                     (Some(u), None) => u.clone(),
-                    (None, Some(var)) => self.env_secret(&format!("{key}.url_env"), var)?.expose_str(),
+                    (None, Some(var)) => self
+                        .env_secret(&format!("{key}.url_env"), var)?
+                        .expose_str(),
                     (None, None) => String::new(),
                     _ => return Err(self.error(key, "url", "set at most one of url or url_env")),
                 };
                 let mut cluster = r.cluster.unwrap_or_default();
                 if let Some(var) = &r.cluster_env {
-                    let list = self.env_secret(&format!("{key}.cluster_env"), var)?.expose_str();
-                    cluster.extend(list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from));
+                    let list = self
+                        .env_secret(&format!("{key}.cluster_env"), var)?
+                        .expose_str();
+                    cluster.extend(
+                        list.split(',')
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .map(String::from),
+                    );
                 }
                 if url.is_empty() && cluster.is_empty() {
-                    return Err(self.error(key, "redis:", "set url, url_env, cluster or cluster_env"));
+                    return Err(self.error(
+                        key,
+                        "redis:",
+                        "set url, url_env, cluster or cluster_env",
+                    ));
                 }
                 if !url.is_empty() && !cluster.is_empty() {
-                    return Err(self.error(key, "cluster", "set either a single-server url or a cluster, not both"));
+                    return Err(self.error(
+                        key,
+                        "cluster",
+                        "set either a single-server url or a cluster, not both",
+                    ));
                 }
-                for u in std::iter::once(&url).filter(|u| !u.is_empty()).chain(cluster.iter()) {
-                    if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("unix://") || u.starts_with("redis+unix://")) {
-                        return Err(self.error(key, "url", format!("{} is not a redis:// URL", mask_url_password(u))));
+                for u in std::iter::once(&url)
+                    .filter(|u| !u.is_empty())
+                    .chain(cluster.iter())
+                {
+                    if !(u.starts_with("redis://")
+                        || u.starts_with("rediss://")
+                        || u.starts_with("unix://")
+                        || u.starts_with("redis+unix://"))
+                    {
+                        return Err(self.error(
+                            key,
+                            "url",
+                            format!("{} is not a redis:// URL", mask_url_password(u)),
+                        ));
                     }
                 }
                 let timeout = r.timeout.map_or(Duration::from_millis(500), |d| d.0);
                 if timeout.is_zero() {
-                    return Err(self.error(&format!("{key}.timeout"), "timeout", "must be greater than 0"));
+                    return Err(self.error(
+                        &format!("{key}.timeout"),
+                        "timeout",
+                        "must be greater than 0",
+                    ));
                 }
                 Ok(CredentialSettings::Redis(RedisSettings {
                     url,
@@ -632,7 +747,11 @@ impl Validator<'_> {
     fn upstream(&self, name: &str, u: RawUpstream) -> Result<UpstreamSettings, ConfigError> {
         let key = format!("upstreams.{name}");
         if u.endpoints.is_empty() {
-            return Err(self.error(&format!("{key}.endpoints"), name, "at least one endpoint is required"));
+            return Err(self.error(
+                &format!("{key}.endpoints"),
+                name,
+                "at least one endpoint is required",
+            ));
         }
         let mut endpoints = Vec::new();
         for e in u.endpoints {
@@ -643,9 +762,17 @@ impl Validator<'_> {
             let parsed = parse_host_port(&address)
                 .map_err(|m| self.error(&format!("{key}.endpoints"), &address, m))?;
             if weight == 0 {
-                return Err(self.error(&format!("{key}.endpoints"), &address, "weight must be at least 1"));
+                return Err(self.error(
+                    &format!("{key}.endpoints"),
+                    &address,
+                    "weight must be at least 1",
+                ));
             }
-            endpoints.push(EndpointSettings { host: parsed.0, port: parsed.1, weight });
+            endpoints.push(EndpointSettings {
+                host: parsed.0,
+                port: parsed.1,
+                weight,
+            });
         }
         let mut s = UpstreamSettings::with_defaults(name, endpoints);
         s.tls = u.tls;
@@ -659,10 +786,22 @@ impl Validator<'_> {
         }
         let keys_text = match (&u.api_keys_env, &u.api_keys_file) {
             _ if self.secrets == SecretsPolicy::Skip => None,
-            (Some(var), None) => Some(self.env_secret(&format!("{key}.api_keys_env"), var)?.expose_str()),
-            (None, Some(p)) => Some(self.file_secret(&format!("{key}.api_keys_file"), p)?.expose_str()),
+            (Some(var), None) => Some(
+                self.env_secret(&format!("{key}.api_keys_env"), var)?
+                    .expose_str(),
+            ),
+            (None, Some(p)) => Some(
+                self.file_secret(&format!("{key}.api_keys_file"), p)?
+                    .expose_str(),
+            ),
             (None, None) => None,
-            _ => return Err(self.error(&key, "api_keys", "set at most one of api_keys_env or api_keys_file")),
+            _ => {
+                return Err(self.error(
+                    &key,
+                    "api_keys",
+                    "set at most one of api_keys_env or api_keys_file",
+                ))
+            }
         };
         s.api_keys = keys_text
             .iter()
@@ -674,8 +813,15 @@ impl Validator<'_> {
         if keys_text.is_some() && s.api_keys.is_empty() {
             return Err(self.error(&key, "api_keys", "the API key list is empty"));
         }
-        if s.api_keys.iter().any(|k| k.expose().iter().any(|b| !b.is_ascii_graphic())) {
-            return Err(self.error(&key, "api_keys", "API keys must be printable ASCII without spaces"));
+        if s.api_keys
+            .iter()
+            .any(|k| k.expose().iter().any(|b| !b.is_ascii_graphic()))
+        {
+            return Err(self.error(
+                &key,
+                "api_keys",
+                "API keys must be printable ASCII without spaces",
+            ));
         }
         s.stream_usage = u.stream_usage.unwrap_or(true);
         let set = |slot: &mut Duration, v: Option<ConfigDuration>| {
@@ -712,19 +858,32 @@ impl Validator<'_> {
     fn env_secret(&self, key: &str, var: &str) -> Result<Secret, ConfigError> {
         match std::env::var_os(var) {
             Some(v) if !v.is_empty() => Ok(Secret::new(v.into_encoded_bytes())),
-            _ => Err(self.error(key, var, format!("environment variable {var} is not set or empty"))),
+            _ => Err(self.error(
+                key,
+                var,
+                format!("environment variable {var} is not set or empty"),
+            )),
         }
     }
 
     fn file_secret(&self, key: &str, path: &Path) -> Result<Secret, ConfigError> {
         let full = self.resolve_path(path);
-        let mut bytes = std::fs::read(&full)
-            .map_err(|e| self.error(key, &path.display().to_string(), format!("cannot read {}: {e}", full.display())))?;
+        let mut bytes = std::fs::read(&full).map_err(|e| {
+            self.error(
+                key,
+                &path.display().to_string(),
+                format!("cannot read {}: {e}", full.display()),
+            )
+        })?;
         while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
             bytes.pop();
         }
         if bytes.is_empty() {
-            return Err(self.error(key, &path.display().to_string(), format!("{} is empty", full.display())));
+            return Err(self.error(
+                key,
+                &path.display().to_string(),
+                format!("{} is empty", full.display()),
+            ));
         }
         Ok(Secret::new(bytes))
     }

@@ -51,7 +51,12 @@ routes:
 }
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
-    Config::from_yaml("test.yaml", text, Path::new("/etc/chatgate"), SecretsPolicy::Required)
+    Config::from_yaml(
+        "test.yaml",
+        text,
+        Path::new("/etc/chatgate"),
+        SecretsPolicy::Required,
+    )
 }
 
 fn set_secret(var: &str, value: &str) {
@@ -67,11 +72,21 @@ fn sample_config_is_valid_and_resolved() {
     assert_eq!(c.auth.secret.expose().len(), 40);
     assert_eq!(c.upstreams.len(), 1);
     let up = &c.upstreams[0];
-    assert_eq!(up.endpoints[1], EndpointSettings { host: "localhost".into(), port: 8001, weight: 3 });
+    assert_eq!(
+        up.endpoints[1],
+        EndpointSettings {
+            host: "localhost".into(),
+            port: 8001,
+            weight: 3
+        }
+    );
     assert_eq!(c.routes[0].kind, RouteKind::Chat);
     assert_eq!(c.routes[1].kind, RouteKind::ChatStream);
     assert_eq!(c.routes[1].data_format, DataFormat::Json);
-    assert_eq!(c.routes[0].params.get("max_tokens"), Some(&serde_json::json!(512)));
+    assert_eq!(
+        c.routes[0].params.get("max_tokens"),
+        Some(&serde_json::json!(512))
+    );
     assert_eq!(c.routes[0].keepalive_interval, Duration::from_secs(15));
     match &c.auth.credentials {
         CredentialSettings::Redis(r) => {
@@ -85,12 +100,19 @@ fn sample_config_is_valid_and_resolved() {
 #[test]
 fn unknown_key_names_line_and_key() {
     set_secret("CG_TEST_SECRET_UNKNOWN", &"s".repeat(40));
-    let text = sample("CG_TEST_SECRET_UNKNOWN").replace("    tls: false", "    tls: false\n    colour: blue");
+    let text = sample("CG_TEST_SECRET_UNKNOWN")
+        .replace("    tls: false", "    tls: false\n    colour: blue");
     let e = parse(&text).expect_err("unknown key");
     let shown = e.to_string();
     assert!(shown.starts_with("test.yaml:"), "{shown}");
     assert!(shown.contains("colour"), "{shown}");
-    assert_eq!(e.line, text.lines().position(|l| l.contains("colour")).map(|i| i + 1), "{shown}");
+    assert_eq!(
+        e.line,
+        text.lines()
+            .position(|l| l.contains("colour"))
+            .map(|i| i + 1),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -98,17 +120,27 @@ fn bad_duration_is_reported() {
     set_secret("CG_TEST_SECRET_DUR", &"s".repeat(40));
     let text = sample("CG_TEST_SECRET_DUR").replace("token_ttl: 7d", "token_ttl: seven days");
     let e = parse(&text).expect_err("bad duration").to_string();
-    assert!(e.contains("token_ttl") && e.contains("invalid duration"), "{e}");
+    assert!(
+        e.contains("token_ttl") && e.contains("invalid duration"),
+        "{e}"
+    );
     assert!(e.contains(":13:") || e.contains("line 13"), "{e}");
 }
 
 #[test]
 fn short_or_missing_secret_is_refused() {
     set_secret("CG_TEST_SECRET_SHORT", "too-short");
-    let e = parse(&sample("CG_TEST_SECRET_SHORT")).expect_err("short secret").to_string();
+    let e = parse(&sample("CG_TEST_SECRET_SHORT"))
+        .expect_err("short secret")
+        .to_string();
     assert!(e.contains("at least 32"), "{e}");
-    assert!(!e.contains("too-short"), "the secret leaked into the message: {e}");
-    let e = parse(&sample("CG_TEST_SECRET_NEVER_SET")).expect_err("missing secret").to_string();
+    assert!(
+        !e.contains("too-short"),
+        "the secret leaked into the message: {e}"
+    );
+    let e = parse(&sample("CG_TEST_SECRET_NEVER_SET"))
+        .expect_err("missing secret")
+        .to_string();
     assert!(e.contains("CG_TEST_SECRET_NEVER_SET is not set"), "{e}");
 }
 
@@ -129,22 +161,40 @@ fn unknown_upstream_is_an_error_with_its_line() {
     set_secret("CG_TEST_SECRET_UP", &"s".repeat(40));
     let text = sample("CG_TEST_SECRET_UP").replacen("upstream: main", "upstream: mian", 1);
     let e = parse(&text).expect_err("unknown upstream");
-    assert!(e.message.contains("routes[0].upstream") && e.message.contains("\"mian\""), "{e}");
-    assert_eq!(e.line, text.lines().position(|l| l.contains("upstream: mian")).map(|i| i + 1));
+    assert!(
+        e.message.contains("routes[0].upstream") && e.message.contains("\"mian\""),
+        "{e}"
+    );
+    assert_eq!(
+        e.line,
+        text.lines()
+            .position(|l| l.contains("upstream: mian"))
+            .map(|i| i + 1)
+    );
 }
 
 #[test]
 fn reserved_params_and_duplicate_paths_are_refused() {
     set_secret("CG_TEST_SECRET_RES", &"s".repeat(40));
     let text = sample("CG_TEST_SECRET_RES").replace("temperature: 0.2", "stream: false");
-    assert!(parse(&text).expect_err("reserved").message.contains("\"stream\""));
-    let text = sample("CG_TEST_SECRET_RES").replace("path: /chatCompletionStream", "path: /chatCompletion");
-    assert!(parse(&text).expect_err("duplicate").message.contains("already taken"));
+    assert!(parse(&text)
+        .expect_err("reserved")
+        .message
+        .contains("\"stream\""));
+    let text = sample("CG_TEST_SECRET_RES")
+        .replace("path: /chatCompletionStream", "path: /chatCompletion");
+    assert!(parse(&text)
+        .expect_err("duplicate")
+        .message
+        .contains("already taken"));
 }
 
 #[test]
 fn host_port_parsing() {
-    assert_eq!(parse_host_port("api.openai.com:443"), Ok(("api.openai.com".into(), 443)));
+    assert_eq!(
+        parse_host_port("api.openai.com:443"),
+        Ok(("api.openai.com".into(), 443))
+    );
     assert_eq!(parse_host_port("[::1]:8000"), Ok(("::1".into(), 8000)));
     assert!(parse_host_port("no-port").is_err());
     assert!(parse_host_port("host:0").is_err());
@@ -153,7 +203,13 @@ fn host_port_parsing() {
 
 #[test]
 fn redis_passwords_are_masked() {
-    assert_eq!(mask_url_password("redis://:hunter2@db:6379/0"), "redis://:***@db:6379/0");
-    assert_eq!(mask_url_password("redis://app:hunter2@db/0"), "redis://app:***@db/0");
+    assert_eq!(
+        mask_url_password("redis://:hunter2@db:6379/0"),
+        "redis://:***@db:6379/0"
+    );
+    assert_eq!(
+        mask_url_password("redis://app:hunter2@db/0"),
+        "redis://app:***@db/0"
+    );
     assert_eq!(mask_url_password("redis://db:6379"), "redis://db:6379");
 }

@@ -33,7 +33,10 @@ impl AdminApp {
             .map_err(|e| format!("credential store unreachable: {e}"))?;
         for (path, upstream) in &self.routes {
             if !upstream.endpoints.iter().any(|e| e.socket_addr().is_some()) {
-                return Err(format!("route {path}: no endpoint of upstream {} has an address", upstream.name()));
+                return Err(format!(
+                    "route {path}: no endpoint of upstream {} has an address",
+                    upstream.name()
+                ));
             }
         }
         Ok(())
@@ -42,10 +45,15 @@ impl AdminApp {
 
 fn json(status: u16, body: Vec<u8>) -> Response<Vec<u8>> {
     let mut resp = Response::new(body);
-    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    *resp.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     let len = resp.body().len();
-    resp.headers_mut().insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    resp.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
     resp
 }
 

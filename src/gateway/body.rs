@@ -9,7 +9,10 @@ use crate::error::ApiError;
 
 /// Reads the whole request body, or fails with 413 once it exceeds `limit`.
 /// A client that breaks off mid-body yields `Err(None)`: nobody to answer.
-pub(super) async fn read_limited(session: &mut Session, limit: usize) -> Result<Bytes, Option<ApiError>> {
+pub(super) async fn read_limited(
+    session: &mut Session,
+    limit: usize,
+) -> Result<Bytes, Option<ApiError>> {
     let declared = session
         .get_header(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

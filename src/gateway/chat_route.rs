@@ -30,7 +30,9 @@ pub(super) async fn handle(
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(), ApiError> {
-    let authorization = session.get_header(http::header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
+    let authorization = session
+        .get_header(http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes().to_vec());
     let caller = auth.authorize(authorization.as_deref()).await?;
     ctx.user_id = Some(caller.user_id);
 
@@ -90,8 +92,17 @@ pub(super) async fn handle(
     let body = body.map_err(|e| upstream_failed(ctx, &e))?;
     upstream.release(open).await;
     let completion = parse_completion(&body).map_err(|e| ApiError::Upstream(e.to_string()))?;
-    ctx.tokens = completion.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
-    reply::send_json(session, ctx, 200, json_object1("message", &completion.content), &[]).await;
+    ctx.tokens = completion
+        .usage
+        .map(|u| (u.prompt_tokens, u.completion_tokens));
+    reply::send_json(
+        session,
+        ctx,
+        200,
+        json_object1("message", &completion.content),
+        &[],
+    )
+    .await;
     Ok(())
 }
 
@@ -132,7 +143,9 @@ async fn stream_reply(
             h.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
         }
         session.write_response_header(Box::new(h), false).await?;
-        session.write_response_body(Some(out.split().freeze()), false).await
+        session
+            .write_response_body(Some(out.split().freeze()), false)
+            .await
     }
     .await;
     if started.is_err() {
@@ -169,7 +182,11 @@ async fn stream_reply(
         if !out.is_empty() {
             next_keepalive = Instant::now() + keepalive_every;
             let finished = matches!(status, StreamStatus::Finished);
-            if session.write_response_body(Some(out.split().freeze()), finished).await.is_err() {
+            if session
+                .write_response_body(Some(out.split().freeze()), finished)
+                .await
+                .is_err()
+            {
                 break StreamEnd::ClientGone;
             }
         }
@@ -179,11 +196,19 @@ async fn stream_reply(
             StreamStatus::Failed(cause) => break StreamEnd::Failed(cause),
         }
     };
-    ctx.tokens = transcoder.usage().map(|u| (u.prompt_tokens, u.completion_tokens));
+    ctx.tokens = transcoder
+        .usage()
+        .map(|u| (u.prompt_tokens, u.completion_tokens));
     match end {
         StreamEnd::Finished => {
             // Drain what follows [DONE] (usually nothing) so the connection can be reused.
-            let rest = open.read_all(MAX_UPSTREAM_EVENT_BYTES, Duration::from_millis(200), deadline).await;
+            let rest = open
+                .read_all(
+                    MAX_UPSTREAM_EVENT_BYTES,
+                    Duration::from_millis(200),
+                    deadline,
+                )
+                .await;
             if rest.is_ok() {
                 upstream.release(open).await;
             }
@@ -191,7 +216,9 @@ async fn stream_reply(
         StreamEnd::Failed(cause) => {
             ctx.outcome = "upstream_error";
             write_error_event(&upstream_failure_message(&cause), &mut out);
-            let _ = session.write_response_body(Some(out.split().freeze()), true).await;
+            let _ = session
+                .write_response_body(Some(out.split().freeze()), true)
+                .await;
             tracing::debug!(request_id = %ctx.request_id, cause = %cause, "stream failed after the first event");
         }
         StreamEnd::ClientGone => {

@@ -33,6 +33,13 @@ pub(super) async fn handle(
     let credentials = extract_credentials(content_type.as_deref(), body, query.as_deref()).await;
     let token = auth.login(credentials).await?;
     let body = json_object1("accessToken", &token);
-    reply::send_json(session, ctx, 200, body, &[("Cache-Control", "no-store".into())]).await;
+    reply::send_json(
+        session,
+        ctx,
+        200,
+        body,
+        &[("Cache-Control", "no-store".into())],
+    )
+    .await;
     Ok(())
 }

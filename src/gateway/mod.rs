@@ -59,7 +59,10 @@ impl Gateway {
     pub fn new(auth: Arc<Authenticator>, routes: Vec<ChatRoute>, limits: Limits) -> Self {
         Gateway {
             auth,
-            routes: routes.into_iter().map(|r| (r.settings.path.clone(), Arc::new(r))).collect(),
+            routes: routes
+                .into_iter()
+                .map(|r| (r.settings.path.clone(), Arc::new(r)))
+                .collect(),
             limits,
         }
     }
@@ -87,7 +90,8 @@ fn request_id(session: &Session) -> String {
     let sane = |v: &[u8]| {
         !v.is_empty()
             && v.len() <= MAX_REQUEST_ID
-            && v.iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+            && v.iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
     };
     match session.get_header("x-request-id").map(|v| v.as_bytes()) {
         Some(v) if sane(v) => String::from_utf8_lossy(v).into_owned(),
@@ -114,7 +118,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
         ctx.request_id = request_id(session);
         let path = session.req_header().uri.path().to_string();
         let is_post = session.req_header().method == http::Method::POST;
@@ -142,12 +150,24 @@ impl ProxyHttp for Gateway {
         Ok(true)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> pingora::Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
         // request_filter answers every request; reaching here is a bug.
-        Err(pingora::Error::explain(pingora::ErrorType::InternalError, "chatgate answers every request locally"))
+        Err(pingora::Error::explain(
+            pingora::ErrorType::InternalError,
+            "chatgate answers every request locally",
+        ))
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut RequestCtx) {
+    async fn logging(
+        &self,
+        session: &mut Session,
+        _e: Option<&pingora::Error>,
+        ctx: &mut RequestCtx,
+    ) {
         let req = session.req_header();
         tracing::info!(
             target: "access",

@@ -10,7 +10,12 @@ use super::RequestCtx;
 use crate::error::ApiError;
 
 /// A response header with the headers common to every reply.
-pub(super) fn header(status: u16, ctx: &RequestCtx, content_type: &str, content_length: Option<usize>) -> pingora::Result<ResponseHeader> {
+pub(super) fn header(
+    status: u16,
+    ctx: &RequestCtx,
+    content_type: &str,
+    content_length: Option<usize>,
+) -> pingora::Result<ResponseHeader> {
     let mut h = ResponseHeader::build(status, Some(6))?;
     h.insert_header(http::header::CONTENT_TYPE, content_type)?;
     if let Some(n) = content_length {
@@ -36,7 +41,9 @@ pub(super) async fn send_json(
             h.insert_header(*name, value.as_str())?;
         }
         session.write_response_header(Box::new(h), false).await?;
-        session.write_response_body(Some(Bytes::from(body)), true).await
+        session
+            .write_response_body(Some(Bytes::from(body)), true)
+            .await
     }
     .await;
     if let Err(e) = result {
@@ -59,7 +66,11 @@ pub(super) async fn send_error(session: &mut Session, ctx: &mut RequestCtx, erro
     if matches!(error, ApiError::BodyTooLarge { .. }) {
         // Drain a little of what the client is still sending, so closing the
         // socket does not reset the connection before it reads the 413.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), session.drain_request_body()).await;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            session.drain_request_body(),
+        )
+        .await;
         session.set_keepalive(None);
     }
 }

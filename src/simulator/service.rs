@@ -24,7 +24,7 @@ use pingora::{Error, ErrorType, Result};
 use super::knobs::{split_directive, Knobs};
 use super::reply::{Chunking, Reply};
 use super::request::ChatRequest;
-use super::stats::{LoggedRequest, RequestLog, Stats};
+use super::stats::{LoggedRequest, RequestLog, Stats, StreamGuard};
 use super::wire::{
     completion_body, error_body, error_kind, plan_stream, ChunkEncoder, ResponseMeta, Step, Usage,
 };
@@ -150,9 +150,29 @@ impl Simulator {
             // On error the guard drops and counts the stream as cancelled.
             pause(session, knobs.first_byte_delay).await?;
         }
+        self.answer(session, outcome, &knobs, &request, echo, guard)
+            .await
+    }
+
+    /// Writes the decided outcome; `guard` is the live stream, if the outcome is one.
+    async fn answer(
+        &self,
+        session: &mut Session,
+        outcome: Outcome,
+        knobs: &Knobs,
+        request: &ChatRequest<'_>,
+        echo: &str,
+        guard: Option<StreamGuard>,
+    ) -> Result<()> {
         let chunking = match knobs.chunks {
             Some(n) => Chunking::Count(n),
             None => Chunking::Size(knobs.chunk_size),
+        };
+        let id = self.next_id();
+        let meta = ResponseMeta {
+            id: &id,
+            created: unix_seconds(),
+            model: request.model,
         };
         match outcome {
             Outcome::Error {
@@ -168,12 +188,6 @@ impl Simulator {
                 let usage = knobs
                     .usage
                     .then(|| Usage::count(request.prompt_chars, reply.pieces.len()));
-                let id = self.next_id();
-                let meta = ResponseMeta {
-                    id: &id,
-                    created: unix_seconds(),
-                    model: request.model,
-                };
                 let body = completion_body(meta, &reply.text, usage);
                 self.send(session, 200, body, &[]).await
             }
@@ -181,16 +195,11 @@ impl Simulator {
                 let reply = Reply::build(&knobs.reply, echo, chunking);
                 let usage = (knobs.usage && request.include_usage)
                     .then(|| Usage::count(request.prompt_chars, reply.pieces.len()));
-                let id = self.next_id();
-                let encoder = ChunkEncoder::new(ResponseMeta {
-                    id: &id,
-                    created: unix_seconds(),
-                    model: request.model,
-                });
-                let steps = plan_stream(&encoder, &reply, &knobs, usage);
+                let steps = plan_stream(&ChunkEncoder::new(meta), &reply, knobs, usage);
                 let played = self.play_stream(session, steps).await;
-                if let Some(guard) = guard {
-                    if played.is_ok() || played.as_ref().is_err_and(|e| e.etype() == &CUT) {
+                // A planned cut is a finished plan; any other error means the client left.
+                if played.is_ok() || played.as_ref().is_err_and(|e| e.etype() == &CUT) {
+                    if let Some(guard) = guard {
                         guard.complete();
                     }
                 }

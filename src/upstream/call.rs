@@ -33,7 +33,10 @@ pub enum UpstreamError {
     /// The upstream did not answer in time.
     Timeout { what: &'static str, after: Duration },
     /// The upstream answered with a non-2xx status.
-    Status { status: u16, message: Option<String> },
+    Status {
+        status: u16,
+        message: Option<String>,
+    },
     /// The connection broke or the reply could not be read.
     Broken(String),
 }
@@ -45,7 +48,11 @@ impl fmt::Display for UpstreamError {
                 write!(f, "cannot connect to upstream {endpoint}: {cause}")
             }
             UpstreamError::Timeout { what, after } => {
-                write!(f, "upstream timed out {what} (after {})", humantime::format_duration(*after))
+                write!(
+                    f,
+                    "upstream timed out {what} (after {})",
+                    humantime::format_duration(*after)
+                )
             }
             UpstreamError::Status { status, message } => {
                 let reason = http::StatusCode::from_u16(*status)
@@ -81,24 +88,36 @@ pub struct OpenResponse {
 impl OpenResponse {
     /// The next piece of the body; `None` at its clean end.
     pub async fn read_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
-        self.session
-            .read_response_body()
-            .await
-            .map_err(|e| UpstreamError::Broken(format!("upstream connection failed: {}", e.etype().as_str())))
+        self.session.read_response_body().await.map_err(|e| {
+            UpstreamError::Broken(format!(
+                "upstream connection failed: {}",
+                e.etype().as_str()
+            ))
+        })
     }
 
     /// The whole body, bounded in size and in idle time between reads.
-    pub async fn read_all(&mut self, limit: usize, idle: Duration, deadline: Instant) -> Result<Bytes, UpstreamError> {
+    pub async fn read_all(
+        &mut self,
+        limit: usize,
+        idle: Duration,
+        deadline: Instant,
+    ) -> Result<Bytes, UpstreamError> {
         let mut body = BytesMut::new();
         loop {
             let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
             let chunk = tokio::time::timeout(wait, self.read_chunk())
                 .await
-                .map_err(|_| UpstreamError::Timeout { what: "while sending the reply", after: wait })??;
+                .map_err(|_| UpstreamError::Timeout {
+                    what: "while sending the reply",
+                    after: wait,
+                })??;
             match chunk {
                 Some(c) => {
                     if body.len() + c.len() > limit {
-                        return Err(UpstreamError::Broken(format!("upstream reply exceeds {limit} bytes")));
+                        return Err(UpstreamError::Broken(format!(
+                            "upstream reply exceeds {limit} bytes"
+                        )));
                     }
                     body.extend_from_slice(&c);
                 }
@@ -128,7 +147,12 @@ struct AttemptFailure {
 impl Upstream {
     /// Sends a chat-completions request body and waits for a 2xx response
     /// header, retrying as configured within `deadline`.
-    pub async fn open(&self, body: &Bytes, stream: bool, deadline: Instant) -> Result<OpenResponse, UpstreamError> {
+    pub async fn open(
+        &self,
+        body: &Bytes,
+        stream: bool,
+        deadline: Instant,
+    ) -> Result<OpenResponse, UpstreamError> {
         let s = &self.settings;
         let mut tried: Vec<usize> = Vec::new();
         let mut last_key: Option<usize> = None;
@@ -145,7 +169,10 @@ impl Upstream {
                 Err(f) => f,
             };
             if let (true, Some(k)) = (failure.blame_key, key) {
-                let rest = failure.retry_after.unwrap_or(s.key_cooldown).max(s.key_cooldown);
+                let rest = failure
+                    .retry_after
+                    .unwrap_or(s.key_cooldown)
+                    .max(s.key_cooldown);
                 self.keys.cool_down(k.index, rest);
             }
             tracing::debug!(upstream = %s.name, endpoint = %self.endpoints[endpoint].label, attempt, error = %failure.error, "upstream attempt failed");
@@ -156,7 +183,12 @@ impl Upstream {
             if !failure.retryable || attempt > s.retries {
                 return Err(failure.error);
             }
-            let pause = backoff(s.retry_backoff, s.retry_backoff_max, attempt, failure.retry_after);
+            let pause = backoff(
+                s.retry_backoff,
+                s.retry_backoff_max,
+                attempt,
+                failure.retry_after,
+            );
             if Instant::now() + pause >= deadline {
                 return Err(failure.error);
             }
@@ -182,16 +214,32 @@ impl Upstream {
         Ok(peer)
     }
 
-    fn request_header(&self, endpoint: usize, key: Option<PickedKey<'_>>, body_len: usize, stream: bool) -> pingora::Result<RequestHeader> {
+    fn request_header(
+        &self,
+        endpoint: usize,
+        key: Option<PickedKey<'_>>,
+        body_len: usize,
+        stream: bool,
+    ) -> pingora::Result<RequestHeader> {
         let mut req = RequestHeader::build("POST", self.chat_path.as_bytes(), Some(6))?;
-        req.insert_header(http::header::HOST, self.endpoints[endpoint].host_header.as_str())?;
+        req.insert_header(
+            http::header::HOST,
+            self.endpoints[endpoint].host_header.as_str(),
+        )?;
         req.insert_header(http::header::CONTENT_TYPE, "application/json")?;
         req.insert_header(http::header::CONTENT_LENGTH, body_len.to_string())?;
         req.insert_header(
             http::header::ACCEPT,
-            if stream { "text/event-stream" } else { "application/json" },
+            if stream {
+                "text/event-stream"
+            } else {
+                "application/json"
+            },
         )?;
-        req.insert_header(http::header::USER_AGENT, concat!("chatgate/", env!("CARGO_PKG_VERSION")))?;
+        req.insert_header(
+            http::header::USER_AGENT,
+            concat!("chatgate/", env!("CARGO_PKG_VERSION")),
+        )?;
         if let Some(k) = key {
             req.insert_header(http::header::AUTHORIZATION, k.authorization)?;
         }
@@ -209,7 +257,10 @@ impl Upstream {
         let s = &self.settings;
         let label = &self.endpoints[endpoint].label;
         let connect_failure = |cause: String| AttemptFailure {
-            error: UpstreamError::Connect { endpoint: label.clone(), cause },
+            error: UpstreamError::Connect {
+                endpoint: label.clone(),
+                cause,
+            },
             retryable: true,
             retry_after: None,
             blame_key: false,
@@ -222,25 +273,40 @@ impl Upstream {
         })?;
         let req = self
             .request_header(endpoint, key, body.len(), stream)
-            .map_err(|e| connect_failure(format!("cannot build request: {}", e.etype().as_str())))?;
+            .map_err(|e| {
+                connect_failure(format!("cannot build request: {}", e.etype().as_str()))
+            })?;
         // A pooled connection may have been closed by the server while idle;
         // such a failure gets one fresh connection without counting as an attempt.
         let mut fresh_tries = 0;
         let (mut session, first_byte_at) = loop {
-            let connect_wait = (s.connect_timeout * 2).min(deadline.saturating_duration_since(Instant::now()));
-            let (mut session, reused) = match tokio::time::timeout(connect_wait, self.connector.get_http_session(&peer)).await {
-                Ok(Ok(pair)) => pair,
-                Ok(Err(e)) => return Err(connect_failure(connect_cause(&e))),
-                Err(_) => return Err(connect_failure(format!("connect timed out after {}", humantime::format_duration(connect_wait)))),
-            };
-            let wait = s.first_byte_timeout.min(deadline.saturating_duration_since(Instant::now()));
+            let connect_wait =
+                (s.connect_timeout * 2).min(deadline.saturating_duration_since(Instant::now()));
+            let (mut session, reused) =
+                match tokio::time::timeout(connect_wait, self.connector.get_http_session(&peer))
+                    .await
+                {
+                    Ok(Ok(pair)) => pair,
+                    Ok(Err(e)) => return Err(connect_failure(connect_cause(&e))),
+                    Err(_) => {
+                        return Err(connect_failure(format!(
+                            "connect timed out after {}",
+                            humantime::format_duration(connect_wait)
+                        )))
+                    }
+                };
+            let wait = s
+                .first_byte_timeout
+                .min(deadline.saturating_duration_since(Instant::now()));
             let outcome = tokio::time::timeout(wait, async {
                 session.write_request_header(Box::new(req.clone())).await?;
                 session.write_request_body(body.clone(), true).await?;
                 session.finish_request_body().await?;
                 loop {
                     session.read_response_header().await?;
-                    let informational = session.response_header().is_some_and(|h| h.status.is_informational());
+                    let informational = session
+                        .response_header()
+                        .is_some_and(|h| h.status.is_informational());
                     if !informational {
                         return Ok::<(), Box<pingora::Error>>(());
                     }
@@ -256,7 +322,10 @@ impl Upstream {
                 }
                 Ok(Err(e)) => {
                     return Err(AttemptFailure {
-                        error: UpstreamError::Broken(format!("upstream connection failed before the reply: {}", e.etype().as_str())),
+                        error: UpstreamError::Broken(format!(
+                            "upstream connection failed before the reply: {}",
+                            e.etype().as_str()
+                        )),
                         retryable: true,
                         retry_after: None,
                         blame_key: false,
@@ -264,7 +333,10 @@ impl Upstream {
                 }
                 Err(_) => {
                     return Err(AttemptFailure {
-                        error: UpstreamError::Timeout { what: "waiting for the first byte", after: wait },
+                        error: UpstreamError::Timeout {
+                            what: "waiting for the first byte",
+                            after: wait,
+                        },
                         retryable: true,
                         retry_after: None,
                         blame_key: false,
@@ -280,7 +352,13 @@ impl Upstream {
         };
         let status = header.status.as_u16();
         if (200..300).contains(&status) {
-            return Ok(OpenResponse { session, peer, endpoint, attempts: 1, first_byte_at });
+            return Ok(OpenResponse {
+                session,
+                peer,
+                endpoint,
+                attempts: 1,
+                first_byte_at,
+            });
         }
         let retry_after = header
             .headers
@@ -288,7 +366,13 @@ impl Upstream {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(|secs| Duration::from_secs(secs).min(RETRY_AFTER_CAP));
-        let mut open = OpenResponse { session, peer, endpoint, attempts: 1, first_byte_at };
+        let mut open = OpenResponse {
+            session,
+            peer,
+            endpoint,
+            attempts: 1,
+            first_byte_at,
+        };
         let idle = Duration::from_secs(5).min(s.first_byte_timeout);
         let message = match open.read_all(ERROR_BODY_LIMIT, idle, deadline).await {
             Ok(body) => {
@@ -300,7 +384,9 @@ impl Upstream {
         };
         Err(AttemptFailure {
             error: UpstreamError::Status { status, message },
-            retryable: status == 429 || status >= 500 || ((status == 401 || status == 403) && self.keys.len() > 1),
+            retryable: status == 429
+                || status >= 500
+                || ((status == 401 || status == 403) && self.keys.len() > 1),
             retry_after,
             blame_key: matches!(status, 401 | 403 | 429),
         })
@@ -309,7 +395,9 @@ impl Upstream {
     /// Returns a fully read response's connection to the pool (or closes it).
     pub async fn release(&self, mut open: OpenResponse) {
         if open.session.response_done() {
-            self.connector.release_http_session(open.session, &open.peer, Some(POOL_IDLE_TIMEOUT)).await;
+            self.connector
+                .release_http_session(open.session, &open.peer, Some(POOL_IDLE_TIMEOUT))
+                .await;
         }
     }
 }
@@ -339,9 +427,18 @@ mod tests {
 
     #[test]
     fn status_error_text_names_status_reason_and_message() {
-        let e = UpstreamError::Status { status: 429, message: Some("Rate limit reached".into()) };
-        assert_eq!(e.to_string(), "upstream returned 429 Too Many Requests: Rate limit reached");
-        let e = UpstreamError::Status { status: 503, message: None };
+        let e = UpstreamError::Status {
+            status: 429,
+            message: Some("Rate limit reached".into()),
+        };
+        assert_eq!(
+            e.to_string(),
+            "upstream returned 429 Too Many Requests: Rate limit reached"
+        );
+        let e = UpstreamError::Status {
+            status: 503,
+            message: None,
+        };
         assert_eq!(e.to_string(), "upstream returned 503 Service Unavailable");
     }
 
@@ -354,6 +451,9 @@ mod tests {
             let ceiling = base.saturating_mul(1 << (attempt - 1)).min(max);
             assert!(b <= ceiling && b >= ceiling / 2, "attempt {attempt}: {b:?}");
         }
-        assert_eq!(backoff(base, max, 1, Some(Duration::from_secs(3))), Duration::from_secs(3));
+        assert_eq!(
+            backoff(base, max, 1, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
     }
 }

@@ -89,7 +89,10 @@ impl KeyPool {
     }
 
     fn picked(&self, index: usize) -> PickedKey<'_> {
-        PickedKey { index, authorization: &self.keys[index].header_value }
+        PickedKey {
+            index,
+            authorization: &self.keys[index].header_value,
+        }
     }
 
     /// Takes a key out of rotation for `cooldown` (at least).
@@ -106,14 +109,18 @@ mod tests {
     use super::*;
 
     fn pool(n: usize) -> KeyPool {
-        let keys: Vec<Secret> = (0..n).map(|i| Secret::new(format!("sk-{i}").into_bytes())).collect();
+        let keys: Vec<Secret> = (0..n)
+            .map(|i| Secret::new(format!("sk-{i}").into_bytes()))
+            .collect();
         KeyPool::new(&keys)
     }
 
     #[test]
     fn rotates_through_keys() {
         let p = pool(3);
-        let picked: Vec<usize> = (0..6).map(|_| p.pick(None).map(|k| k.index).unwrap_or(99)).collect();
+        let picked: Vec<usize> = (0..6)
+            .map(|_| p.pick(None).map(|k| k.index).unwrap_or(99))
+            .collect();
         assert_eq!(picked, vec![0, 1, 2, 0, 1, 2]);
         assert_eq!(p.pick(None).map(|k| k.authorization), Some("Bearer sk-0"));
     }

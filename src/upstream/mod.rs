@@ -51,7 +51,10 @@ impl Endpoint {
             settings: settings.clone(),
             label,
             host_header,
-            sni: upstream.sni.clone().unwrap_or_else(|| settings.host.clone()),
+            sni: upstream
+                .sni
+                .clone()
+                .unwrap_or_else(|| settings.host.clone()),
             addrs: RwLock::new(literal),
             next_addr: AtomicUsize::new(0),
         }
@@ -101,8 +104,11 @@ impl Upstream {
     /// Builds the upstream; host names are resolved here, once, before the
     /// server takes traffic, and refreshed later by [`resolve::DnsRefresher`].
     pub fn new(settings: Arc<UpstreamSettings>, keepalive_pool_size: usize) -> Self {
-        let endpoints: Vec<Endpoint> =
-            settings.endpoints.iter().map(|e| Endpoint::new(e, &settings)).collect();
+        let endpoints: Vec<Endpoint> = settings
+            .endpoints
+            .iter()
+            .map(|e| Endpoint::new(e, &settings))
+            .collect();
         let schedule = interleave(&settings.endpoints);
         let chat_path = format!("{}/chat/completions", settings.base_path);
         let upstream = Upstream {
@@ -117,7 +123,9 @@ impl Upstream {
         for e in upstream.endpoints.iter().filter(|e| e.needs_dns()) {
             match resolve::lookup(&e.settings.host, e.settings.port) {
                 Ok(addrs) => e.set_addrs(addrs),
-                Err(err) => tracing::warn!(upstream = %upstream.settings.name, endpoint = %e.label, error = %err, "cannot resolve upstream endpoint yet; will retry in the background"),
+                Err(err) => {
+                    tracing::warn!(upstream = %upstream.settings.name, endpoint = %e.label, error = %err, "cannot resolve upstream endpoint yet; will retry in the background")
+                }
             }
         }
         upstream
@@ -145,9 +153,12 @@ impl Upstream {
 /// A weighted round-robin order: endpoint `i` appears `weight_i` times per
 /// cycle, spread out (smooth weighted round-robin, as nginx does it).
 fn interleave(endpoints: &[EndpointSettings]) -> Vec<usize> {
-    let weights: Vec<i64> = endpoints.iter().map(|e| i64::from(e.weight.max(1))).collect();
+    let weights: Vec<i64> = endpoints
+        .iter()
+        .map(|e| i64::from(e.weight.max(1)))
+        .collect();
     let total: i64 = weights.iter().sum();
-    let cycle = (total as usize).min(MAX_SCHEDULE).max(1);
+    let cycle = (total as usize).clamp(1, MAX_SCHEDULE);
     let mut current = vec![0i64; weights.len()];
     let mut order = Vec::with_capacity(cycle);
     for _ in 0..cycle {
@@ -170,7 +181,11 @@ mod tests {
     use super::*;
 
     fn ep(weight: u32) -> EndpointSettings {
-        EndpointSettings { host: "127.0.0.1".into(), port: 1, weight }
+        EndpointSettings {
+            host: "127.0.0.1".into(),
+            port: 1,
+            weight,
+        }
     }
 
     #[test]

@@ -37,7 +37,9 @@ impl DnsRefresher {
 
     /// Whether any endpoint needs DNS at all.
     pub fn is_needed(&self) -> bool {
-        self.upstreams.iter().any(|u| u.endpoints.iter().any(|e| e.needs_dns()))
+        self.upstreams
+            .iter()
+            .any(|u| u.endpoints.iter().any(|e| e.needs_dns()))
     }
 
     async fn refresh(&self, upstream: &Upstream) {
@@ -45,7 +47,9 @@ impl DnsRefresher {
             let (host, port) = (endpoint.settings.host.clone(), endpoint.settings.port);
             match tokio::task::spawn_blocking(move || lookup(&host, port)).await {
                 Ok(Ok(addrs)) => endpoint.set_addrs(addrs),
-                Ok(Err(e)) => tracing::warn!(upstream = %upstream.name(), endpoint = %endpoint.label, error = %e, "DNS refresh failed; keeping the last known addresses"),
+                Ok(Err(e)) => {
+                    tracing::warn!(upstream = %upstream.name(), endpoint = %endpoint.label, error = %e, "DNS refresh failed; keeping the last known addresses")
+                }
                 Err(e) => tracing::warn!(error = %e, "DNS refresh task failed"),
             }
         }
@@ -56,10 +60,17 @@ impl DnsRefresher {
 impl BackgroundService for DnsRefresher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let now = Instant::now();
-        let mut next_due: Vec<Instant> =
-            self.upstreams.iter().map(|u| now + u.settings.dns_refresh).collect();
+        let mut next_due: Vec<Instant> = self
+            .upstreams
+            .iter()
+            .map(|u| now + u.settings.dns_refresh)
+            .collect();
         loop {
-            let wake = next_due.iter().min().copied().unwrap_or(now + Duration::from_secs(60));
+            let wake = next_due
+                .iter()
+                .min()
+                .copied()
+                .unwrap_or(now + Duration::from_secs(60));
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep_until(wake.into()) => {}

@@ -55,14 +55,27 @@ impl Redis {
     /// Starts a fresh, empty Redis.
     pub fn start() -> Redis {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut r = Redis { port: free_port(), child: None, dir };
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+            dir,
+        };
         r.spawn();
         r
     }
 
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -70,7 +83,10 @@ impl Redis {
             .spawn()
             .expect("redis-server must be installed (the README's test command installs it)");
         self.child = Some(child);
-        assert!(wait_for_port(self.port, Duration::from_secs(10)), "redis-server did not start");
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(10)),
+            "redis-server did not start"
+        );
     }
 
     /// `redis://127.0.0.1:<port>/0`.
@@ -129,7 +145,10 @@ impl Simulator {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn simulator");
-        assert!(wait_for_port(port, Duration::from_secs(10)), "simulator did not start");
+        assert!(
+            wait_for_port(port, Duration::from_secs(10)),
+            "simulator did not start"
+        );
         Simulator { port, child }
     }
 
@@ -263,7 +282,14 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("spawn gateway");
-        let mut gw = Gateway { port, admin_port, child, dir, config_path, env };
+        let mut gw = Gateway {
+            port,
+            admin_port,
+            child,
+            dir,
+            config_path,
+            env,
+        };
         if !wait_for_port(port, Duration::from_secs(15)) {
             let _ = gw.child.kill();
             panic!("gateway did not start; log:\n{}", gw.log());
@@ -294,7 +320,11 @@ impl Gateway {
     /// Adds a user through the CLI and asserts it worked.
     pub fn add_user(&self, name: &str, password: &str) {
         let out = self.users(&["add", name], Some(password));
-        assert!(out.status.success(), "users add failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "users add failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Whether the process is still running.
@@ -347,7 +377,10 @@ pub async fn login(gw: &Gateway, user: &str, password: &str) -> String {
         .expect("auth request");
     assert_eq!(resp.status(), 200, "login failed");
     let body: serde_json::Value = resp.json().await.expect("auth json");
-    body["accessToken"].as_str().expect("accessToken").to_string()
+    body["accessToken"]
+        .as_str()
+        .expect("accessToken")
+        .to_string()
 }
 
 /// Reads a reply as (status, parsed JSON body), asserting the JSON content type.
@@ -359,7 +392,10 @@ pub async fn json_reply(resp: reqwest::Response) -> (u16, serde_json::Value) {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    assert!(resp.headers().contains_key("x-request-id"), "reply without X-Request-Id");
+    assert!(
+        resp.headers().contains_key("x-request-id"),
+        "reply without X-Request-Id"
+    );
     let text = resp.text().await.expect("body");
     assert_eq!(ct, "application/json", "content type of {status} {text}");
     let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
