@@ -4,11 +4,13 @@
 //! the documented Server-Sent Events.
 
 pub mod auth;
+pub mod breaker;
 pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod limits;
 pub mod server;
 pub mod simulator;
 pub mod upstream;

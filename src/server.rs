@@ -11,10 +11,11 @@ use pingora::services::listening::Service;
 use pingora::services::ServiceWithDependents;
 
 use crate::auth::store::CredentialStore;
-use crate::auth::{open_store, Authenticator};
+use crate::auth::{open_store_shared, Authenticator};
 use crate::config::Config;
 use crate::gateway::admin::AdminApp;
 use crate::gateway::{ChatRoute, Gateway};
+use crate::limits::Limiter;
 use crate::upstream::resolve::DnsRefresher;
 use crate::upstream::Upstream;
 
@@ -58,12 +59,12 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
     let mut server = Server::new_with_opt_and_conf(opt, config.server.server_conf());
     server.bootstrap();
 
-    let store = match extras.store {
-        Some(store) => store,
-        None => {
-            open_store(&config.auth.credentials).map_err(|e| format!("credential store: {e}"))?
-        }
+    let (store, shared_redis) = match extras.store {
+        Some(store) => (store, None),
+        None => open_store_shared(&config.auth.credentials)
+            .map_err(|e| format!("credential store: {e}"))?,
     };
+    let limiter = Arc::new(Limiter::new(config.rate_limits.clone(), shared_redis));
     let auth = Arc::new(Authenticator::new(&config.auth, store.clone())?);
     let upstreams: Vec<Arc<Upstream>> = config
         .upstreams
@@ -89,7 +90,7 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
         .map(|r| (r.settings.path.clone(), r.upstream.clone()))
         .collect();
 
-    let gateway = Gateway::new(auth, routes, config.limits);
+    let gateway = Gateway::new(auth, routes, config.limits, limiter);
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "chatgate");
     for addr in &config.listen {

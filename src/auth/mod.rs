@@ -29,10 +29,27 @@ pub struct Caller {
 
 /// Opens the credential store the settings name.
 pub fn open_store(settings: &CredentialSettings) -> Result<Arc<dyn CredentialStore>, StoreError> {
+    open_store_shared(settings).map(|(store, _)| store)
+}
+
+/// Opens the credential store and, when it is Redis, hands out the same store again for
+/// the rate limiter and usage accounting (one connection, one timeout, one breaker).
+pub fn open_store_shared(
+    settings: &CredentialSettings,
+) -> Result<
+    (
+        Arc<dyn CredentialStore>,
+        Option<Arc<store::redis::RedisStore>>,
+    ),
+    StoreError,
+> {
     Ok(match settings {
-        CredentialSettings::Redis(r) => Arc::new(store::redis::RedisStore::new(r.clone())?),
-        CredentialSettings::File(path) => Arc::new(store::file::FileStore::open(path)?),
-        CredentialSettings::Memory => Arc::new(store::file::FileStore::in_memory()),
+        CredentialSettings::Redis(r) => {
+            let redis = Arc::new(store::redis::RedisStore::new(r.clone())?);
+            (redis.clone(), Some(redis))
+        }
+        CredentialSettings::File(path) => (Arc::new(store::file::FileStore::open(path)?), None),
+        CredentialSettings::Memory => (Arc::new(store::file::FileStore::in_memory()), None),
     })
 }
 
@@ -107,6 +124,7 @@ impl Authenticator {
         if needs_rehash {
             self.rehash(&user, &credentials.password).await;
         }
+        wait_out_revocation(user.tokens_valid_after).await;
         self.user_cache.put(&user);
         self.tokens
             .issue(user.id, &user.username)
@@ -182,6 +200,25 @@ impl Authenticator {
         } else {
             Err(ApiError::TokenRejected)
         }
+    }
+}
+
+/// The `tokens_valid_after` that revokes every token issued until now: `iat` has whole
+/// seconds, so a token issued earlier in this very second must die too. A login in the
+/// same second waits for the next one (see [`wait_out_revocation`]).
+pub fn revocation_time(now_secs: u64) -> u64 {
+    now_secs.saturating_add(1)
+}
+
+/// After a revocation in the current second, waits (under a second) until new tokens
+/// get an `iat` the check accepts, so a fresh login never yields a dead token.
+async fn wait_out_revocation(tokens_valid_after: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let valid_from = Duration::from_secs(tokens_valid_after);
+    if valid_from > now && valid_from - now <= Duration::from_secs(1) {
+        tokio::time::sleep(valid_from - now).await;
     }
 }
 

@@ -80,6 +80,9 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
         data_format: DataFormat::Text,
         keepalive_interval: std::time::Duration::from_secs(15),
         max_body_bytes: Limits::default().max_body_bytes,
+        body_timeout: Limits::default().body_timeout,
+        rate_limits: crate::limits::ChatLimits::default(),
+        completion_estimate: crate::limits::LimitSettings::default().completion_estimate,
     };
     for addr in [&args.listen, &args.admin_listen, &args.simulator_listen] {
         addr.parse::<std::net::SocketAddr>()
@@ -98,6 +101,7 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
             graceful_shutdown_timeout_seconds: 1,
             ..ServerSettings::default()
         },
+        rate_limits: crate::limits::LimitSettings::default(),
         limits: Limits::default(),
         auth: AuthSettings {
             token_ttl: std::time::Duration::from_secs(7 * 86400),

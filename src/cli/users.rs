@@ -8,10 +8,12 @@ use std::sync::Arc;
 use clap::Subcommand;
 
 use super::ConfigArg;
-use crate::auth::open_store;
 use crate::auth::password::Passwords;
+use crate::auth::store::redis::RedisStore;
 use crate::auth::store::{validate_username, CredentialStore};
+use crate::auth::{open_store_shared, revocation_time};
 use crate::config::{Config, SecretsPolicy};
+use crate::limits::usage::{day_name, UsageDelta};
 
 #[derive(Debug, Subcommand)]
 pub enum UsersCommand {
@@ -52,6 +54,15 @@ pub enum UsersCommand {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Print a user's requests and tokens per UTC day (Redis backend only).
+    Usage {
+        name: String,
+        /// How many days, ending today.
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// List users (id, name, state, creation time).
     List {
         #[command(flatten)]
@@ -68,13 +79,14 @@ pub fn run(command: UsersCommand) -> i32 {
         | UsersCommand::Enable { config, .. }
         | UsersCommand::Revoke { config, .. }
         | UsersCommand::Remove { config, .. }
+        | UsersCommand::Usage { config, .. }
         | UsersCommand::List { config } => config.config.clone(),
     };
     let config = match Config::load_with(&config_path, SecretsPolicy::Skip) {
         Ok(c) => c,
         Err(e) => return super::fail(&e.to_string()),
     };
-    let store = match open_store(&config.auth.credentials) {
+    let (store, redis) = match open_store_shared(&config.auth.credentials) {
         Ok(s) => s,
         Err(e) => return super::fail(&format!("credential store: {e}")),
     };
@@ -85,7 +97,11 @@ pub fn run(command: UsersCommand) -> i32 {
         Ok(r) => r,
         Err(e) => return super::fail(&format!("cannot start a runtime: {e}")),
     };
-    match runtime.block_on(execute(command, &config, store)) {
+    let result = match command {
+        UsersCommand::Usage { name, days, .. } => runtime.block_on(usage(redis, &name, days)),
+        command => runtime.block_on(execute(command, &config, store)),
+    };
+    match result {
         Ok(message) => {
             if !message.is_empty() {
                 println!("{message}");
@@ -148,7 +164,12 @@ async fn execute(
         }
         UsersCommand::Disable { name, .. } => {
             store.set_disabled(&name, true).await.map_err(store_err)?;
-            Ok(format!("user {name} disabled"))
+            // Enabling the user later must not bring the old tokens back.
+            store
+                .revoke_tokens(&name, revocation_time(now_secs()))
+                .await
+                .map_err(store_err)?;
+            Ok(format!("user {name} disabled; their tokens are revoked"))
         }
         UsersCommand::Enable { name, .. } => {
             store.set_disabled(&name, false).await.map_err(store_err)?;
@@ -156,15 +177,18 @@ async fn execute(
         }
         UsersCommand::Revoke { name, .. } => {
             store
-                .revoke_tokens(&name, now_secs())
+                .revoke_tokens(&name, revocation_time(now_secs()))
                 .await
                 .map_err(store_err)?;
             Ok(format!("tokens of {name} issued until now are revoked"))
         }
         UsersCommand::Remove { name, .. } => {
+            // Tokens carry the user id and the store checks it; a user created again
+            // under this name has new tokens_valid_after, so old tokens stay dead.
             store.remove_user(&name).await.map_err(store_err)?;
             Ok(format!("user {name} removed"))
         }
+        UsersCommand::Usage { .. } => Err("usage is handled before".into()),
         UsersCommand::List { .. } => {
             let users = store.list_users().await.map_err(store_err)?;
             let mut out = format!("{:>6}  {:<24}  {:<8}  {}", "ID", "USER", "STATE", "CREATED");
@@ -180,5 +204,81 @@ async fn execute(
             }
             Ok(out)
         }
+    }
+}
+
+/// `users usage NAME --days N`: one line per day, oldest first, then the total.
+async fn usage(redis: Option<Arc<RedisStore>>, name: &str, days: u32) -> Result<String, String> {
+    let Some(redis) = redis else {
+        return Err("usage accounting needs the Redis credential backend".into());
+    };
+    validate_username(name)?;
+    let days = days.clamp(1, 3660);
+    let today = now_secs();
+    let names: Vec<String> = (0..u64::from(days))
+        .rev()
+        .map(|back| day_name(today.saturating_sub(back * 86_400)))
+        .collect();
+    let counts = crate::limits::redis::read_usage(&redis, name, &names)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(usage_table(&names, &counts))
+}
+
+/// The table `users usage` prints.
+fn usage_table(days: &[String], counts: &[UsageDelta]) -> String {
+    let line = |label: &str, u: &UsageDelta| {
+        format!(
+            "{label:<10}  {:>8}  {:>12}  {:>12}  {:>12}",
+            u.requests,
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.prompt_tokens.saturating_add(u.completion_tokens)
+        )
+    };
+    let mut out = format!(
+        "{:<10}  {:>8}  {:>12}  {:>12}  {:>12}",
+        "DAY", "REQUESTS", "PROMPT", "COMPLETION", "TOTAL"
+    );
+    let mut total = UsageDelta::default();
+    for (day, u) in days.iter().zip(counts) {
+        out += "\n";
+        out += &line(day, u);
+        total.requests += u.requests;
+        total.prompt_tokens += u.prompt_tokens;
+        total.completion_tokens += u.completion_tokens;
+    }
+    out += "\n";
+    out += &line("total", &total);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_table_layout() {
+        let days = vec!["2025-01-01".to_string(), "2025-01-02".to_string()];
+        let counts = vec![
+            UsageDelta::default(),
+            UsageDelta {
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                requests: 2,
+            },
+        ];
+        let table = usage_table(&days, &counts);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert!(lines[0].starts_with("DAY"));
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["2025-01-02", "2", "10", "5", "15"]
+        );
+        assert_eq!(
+            lines[3].split_whitespace().collect::<Vec<_>>(),
+            ["total", "2", "10", "5", "15"]
+        );
     }
 }

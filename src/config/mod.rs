@@ -18,7 +18,9 @@ pub use duration::{parse_duration, ConfigDuration};
 use crate::auth::password::PasswordParams;
 use crate::auth::store::redis::RedisSettings;
 use crate::auth::token::TokenAlgorithm;
+use crate::breaker::BreakerSettings;
 use crate::chat::DataFormat;
+use crate::limits::{ChatLimits, LimitSettings, OnStoreError, Rate};
 use raw::{RawBackend, RawConfig, RawEndpoint, RawRouteKind, RawUpstream};
 
 /// The shortest JWT secret start-up accepts (RFC 7518 §3.2 asks for at least
@@ -85,6 +87,8 @@ pub struct Config {
     pub server: ServerSettings,
     /// Request size limits.
     pub limits: Limits,
+    /// Rate, token and failed-login limits, usage accounting.
+    pub rate_limits: LimitSettings,
     /// Login, tokens and the credential store.
     pub auth: AuthSettings,
     /// Upstream LLM backends, referenced by index from routes.
@@ -151,6 +155,9 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest `/auth` request body (default 64 KiB).
     pub max_auth_body_bytes: usize,
+    /// Longest time to receive a whole request body (default 30 s); slower clients are
+    /// disconnected.
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -158,6 +165,7 @@ impl Default for Limits {
         Limits {
             max_body_bytes: 1 << 20,
             max_auth_body_bytes: 64 << 10,
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -345,6 +353,13 @@ pub struct RouteSettings {
     pub keepalive_interval: Duration,
     /// Largest request body for this route.
     pub max_body_bytes: usize,
+    /// Longest time to receive the request body (`limits.body_timeout`).
+    pub body_timeout: Duration,
+    /// Limits of this route alone, on top of the global `rate_limits`.
+    pub rate_limits: ChatLimits,
+    /// Completion tokens reserved per call: the route's `max_tokens`, else
+    /// `rate_limits.completion_estimate`.
+    pub completion_estimate: u64,
 }
 
 /// OpenAI request fields the gateway sets itself; `params` may not override them.
@@ -488,11 +503,23 @@ impl Validator<'_> {
                 .limits
                 .max_auth_body_bytes
                 .unwrap_or(limit_defaults.max_auth_body_bytes),
+            body_timeout: raw
+                .limits
+                .body_timeout
+                .map_or(limit_defaults.body_timeout, |d| d.0),
         };
         if limits.max_body_bytes == 0 || limits.max_auth_body_bytes == 0 {
             return Err(self.error("limits", "limits:", "body limits must be greater than 0"));
         }
+        if limits.body_timeout.is_zero() {
+            return Err(self.error(
+                "limits.body_timeout",
+                "body_timeout",
+                "must be greater than 0",
+            ));
+        }
         let auth = self.auth(raw.auth)?;
+        let rate_limits = self.rate_limits(raw.rate_limits)?;
 
         let mut upstreams = Vec::new();
         for (name, u) in raw.upstreams {
@@ -538,6 +565,10 @@ impl Validator<'_> {
                     format!("{reserved:?} is set by the gateway and cannot be a route parameter"),
                 ));
             }
+            let completion_estimate = ["max_tokens", "max_completion_tokens"]
+                .iter()
+                .find_map(|k| r.params.get(*k).and_then(serde_json::Value::as_u64))
+                .unwrap_or(rate_limits.completion_estimate);
             routes.push(RouteSettings {
                 path: r.path,
                 kind: match r.kind {
@@ -553,6 +584,11 @@ impl Validator<'_> {
                     .keepalive_interval
                     .map_or(Duration::from_secs(15), |d| d.0),
                 max_body_bytes: r.max_body_bytes.unwrap_or(limits.max_body_bytes),
+                body_timeout: limits.body_timeout,
+                rate_limits: r.rate_limits.map_or(ChatLimits::default(), |l| {
+                    chat_limits(l.requests_per_minute, l.tokens_per_minute, l.tokens_per_day)
+                }),
+                completion_estimate,
             });
         }
         if routes.iter().any(|r| r.keepalive_interval.is_zero()) {
@@ -568,9 +604,45 @@ impl Validator<'_> {
             admin_listen: raw.admin_listen,
             server,
             limits,
+            rate_limits,
             auth,
             upstreams,
             routes,
+        })
+    }
+
+    fn rate_limits(&self, r: raw::RawRateLimits) -> Result<LimitSettings, ConfigError> {
+        let d = LimitSettings::default();
+        let or = |v: Option<u64>, default: Option<u64>| v.map_or(default, |n| (n > 0).then_some(n));
+        let window = r.auth.window.map_or(Duration::from_secs(900), |w| w.0);
+        if window.is_zero() {
+            return Err(self.error(
+                "rate_limits.auth.window",
+                "window",
+                "must be greater than 0",
+            ));
+        }
+        let login = |v: Option<u64>, default: Option<Rate>| {
+            or(v, default.map(|r| r.limit)).map(|limit| Rate {
+                limit,
+                period: window,
+            })
+        };
+        Ok(LimitSettings {
+            on_store_error: match r.on_store_error {
+                None => d.on_store_error,
+                Some(raw::RawOnStoreError::Allow) => OnStoreError::Allow,
+                Some(raw::RawOnStoreError::Deny) => OnStoreError::Deny,
+            },
+            chat: ChatLimits {
+                requests_per_minute: or(r.requests_per_minute, d.chat.requests_per_minute),
+                tokens_per_minute: or(r.tokens_per_minute, d.chat.tokens_per_minute),
+                tokens_per_day: or(r.tokens_per_day, d.chat.tokens_per_day),
+            },
+            completion_estimate: r.completion_estimate.unwrap_or(d.completion_estimate),
+            usage_retention: r.usage_retention.map_or(d.usage_retention, |u| u.0),
+            login_per_username: login(r.auth.failures_per_username, d.login_per_username),
+            login_per_ip: login(r.auth.failures_per_ip, d.login_per_ip),
         })
     }
 
@@ -734,11 +806,24 @@ impl Validator<'_> {
                         "must be greater than 0",
                     ));
                 }
+                let mut breaker = BreakerSettings::default();
+                if let Some(b) = r.circuit_breaker {
+                    breaker.failures = b.failures.unwrap_or(breaker.failures);
+                    breaker.open_for = b.open_for.map_or(breaker.open_for, |d| d.0);
+                }
+                if breaker.open_for.is_zero() {
+                    return Err(self.error(
+                        &format!("{key}.circuit_breaker.open_for"),
+                        "open_for",
+                        "must be greater than 0",
+                    ));
+                }
                 Ok(CredentialSettings::Redis(RedisSettings {
                     url,
                     cluster,
                     key_prefix: r.key_prefix.unwrap_or_else(|| "chatgate:".into()),
                     timeout,
+                    breaker,
                 }))
             }
         }
@@ -886,6 +971,16 @@ impl Validator<'_> {
             ));
         }
         Ok(Secret::new(bytes))
+    }
+}
+
+/// Route limits as written: 0 or absent is "no limit of this route's own".
+fn chat_limits(rpm: Option<u64>, tpm: Option<u64>, tpd: Option<u64>) -> ChatLimits {
+    let set = |v: Option<u64>| v.filter(|n| *n > 0);
+    ChatLimits {
+        requests_per_minute: set(rpm),
+        tokens_per_minute: set(tpm),
+        tokens_per_day: set(tpd),
     }
 }
 

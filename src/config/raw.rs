@@ -21,6 +21,8 @@ pub(super) struct RawConfig {
     pub pingora: RawPingora,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub rate_limits: RawRateLimits,
     pub auth: RawAuth,
     #[serde(default)]
     pub upstreams: BTreeMap<String, RawUpstream>,
@@ -48,6 +50,44 @@ pub(super) struct RawPingora {
 pub(super) struct RawLimits {
     pub max_body_bytes: Option<usize>,
     pub max_auth_body_bytes: Option<usize>,
+    pub body_timeout: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRateLimits {
+    pub on_store_error: Option<RawOnStoreError>,
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_day: Option<u64>,
+    pub completion_estimate: Option<u64>,
+    pub usage_retention: Option<ConfigDuration>,
+    #[serde(default)]
+    pub auth: RawAuthLimits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawOnStoreError {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuthLimits {
+    pub failures_per_username: Option<u64>,
+    pub failures_per_ip: Option<u64>,
+    pub window: Option<ConfigDuration>,
+}
+
+/// Per-route chat limits, counted on top of the global ones.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouteLimits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_day: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,6 +144,14 @@ pub(super) struct RawRedis {
     pub cluster_env: Option<String>,
     pub key_prefix: Option<String>,
     pub timeout: Option<ConfigDuration>,
+    pub circuit_breaker: Option<RawBreaker>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBreaker {
+    pub failures: Option<u32>,
+    pub open_for: Option<ConfigDuration>,
 }
 
 /// An endpoint is written either as `"host:port"` or as `{address, weight}`.
@@ -164,4 +212,5 @@ pub(super) struct RawRoute {
     pub data_format: Option<DataFormat>,
     pub keepalive_interval: Option<ConfigDuration>,
     pub max_body_bytes: Option<usize>,
+    pub rate_limits: Option<RawRouteLimits>,
 }

@@ -16,6 +16,7 @@ use crate::chat::sse_out::{write_error_event, KEEPALIVE_COMMENT};
 use crate::chat::stream::{StreamStatus, StreamTranscoder};
 use crate::config::RouteKind;
 use crate::error::{json_object1, upstream_failure_message, ApiError};
+use crate::limits::{estimate_tokens, Limiter};
 use crate::upstream::{OpenResponse, UpstreamError};
 
 /// Largest non-streaming upstream reply accepted.
@@ -26,6 +27,7 @@ const MAX_UPSTREAM_EVENT_BYTES: usize = 1 << 20;
 /// Handles one chat request; errors before the reply started are answered by the caller.
 pub(super) async fn handle(
     auth: &Authenticator,
+    limiter: &Limiter,
     route: &ChatRoute,
     session: &mut Session,
     ctx: &mut RequestCtx,
@@ -37,15 +39,27 @@ pub(super) async fn handle(
     ctx.user_id = Some(caller.user_id);
 
     let settings = &route.settings;
-    let raw = match body::read_limited(session, settings.max_body_bytes).await {
-        Ok(b) => b,
-        Err(Some(e)) => return Err(e),
-        Err(None) => {
-            ctx.outcome = "client_gone";
-            return Ok(());
-        }
-    };
+    let raw =
+        match body::read_limited(session, settings.max_body_bytes, settings.body_timeout).await {
+            Ok(b) => b,
+            Err(Some(e)) => return Err(e),
+            Err(None) => {
+                ctx.outcome = "client_gone";
+                return Ok(());
+            }
+        };
     let messages = parse_messages(&raw).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+    let estimate = estimate_tokens(raw.len(), settings.completion_estimate);
+    ctx.reservation = Some(
+        limiter
+            .reserve(
+                &caller.username,
+                &settings.path,
+                &settings.rate_limits,
+                estimate,
+            )
+            .await?,
+    );
     drop(raw);
     let stream = settings.kind == RouteKind::ChatStream;
     let upstream_body = Bytes::from(build_openai_body(

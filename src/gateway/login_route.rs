@@ -1,28 +1,33 @@
 //! `POST /auth`: read the body, pull out the credentials in whichever form
-//! they came, and answer `{"accessToken": ...}` or CONTRACT's error.
+//! they came, and answer `{"accessToken": ...}` or CONTRACT's error; failed
+//! logins count against the name's and the address's brute-force limits.
 
 use pingora::proxy::Session;
 
 use super::{body, reply, RequestCtx};
 use crate::auth::login::extract_credentials;
 use crate::auth::Authenticator;
+use crate::config::Limits;
 use crate::error::{json_object1, ApiError};
+use crate::limits::Limiter;
 
 /// Handles one login request; errors are answered by the caller.
 pub(super) async fn handle(
     auth: &Authenticator,
-    limit: usize,
+    limiter: &Limiter,
+    limits: &Limits,
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(), ApiError> {
-    let body = match body::read_limited(session, limit).await {
-        Ok(body) => body,
-        Err(Some(e)) => return Err(e),
-        Err(None) => {
-            ctx.outcome = "client_gone";
-            return Ok(());
-        }
-    };
+    let body =
+        match body::read_limited(session, limits.max_auth_body_bytes, limits.body_timeout).await {
+            Ok(body) => body,
+            Err(Some(e)) => return Err(e),
+            Err(None) => {
+                ctx.outcome = "client_gone";
+                return Ok(());
+            }
+        };
     let req = session.req_header();
     let content_type = req
         .headers
@@ -31,7 +36,14 @@ pub(super) async fn handle(
         .map(str::to_string);
     let query = req.uri.query().map(str::to_string);
     let credentials = extract_credentials(content_type.as_deref(), body, query.as_deref()).await;
-    let token = auth.login(credentials).await?;
+    let username = credentials.as_ref().map(|c| c.username.clone());
+    let client_ip = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip());
+    let token = limiter
+        .guard_login(username.as_deref(), client_ip, auth.login(credentials))
+        .await?;
     let body = json_object1("accessToken", &token);
     reply::send_json(
         session,

@@ -4,13 +4,16 @@
 //! ```text
 //!  client ──► early_request_filter ──► request_filter ──────────────► logging
 //!                                        │  route by path
-//!                                        ├─ /auth ........ login_route: parse, verify, issue JWT
+//!                                        ├─ /auth ........ login_route: parse, failed-login limits,
+//!                                        │                 verify, issue JWT
 //!                                        ├─ chat routes .. chat_route: Bearer check, read + validate
-//!                                        │                 body, rewrite, upstream::call (retries),
+//!                                        │                 body, reserve rate/token limits, rewrite,
+//!                                        │                 upstream::call (retries),
 //!                                        │                 JSON reply or SSE transcoding
 //!                                        └─ else ......... 404 / 405
 //!                      (returns Ok(true): Pingora's upstream_peer and the
 //!                       body/response filters never run)
+//!   logging: settles the token reservation from the reported usage, then the access log
 //! ```
 //!
 //! Why not Pingora's proxy phases: the body must be validated and rewritten
@@ -35,6 +38,7 @@ use pingora::upstreams::peer::HttpPeer;
 use crate::auth::Authenticator;
 use crate::config::{Limits, RouteSettings};
 use crate::error::ApiError;
+use crate::limits::{Limiter, Reservation};
 use crate::upstream::Upstream;
 
 /// A chat route resolved against its upstream.
@@ -52,12 +56,19 @@ pub struct Gateway {
     auth: Arc<Authenticator>,
     routes: HashMap<String, Arc<ChatRoute>>,
     limits: Limits,
+    limiter: Arc<Limiter>,
 }
 
 impl Gateway {
     /// A gateway over these routes.
-    pub fn new(auth: Arc<Authenticator>, routes: Vec<ChatRoute>, limits: Limits) -> Self {
+    pub fn new(
+        auth: Arc<Authenticator>,
+        routes: Vec<ChatRoute>,
+        limits: Limits,
+        limiter: Arc<Limiter>,
+    ) -> Self {
         Gateway {
+            limiter,
             auth,
             routes: routes
                 .into_iter()
@@ -80,6 +91,8 @@ pub struct RequestCtx {
     time_to_first_byte: Option<Duration>,
     tokens: Option<(u64, u64)>,
     outcome: &'static str,
+    /// Rate/token limits taken for a chat call, settled in `logging`.
+    reservation: Option<Reservation>,
 }
 
 /// Longest accepted client `X-Request-Id`.
@@ -115,6 +128,7 @@ impl ProxyHttp for Gateway {
             time_to_first_byte: None,
             tokens: None,
             outcome: "ok",
+            reservation: None,
         }
     }
 
@@ -129,14 +143,14 @@ impl ProxyHttp for Gateway {
         let result = if path == "/auth" {
             ctx.route = "/auth".into();
             if is_post {
-                login_route::handle(&self.auth, self.limits.max_auth_body_bytes, session, ctx).await
+                login_route::handle(&self.auth, &self.limiter, &self.limits, session, ctx).await
             } else {
                 Err(ApiError::MethodNotAllowed { allow: "POST" })
             }
         } else if let Some(route) = self.routes.get(&path) {
             ctx.route = route.settings.path.clone();
             if is_post {
-                chat_route::handle(&self.auth, route, session, ctx).await
+                chat_route::handle(&self.auth, &self.limiter, route, session, ctx).await
             } else {
                 Err(ApiError::MethodNotAllowed { allow: "POST" })
             }
@@ -168,6 +182,10 @@ impl ProxyHttp for Gateway {
         _e: Option<&pingora::Error>,
         ctx: &mut RequestCtx,
     ) {
+        if let Some(reservation) = ctx.reservation.take() {
+            let answered = ctx.status == 200 || ctx.tokens.is_some();
+            self.limiter.settle(reservation, ctx.tokens, answered).await;
+        }
         let req = session.req_header();
         tracing::info!(
             target: "access",

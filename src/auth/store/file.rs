@@ -170,13 +170,16 @@ impl CredentialStore for FileStore {
                 return Err(StoreError::AlreadyExists);
             }
             let id = users.iter().map(|u| u.id).max().unwrap_or(0) + 1;
+            let created_at = unix_now();
+            // Ids can be reused here (a removed last user); tokens count from creation
+            // on, so a token of the earlier holder of the id stays dead.
             let record = UserRecord {
                 id,
                 username: username.to_string(),
                 password_hash: password_hash.to_string(),
                 disabled: false,
-                created_at: unix_now(),
-                tokens_valid_after: 0,
+                created_at,
+                tokens_valid_after: created_at,
             };
             users.push(record.clone());
             Ok(record)
@@ -437,7 +440,7 @@ mod tests {
         let bob = store.create_user("bob", "$2b$12$old").await.unwrap();
         assert_eq!((alice.id, bob.id), (1, 2));
         assert!(!alice.disabled);
-        assert_eq!(alice.tokens_valid_after, 0);
+        assert_eq!(alice.tokens_valid_after, alice.created_at);
         assert!(alice.created_at > 1_600_000_000);
 
         store

@@ -39,6 +39,7 @@ use redis::{Cmd, ErrorKind, RedisError, RedisFuture, RedisResult, Script, Value}
 use tokio::sync::OnceCell;
 
 use super::{unix_now, CredentialStore, StoreError, UserRecord};
+use crate::breaker::{Admission, Breaker, BreakerSettings};
 
 /// Connection settings, resolved from the config file.
 #[derive(Clone)]
@@ -51,6 +52,8 @@ pub struct RedisSettings {
     pub key_prefix: String,
     /// Upper bound for each store call, connecting included.
     pub timeout: Duration,
+    /// When to stop calling a Redis that keeps failing, and for how long.
+    pub breaker: BreakerSettings,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -61,11 +64,13 @@ impl std::fmt::Debug for RedisSettings {
             .field("cluster", &cluster)
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
+            .field("breaker", &self.breaker)
             .finish()
     }
 }
 
-/// Credential store backed by Redis; see the module docs for the schema.
+/// Credential store backed by Redis; see the module docs for the schema. The rate limiter
+/// shares its connection, timeout and circuit breaker through [`RedisStore::run`].
 pub struct RedisStore {
     client: Client,
     /// Filled on the first successful connect; left empty after a failed one so a later
@@ -73,6 +78,7 @@ pub struct RedisStore {
     connection: OnceCell<Connection>,
     keys: Keys,
     timeout: Duration,
+    breaker: Breaker,
     description: String,
 }
 
@@ -83,7 +89,7 @@ enum Client {
 
 /// A connection that reconnects by itself once established.
 #[derive(Clone)]
-enum Connection {
+pub enum Connection {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
@@ -138,10 +144,11 @@ impl Keys {
 }
 
 /// Creates the user hash unless it exists. KEYS[1] user hash; ARGV id, hash, created_at.
+/// Tokens count from the creation on, so a token of an earlier user of that name is dead.
 const CREATE_SCRIPT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'password_hash', ARGV[2], 'disabled', '0',
-    'created_at', ARGV[3], 'tokens_valid_after', '0')
+    'created_at', ARGV[3], 'tokens_valid_after', ARGV[3])
 return 1
 ";
 
@@ -195,6 +202,7 @@ impl RedisStore {
             connection: OnceCell::new(),
             keys: Keys::new(&settings.key_prefix),
             timeout,
+            breaker: Breaker::new(settings.breaker),
             description: format!("redis {target} (prefix {:?})", settings.key_prefix),
         })
     }
@@ -216,8 +224,30 @@ impl RedisStore {
         }
     }
 
-    /// Runs `op` on the (lazily created) connection within the timeout.
-    async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    /// The key prefix every key starts with (`chatgate:` by default).
+    pub fn key_prefix(&self) -> &str {
+        &self.keys.prefix
+    }
+
+    /// Runs `op` on the (lazily created) connection within the timeout, through the
+    /// circuit breaker: while Redis is considered down it fails at once.
+    pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(Connection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        if self.breaker.admit(std::time::Instant::now()) == Admission::Refused {
+            return Err(StoreError::Unavailable(
+                "Redis is failing; calls paused (circuit open)".to_string(),
+            ));
+        }
+        let result = self.run_once(op).await;
+        let reached = !matches!(result, Err(StoreError::Unavailable(_)));
+        self.breaker.record(reached, std::time::Instant::now());
+        result
+    }
+
+    async fn run_once<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
         F: Fn(Connection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -328,7 +358,7 @@ impl CredentialStore for RedisStore {
                 password_hash: password_hash.to_string(),
                 disabled: false,
                 created_at,
-                tokens_valid_after: 0,
+                tokens_valid_after: created_at,
             }),
             None => Err(StoreError::AlreadyExists),
         }
@@ -634,6 +664,7 @@ mod tests {
             cluster: Vec::new(),
             key_prefix: "chatgate:".to_string(),
             timeout: TIMEOUT,
+            breaker: BreakerSettings::default(),
         }
     }
 
@@ -731,11 +762,14 @@ mod tests {
             ("id", "2"),
             ("password_hash", "$argon2id$b"),
             ("disabled", "0"),
-            ("tokens_valid_after", "0"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .chain([("created_at".to_string(), fields["created_at"].clone())])
+        .chain([(
+            "tokens_valid_after".to_string(),
+            fields["created_at"].clone(),
+        )])
         .collect();
         assert_eq!(fields, expected);
         let mut names: Vec<String> = redis::cmd("SMEMBERS")
@@ -964,6 +998,7 @@ mod tests {
             cluster: vec![format!("redis://127.0.0.1:{}", free_port())],
             key_prefix: "chatgate:".to_string(),
             timeout: TIMEOUT,
+            breaker: BreakerSettings::default(),
         })
         .unwrap();
         for _ in 0..2 {
@@ -1000,6 +1035,7 @@ mod tests {
             cluster: vec![format!("redis://127.0.0.1:{}", server.port)],
             key_prefix: "chatgate:".to_string(),
             timeout: Duration::from_secs(2),
+            breaker: BreakerSettings::default(),
         })
         .unwrap();
         exercise_crud(&store).await;

@@ -1,0 +1,532 @@
+//! Per-user rate and token limits on chat routes, brute-force limits on `/auth`, and
+//! usage accounting. The arithmetic is GCRA (`gcra`); buckets live in Redis (`redis`,
+//! shared by every gateway) or, without Redis or while it is unreachable, in this
+//! process (`local`). [`Limiter`] is the one entry point the gateway calls.
+
+pub mod gcra;
+pub mod local;
+pub mod redis;
+pub mod usage;
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::auth::store::redis::RedisStore;
+use crate::auth::store::{validate_username, StoreError};
+use crate::error::ApiError;
+pub use gcra::{Charge, Rate};
+use local::LocalBuckets;
+use usage::{day_name, PendingUsage, UsageDelta};
+
+/// What to do when the shared bucket store (Redis) cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Keep serving; this process enforces the same limits on its own meanwhile.
+    Allow,
+    /// Refuse chat requests with 503 until Redis answers again.
+    Deny,
+}
+
+/// Per-user chat limits; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChatLimits {
+    /// Requests per minute.
+    pub requests_per_minute: Option<u64>,
+    /// Prompt plus completion tokens per minute.
+    pub tokens_per_minute: Option<u64>,
+    /// Prompt plus completion tokens per day (a sliding 24 h).
+    pub tokens_per_day: Option<u64>,
+}
+
+/// The validated `rate_limits:` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitSettings {
+    /// Redis unreachable: serve on local limits, or refuse.
+    pub on_store_error: OnStoreError,
+    /// Limits over all chat routes together.
+    pub chat: ChatLimits,
+    /// Completion tokens reserved before a call when the route sets no `max_tokens`.
+    pub completion_estimate: u64,
+    /// How long per-day usage counts are kept.
+    pub usage_retention: Duration,
+    /// Failed logins per user name.
+    pub login_per_username: Option<Rate>,
+    /// Failed logins per client address (IPv6: per /64).
+    pub login_per_ip: Option<Rate>,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            on_store_error: OnStoreError::Allow,
+            chat: ChatLimits {
+                requests_per_minute: Some(60),
+                tokens_per_minute: Some(100_000),
+                tokens_per_day: Some(1_000_000),
+            },
+            completion_estimate: 1024,
+            usage_retention: Duration::from_secs(90 * 86_400),
+            login_per_username: Some(Rate {
+                limit: 5,
+                period: Duration::from_secs(900),
+            }),
+            login_per_ip: Some(Rate {
+                limit: 20,
+                period: Duration::from_secs(900),
+            }),
+        }
+    }
+}
+
+/// Where a reservation's buckets were taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    Shared,
+    Local,
+}
+
+/// Tokens and a request taken before an upstream call, to be settled after it.
+#[derive(Debug)]
+pub struct Reservation {
+    user: String,
+    /// Token buckets and what was reserved in each.
+    token_buckets: Vec<(String, Rate, u64)>,
+    taken: Taken,
+}
+
+/// Bucket name of the failed-login counter, in a user's and an address's hash.
+const AUTH_BUCKET: &str = "auth";
+
+/// The limiter: one per process, shared by every request.
+pub struct Limiter {
+    settings: LimitSettings,
+    redis: Option<Arc<RedisStore>>,
+    local: LocalBuckets,
+    pending: PendingUsage,
+    last_warning: AtomicU64,
+}
+
+impl Limiter {
+    /// A limiter keeping its buckets in `redis`, or only in this process without it.
+    pub fn new(settings: LimitSettings, redis: Option<Arc<RedisStore>>) -> Self {
+        Limiter {
+            settings,
+            redis,
+            local: LocalBuckets::new(),
+            pending: PendingUsage::default(),
+            last_warning: AtomicU64::new(0),
+        }
+    }
+
+    /// The settings it enforces.
+    pub fn settings(&self) -> &LimitSettings {
+        &self.settings
+    }
+
+    /// Reserves one request and `estimate` tokens for `user` on `route` (with the
+    /// route's own limits on top of the global ones), or answers 429 with the wait.
+    pub async fn reserve(
+        &self,
+        user: &str,
+        route: &str,
+        route_limits: &ChatLimits,
+        estimate: u64,
+    ) -> Result<Reservation, ApiError> {
+        let mut charges = Vec::new();
+        let mut token_buckets = Vec::new();
+        for (scope, limits) in [("*", &self.settings.chat), (route, route_limits)] {
+            if let Some(n) = limits.requests_per_minute {
+                charges.push(charge(format!("req:{scope}"), Rate::per_minute(n), 1));
+            }
+            for (kind, limit, rate) in [
+                (
+                    "tpm",
+                    limits.tokens_per_minute,
+                    Rate::per_minute as fn(u64) -> Rate,
+                ),
+                ("tpd", limits.tokens_per_day, Rate::per_day),
+            ] {
+                if let Some(n) = limit {
+                    let rate = rate(n);
+                    let cost = rate.clamp(estimate);
+                    let bucket = format!("{kind}:{scope}");
+                    token_buckets.push((bucket.clone(), rate, cost));
+                    charges.push(charge(bucket, rate, cost));
+                }
+            }
+        }
+        let taken = self.take(user, &charges).await?;
+        Ok(Reservation {
+            user: user.to_string(),
+            token_buckets,
+            taken,
+        })
+    }
+
+    /// Settles a reservation once the call is over: token buckets are corrected to the
+    /// upstream's reported usage (refunded entirely when the upstream gave no answer,
+    /// kept at the estimate when usage is unknown), and the day's usage is counted.
+    pub async fn settle(&self, r: Reservation, used: Option<(u64, u64)>, answered: bool) {
+        let total = used.map(|(p, c)| p.saturating_add(c));
+        let corrections: Vec<(String, Rate, i64)> = r
+            .token_buckets
+            .iter()
+            .filter_map(|(bucket, rate, reserved)| {
+                let actual = match (answered, total) {
+                    (false, _) => 0,
+                    (true, Some(t)) => t,
+                    (true, None) => return None,
+                };
+                let delta = i64::try_from(actual).unwrap_or(i64::MAX)
+                    - i64::try_from(*reserved).unwrap_or(i64::MAX);
+                (delta != 0).then(|| (bucket.clone(), *rate, delta))
+            })
+            .collect();
+        let delta = UsageDelta {
+            prompt_tokens: used.map_or(0, |u| u.0),
+            completion_tokens: used.map_or(0, |u| u.1),
+            requests: u64::from(answered),
+        };
+        let day = day_name(unix_secs());
+        let Some(store) = &self.redis else {
+            self.local.adjust(&r.user, &corrections, unix_micros());
+            return;
+        };
+        if r.taken == Taken::Local {
+            self.local.adjust(&r.user, &corrections, unix_micros());
+        }
+        let shared_corrections: &[(String, Rate, i64)] = match r.taken {
+            Taken::Shared => &corrections,
+            Taken::Local => &[],
+        };
+        if shared_corrections.is_empty() && delta.is_empty() {
+            return;
+        }
+        let usage = (!delta.is_empty()).then_some((day.as_str(), delta, self.retention_secs()));
+        match redis::settle(store, &r.user, shared_corrections, usage).await {
+            Ok(()) => self.flush_pending(store).await,
+            Err(e) => {
+                self.warn_store(&e);
+                if !delta.is_empty() && !self.pending.keep(&r.user, &day, delta) {
+                    tracing::warn!(user = %r.user, "usage buffer full; usage of this request is lost");
+                }
+            }
+        }
+    }
+
+    /// Runs a login `attempt` under the failed-login limits for `username` and `ip`:
+    /// refused with 429 while either is locked out; a rejected password counts a failure,
+    /// a success clears the name's failures.
+    pub async fn guard_login<T>(
+        &self,
+        username: Option<&str>,
+        ip: Option<IpAddr>,
+        attempt: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        let Some(username) = username else {
+            return attempt.await;
+        };
+        // A name no user can have is never looked up; the address limit still holds.
+        let user_owner = validate_username(username)
+            .is_ok()
+            .then_some(username)
+            .zip(self.settings.login_per_username);
+        let ip_owner = ip.map(ip_owner).zip(self.settings.login_per_ip);
+
+        let mut taken: Vec<(String, Rate, Taken)> = Vec::new();
+        let owners = ip_owner
+            .iter()
+            .map(|(o, r)| (o.as_str(), *r))
+            .chain(user_owner.iter().map(|(o, r)| (*o, *r)));
+        for (owner, rate) in owners {
+            match self
+                .take(owner, &[charge(AUTH_BUCKET.to_string(), rate, 1)])
+                .await
+            {
+                Ok(where_) => taken.push((owner.to_string(), rate, where_)),
+                Err(e) => {
+                    self.refund_login(&taken).await;
+                    return Err(e);
+                }
+            }
+        }
+        let result = attempt.await;
+        match &result {
+            Err(ApiError::CredentialsRejected) => {}
+            Ok(_) => {
+                let (user, rest): (Vec<_>, Vec<_>) = taken
+                    .into_iter()
+                    .partition(|(owner, _, _)| owner == username);
+                for (owner, _, where_) in user {
+                    self.reset(&owner, where_).await;
+                }
+                self.refund_login(&rest).await;
+            }
+            // Store outages and the like are not the client's failures.
+            Err(_) => self.refund_login(&taken).await,
+        }
+        result
+    }
+
+    async fn refund_login(&self, taken: &[(String, Rate, Taken)]) {
+        for (owner, rate, where_) in taken {
+            let correction = [(AUTH_BUCKET.to_string(), *rate, -1)];
+            match (where_, &self.redis) {
+                (Taken::Shared, Some(store)) => {
+                    if let Err(e) = redis::settle(store, owner, &correction, None).await {
+                        self.warn_store(&e);
+                    }
+                }
+                _ => self.local.adjust(owner, &correction, unix_micros()),
+            }
+        }
+    }
+
+    async fn reset(&self, owner: &str, where_: Taken) {
+        match (where_, &self.redis) {
+            (Taken::Shared, Some(store)) => {
+                if let Err(e) = redis::reset(store, owner, AUTH_BUCKET).await {
+                    self.warn_store(&e);
+                }
+            }
+            _ => self.local.reset(owner, AUTH_BUCKET),
+        }
+    }
+
+    /// Takes every charge for `owner` in Redis, or locally when Redis is absent or (with
+    /// `on_store_error: allow`) unreachable.
+    async fn take(&self, owner: &str, charges: &[Charge]) -> Result<Taken, ApiError> {
+        let too_many = |wait: u64| ApiError::TooManyRequests {
+            retry_after: gcra::wait_duration(wait),
+        };
+        let local = || {
+            self.local
+                .charge(owner, charges, unix_micros())
+                .map(|()| Taken::Local)
+                .map_err(too_many)
+        };
+        let Some(store) = &self.redis else {
+            return local();
+        };
+        if charges.is_empty() {
+            return Ok(Taken::Shared);
+        }
+        match redis::charge(store, owner, charges).await {
+            Ok(Ok(())) => Ok(Taken::Shared),
+            Ok(Err(wait)) => Err(too_many(wait)),
+            Err(e) => {
+                self.warn_store(&e);
+                match self.settings.on_store_error {
+                    OnStoreError::Allow => local(),
+                    OnStoreError::Deny => Err(ApiError::CredentialStoreUnavailable),
+                }
+            }
+        }
+    }
+
+    /// Writes usage counted while Redis was unreachable.
+    async fn flush_pending(&self, store: &RedisStore) {
+        if self.pending.is_empty() {
+            return;
+        }
+        for ((user, day), delta) in self.pending.take() {
+            let usage = Some((day.as_str(), delta, self.retention_secs()));
+            if redis::settle(store, &user, &[], usage).await.is_err() {
+                self.pending.keep(&user, &day, delta);
+            }
+        }
+    }
+
+    fn retention_secs(&self) -> u64 {
+        self.settings.usage_retention.as_secs().max(86_400)
+    }
+
+    /// Logs a store failure at most once per 10 seconds (an outage would flood the log).
+    fn warn_store(&self, e: &StoreError) {
+        let now = unix_secs();
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if now >= last + 10
+            && self
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let policy = match self.settings.on_store_error {
+                OnStoreError::Allow => "enforcing limits in this process only",
+                OnStoreError::Deny => "refusing chat requests",
+            };
+            tracing::warn!(error = %e, policy, "rate limit store unreachable");
+        }
+    }
+}
+
+fn charge(bucket: String, rate: Rate, cost: u64) -> Charge {
+    Charge { bucket, rate, cost }
+}
+
+/// The owner tag of a client address: the address for IPv4, its /64 for IPv6 (one
+/// subscriber usually holds a whole /64).
+pub fn ip_owner(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("ip:{v4}"),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("ip:{v4}"),
+            None => {
+                let s = v6.segments();
+                format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
+}
+
+fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+fn unix_secs() -> u64 {
+    unix_micros() / 1_000_000
+}
+
+/// Tokens to reserve for a request: about one per 4 bytes of the body, plus the
+/// completion the route allows.
+pub fn estimate_tokens(body_bytes: usize, completion_estimate: u64) -> u64 {
+    (body_bytes as u64 / 4).saturating_add(completion_estimate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> LimitSettings {
+        LimitSettings {
+            chat: ChatLimits {
+                requests_per_minute: Some(3),
+                tokens_per_minute: Some(1000),
+                tokens_per_day: None,
+            },
+            login_per_username: Some(Rate::per_minute(2)),
+            login_per_ip: Some(Rate::per_minute(3)),
+            ..LimitSettings::default()
+        }
+    }
+
+    #[test]
+    fn address_owners() {
+        assert_eq!(ip_owner("10.1.2.3".parse().unwrap()), "ip:10.1.2.3");
+        assert_eq!(ip_owner("::ffff:10.1.2.3".parse().unwrap()), "ip:10.1.2.3");
+        assert_eq!(
+            ip_owner("2001:db8:1:2:3:4:5:6".parse().unwrap()),
+            "ip:2001:db8:1:2::/64"
+        );
+    }
+
+    #[tokio::test]
+    async fn local_request_limit_and_token_settling() {
+        let l = Limiter::new(settings(), None);
+        let none = ChatLimits::default();
+        let r = l.reserve("alice", "/c", &none, 600).await.expect("first");
+        // Only 100 used: 500 refunded, so 900 fit now.
+        l.settle(r, Some((60, 40)), true).await;
+        let r = l.reserve("alice", "/c", &none, 900).await.expect("second");
+        l.settle(r, None, true).await; // unknown usage keeps the estimate
+        match l.reserve("alice", "/c", &none, 10).await {
+            // The bucket is full; 10 tokens drip back in 10 × 60 ms.
+            Err(ApiError::TooManyRequests { retry_after }) => assert!(
+                retry_after > Duration::from_millis(500)
+                    && retry_after <= Duration::from_millis(600),
+                "{retry_after:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // An upstream failure refunds the tokens, but the request still counts.
+        let r = l.reserve("bob", "/c", &none, 1000).await.expect("bob");
+        l.settle(r, None, false).await;
+        let r = l.reserve("bob", "/c", &none, 1000).await.expect("bob 2");
+        l.settle(r, Some((1, 1)), true).await;
+        l.reserve("bob", "/c", &none, 1).await.expect("bob 3");
+        assert!(matches!(
+            l.reserve("bob", "/c", &none, 1).await,
+            Err(ApiError::TooManyRequests { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn route_limits_add_to_global_ones() {
+        let l = Limiter::new(settings(), None);
+        let strict = ChatLimits {
+            requests_per_minute: Some(1),
+            ..ChatLimits::default()
+        };
+        l.reserve("alice", "/strict", &strict, 1)
+            .await
+            .expect("first");
+        assert!(l.reserve("alice", "/strict", &strict, 1).await.is_err());
+        assert!(l
+            .reserve("alice", "/other", &ChatLimits::default(), 1)
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn login_failures_lock_out_and_success_clears_the_name() {
+        let l = Limiter::new(settings(), None);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let reject = || async { Err::<(), _>(ApiError::CredentialsRejected) };
+        let ok = || async { Ok::<(), ApiError>(()) };
+        assert_eq!(l.guard_login(Some("alice"), Some(ip), ok()).await, Ok(()));
+        for _ in 0..2 {
+            assert_eq!(
+                l.guard_login(Some("alice"), Some(ip), reject()).await,
+                Err(ApiError::CredentialsRejected)
+            );
+        }
+        // The name is locked, even with the right password.
+        assert!(matches!(
+            l.guard_login(Some("alice"), Some(ip), ok()).await,
+            Err(ApiError::TooManyRequests { .. })
+        ));
+        // Another name from the same address: one failure left there (3 per minute).
+        assert_eq!(
+            l.guard_login(Some("bob"), Some(ip), reject()).await,
+            Err(ApiError::CredentialsRejected)
+        );
+        assert!(matches!(
+            l.guard_login(Some("carol"), Some(ip), ok()).await,
+            Err(ApiError::TooManyRequests { .. })
+        ));
+        // Outage-type errors do not count.
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        for _ in 0..5 {
+            assert_eq!(
+                l.guard_login(Some("dave"), Some(other), async {
+                    Err::<(), _>(ApiError::CredentialStoreUnavailable)
+                })
+                .await,
+                Err(ApiError::CredentialStoreUnavailable)
+            );
+        }
+        // A success clears the name's failures.
+        l.guard_login(Some("erin"), Some(other), reject())
+            .await
+            .ok();
+        l.guard_login(Some("erin"), Some(other), ok()).await.ok();
+        assert_eq!(
+            l.guard_login(Some("erin"), Some(other), reject()).await,
+            Err(ApiError::CredentialsRejected)
+        );
+        assert_eq!(
+            l.guard_login(Some("erin"), Some(other), reject()).await,
+            Err(ApiError::CredentialsRejected)
+        );
+    }
+
+    #[test]
+    fn estimates() {
+        assert_eq!(estimate_tokens(400, 1024), 1124);
+    }
+}
