@@ -392,9 +392,15 @@ async fn users_cli_round_trip_and_disabled_users() {
     assert_eq!((status, error_message(&body)), (401, FAKE));
     assert!(String::from_utf8_lossy(&gw.users(&["list"], None).stdout).contains("disabled"));
 
-    // Enabled again: both work.
+    // Enabled again: login works, but `disable` revoked the tokens issued before it
+    // (issue 5), so the old token stays dead and only a new one works.
     assert!(gw.users(&["enable", "alice"], None).status.success());
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        chat_with_auth(gw, Some(&format!("Bearer {token}"))).await.0,
+        401
+    );
+    let token = login(gw, "alice", "alice-pw").await;
     assert_eq!(
         chat_with_auth(gw, Some(&format!("Bearer {token}"))).await.0,
         200

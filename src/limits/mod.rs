@@ -64,8 +64,8 @@ impl Default for LimitSettings {
             on_store_error: OnStoreError::Allow,
             chat: ChatLimits {
                 requests_per_minute: Some(60),
-                tokens_per_minute: Some(100_000),
-                tokens_per_day: Some(1_000_000),
+                tokens_per_minute: Some(200_000),
+                tokens_per_day: Some(2_000_000),
             },
             completion_estimate: 1024,
             usage_retention: Duration::from_secs(90 * 86_400),

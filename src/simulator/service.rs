@@ -20,6 +20,7 @@ use pingora::modules::http::HttpModules;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
+use subtle::ConstantTimeEq;
 
 use super::knobs::{split_directive, Knobs};
 use super::reply::{Chunking, Reply};
@@ -215,10 +216,12 @@ impl Simulator {
             return None;
         }
         let key = bearer_token(header);
-        if key.is_some_and(|key| options.rate_limited_key.iter().any(|k| k == key)) {
+        // Keys are secrets: compared in constant time, like a real backend should.
+        let same = |k: &String, key: &str| bool::from(k.as_bytes().ct_eq(key.as_bytes()));
+        if key.is_some_and(|key| options.rate_limited_key.iter().any(|k| same(k, key))) {
             return Some((429, "Rate limit reached", Some(1)));
         }
-        let known = key.is_some_and(|key| options.require_key.iter().any(|k| k == key));
+        let known = key.is_some_and(|key| options.require_key.iter().any(|k| same(k, key)));
         if !options.require_key.is_empty() && !known {
             return Some((401, "Incorrect API key provided", None));
         }

@@ -276,8 +276,8 @@ impl Gateway {
         let child = Command::new(chatgate_bin())
             .args(["serve", "--config"])
             .arg(&config_path)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -331,6 +331,65 @@ impl Gateway {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// The process's resident memory in KiB (`VmRSS` of /proc/<pid>/status).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Sends raw bytes to `port`, then reads until the server closes or `wait` passes.
+/// Returns what was read and whether the server closed the connection.
+pub fn raw_exchange(port: u16, request: &[u8], wait: Duration) -> (Vec<u8>, bool) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let _ = stream.write_all(request);
+    read_until_close(&mut stream, wait)
+}
+
+/// Reads from `stream` until EOF (true) or until `wait` passes (false).
+pub fn read_until_close(stream: &mut TcpStream, wait: Duration) -> (Vec<u8>, bool) {
+    use std::io::Read;
+    let deadline = Instant::now() + wait;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return (out, false);
+        }
+        let _ = stream.set_read_timeout(Some(left));
+        match stream.read(&mut buf) {
+            Ok(0) => return (out, true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return (out, false)
+            }
+            Err(_) => return (out, true),
+        }
+    }
+}
+
+/// The status code of a raw HTTP/1.1 response, if it has a status line.
+pub fn raw_status(response: &[u8]) -> Option<u16> {
+    let text = std::str::from_utf8(response.get(..12)?).ok()?;
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// The body of a raw HTTP/1.1 response with a Content-Length (after the blank line).
+pub fn raw_body(response: &[u8]) -> String {
+    let text = String::from_utf8_lossy(response);
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }
 
 impl Drop for Gateway {
