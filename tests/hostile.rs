@@ -182,7 +182,7 @@ async fn hostile_bodies_and_framing_get_contract_errors_or_clean_closes() {
         "Invalid request: body exceeds 1048576 bytes",
     );
 
-    // Duplicate keys: the message parser refuses them; /auth JSON takes the first.
+    // Duplicate keys: the message parser refuses them; /auth JSON takes the last.
     expect(
         &s,
         "duplicate keys",
@@ -203,10 +203,11 @@ async fn hostile_bodies_and_framing_get_contract_errors_or_clean_closes() {
         ),
         Duration::from_secs(10),
     );
+    // In a JSON object the last duplicate wins (as in Go's encoding/json): "bob", unknown.
     assert_eq!(
         raw_status(&resp),
-        Some(200),
-        "first value wins, as Go's FormValue: {}",
+        Some(401),
+        "{}",
         String::from_utf8_lossy(&resp)
     );
 
