@@ -213,3 +213,67 @@ fn redis_passwords_are_masked() {
     );
     assert_eq!(mask_url_password("redis://db:6379"), "redis://db:6379");
 }
+
+#[test]
+fn rate_limits_defaults_overrides_and_errors() {
+    set_secret("CG_TEST_SECRET_RL", &"s".repeat(40));
+    let c = parse(&sample("CG_TEST_SECRET_RL")).unwrap();
+    assert_eq!(c.rate_limits, LimitSettings::default());
+    assert_eq!(c.limits.body_timeout, Duration::from_secs(30));
+    // max_tokens of the route is what a call reserves for its completion.
+    assert_eq!(c.routes[0].completion_estimate, 512);
+    assert_eq!(c.routes[1].completion_estimate, 1024);
+    assert_eq!(c.routes[0].rate_limits, ChatLimits::default());
+    match &c.auth.credentials {
+        CredentialSettings::Redis(r) => assert_eq!(r.breaker, BreakerSettings::default()),
+        other => panic!("{other:?}"),
+    }
+
+    let text = sample("CG_TEST_SECRET_RL")
+        .replace(
+            "limits:\n",
+            "rate_limits:\n  on_store_error: deny\n  requests_per_minute: 0\n  tokens_per_day: 50\n  auth: {failures_per_ip: 0, window: 1m}\nlimits:\n  body_timeout: 5s\n",
+        )
+        .replace(
+            "    data_format: json\n",
+            "    data_format: json\n    rate_limits: {requests_per_minute: 7}\n",
+        )
+        .replace(
+            "      timeout: 500ms\n",
+            "      timeout: 500ms\n      circuit_breaker: {failures: 3, open_for: 2s}\n",
+        );
+    let c = parse(&text).unwrap();
+    let r = &c.rate_limits;
+    assert_eq!(r.on_store_error, OnStoreError::Deny);
+    assert_eq!(r.chat.requests_per_minute, None, "0 is unlimited");
+    assert_eq!(r.chat.tokens_per_minute, Some(200_000));
+    assert_eq!(r.chat.tokens_per_day, Some(50));
+    assert_eq!(r.login_per_ip, None);
+    assert_eq!(
+        r.login_per_username,
+        Some(Rate {
+            limit: 5,
+            period: Duration::from_secs(60)
+        })
+    );
+    assert_eq!(c.limits.body_timeout, Duration::from_secs(5));
+    assert_eq!(c.routes[1].rate_limits.requests_per_minute, Some(7));
+    match &c.auth.credentials {
+        CredentialSettings::Redis(r) => assert_eq!(
+            r.breaker,
+            BreakerSettings {
+                failures: 3,
+                open_for: Duration::from_secs(2)
+            }
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    let bad = sample("CG_TEST_SECRET_RL").replace(
+        "limits:\n",
+        "rate_limits:\n  on_store_error: maybe\nlimits:\n",
+    );
+    let e = parse(&bad).unwrap_err();
+    assert_eq!(e.line, Some(11), "{e}");
+    assert!(e.message.contains("on_store_error"), "{e}");
+}
