@@ -225,7 +225,7 @@ async fn hostile_bodies_and_framing_get_contract_errors_or_clean_closes() {
     // Chunked body that never ends, and a body that trickles: cut off after body_timeout.
     for (what, raw) in [
         ("endless chunked", format!("POST /chatCompletion HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\n\r\n5\r\n[{{\"ro\r\n").into_bytes()),
-        ("short body", format!("POST /auth HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nusername=").into_bytes()),
+        ("short body", b"POST /auth HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nusername=".to_vec()),
     ] {
         let started = Instant::now();
         let (resp, closed) = raw_exchange(port, &raw, Duration::from_secs(5));

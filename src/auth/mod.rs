@@ -32,17 +32,15 @@ pub fn open_store(settings: &CredentialSettings) -> Result<Arc<dyn CredentialSto
     open_store_shared(settings).map(|(store, _)| store)
 }
 
+/// The credential store, and the same store as Redis when it is one.
+pub type SharedStore = (
+    Arc<dyn CredentialStore>,
+    Option<Arc<store::redis::RedisStore>>,
+);
+
 /// Opens the credential store and, when it is Redis, hands out the same store again for
 /// the rate limiter and usage accounting (one connection, one timeout, one breaker).
-pub fn open_store_shared(
-    settings: &CredentialSettings,
-) -> Result<
-    (
-        Arc<dyn CredentialStore>,
-        Option<Arc<store::redis::RedisStore>>,
-    ),
-    StoreError,
-> {
+pub fn open_store_shared(settings: &CredentialSettings) -> Result<SharedStore, StoreError> {
     Ok(match settings {
         CredentialSettings::Redis(r) => {
             let redis = Arc::new(store::redis::RedisStore::new(r.clone())?);
