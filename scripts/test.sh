@@ -6,4 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-4}"
+# RUST_TEST_THREADS rather than `-- --test-threads`: the criterion benches (run once
+# in test mode by --all-targets) refuse that flag.
+RUST_TEST_THREADS="${TEST_THREADS:-4}" cargo test --locked --all-targets
