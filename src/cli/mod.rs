@@ -156,6 +156,27 @@ pub fn summary(c: &Config) -> String {
         humantime::format_duration(c.auth.token_ttl),
         c.auth.previous_secrets.len()
     );
+    let r = &c.rate_limits;
+    let n = |v: Option<u64>| v.map_or("unlimited".to_string(), |n| n.to_string());
+    let logins =
+        |v: Option<crate::limits::Rate>| v.map_or("unlimited".to_string(), |r| r.limit.to_string());
+    out += &format!(
+        "rate limits per user: {} requests/min, {} tokens/min, {} tokens/day; failed logins: {} per name, {} per address per {}; Redis down: {}\n",
+        n(r.chat.requests_per_minute),
+        n(r.chat.tokens_per_minute),
+        n(r.chat.tokens_per_day),
+        logins(r.login_per_username),
+        logins(r.login_per_ip),
+        humantime::format_duration(
+            r.login_per_username
+                .or(r.login_per_ip)
+                .map_or(std::time::Duration::from_secs(900), |r| r.period)
+        ),
+        match r.on_store_error {
+            crate::limits::OnStoreError::Allow => "allow (local limits)",
+            crate::limits::OnStoreError::Deny => "deny",
+        }
+    );
     for u in &c.upstreams {
         let endpoints: Vec<String> = u.endpoints.iter().map(|e| e.label()).collect();
         out += &format!(
