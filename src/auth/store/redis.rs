@@ -992,6 +992,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn breaker_stops_calling_a_hung_redis_and_closes_after_a_probe() {
+        let server = RedisServer::start();
+        let store = RedisStore::new(RedisSettings {
+            breaker: BreakerSettings {
+                failures: 2,
+                open_for: Duration::from_millis(300),
+            },
+            ..settings(&server.url())
+        })
+        .unwrap();
+        assert_eq!(store.ping().await, Ok(()));
+        server.signal("-STOP");
+        for _ in 0..2 {
+            let result = store.ping().await;
+            assert!(is_unavailable(&result), "{result:?}");
+        }
+        // Open: refused without a call (and so without waiting for the timeout).
+        let result = store.ping().await;
+        assert!(
+            matches!(&result, Err(StoreError::Unavailable(m)) if m.contains("circuit open")),
+            "{result:?}"
+        );
+        server.signal("-CONT");
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.ping().await.is_err() {
+            assert!(Instant::now() < deadline, "breaker did not close");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(store.find_user("nobody").await, Ok(None));
+    }
+
+    #[tokio::test]
     async fn cluster_down_fails_fast() {
         let store = RedisStore::new(RedisSettings {
             url: String::new(),
