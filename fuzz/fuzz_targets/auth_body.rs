@@ -35,11 +35,8 @@ fuzz_target!(|data: &[u8]| {
         ),
         _ => (None, None, data),
     };
-    let found = futures::executor::block_on(extract_credentials(
-        ct,
-        Bytes::copy_from_slice(body),
-        query,
-    ));
+    let found =
+        futures::executor::block_on(extract_credentials(ct, Bytes::copy_from_slice(body), query));
     if let Some(c) = found {
         assert!(!c.username.is_empty() && !c.password.is_empty());
     }
