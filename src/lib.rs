@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod metrics;
 pub mod server;
 pub mod simulator;
 pub mod upstream;

@@ -75,6 +75,7 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
         kind,
         upstream: 0,
         model: "chatgate-simulator".into(),
+        allowed_models: Vec::new(),
         system_prompt: Some(SYSTEM_PROMPT.into()),
         params: serde_json::Map::new(),
         data_format: DataFormat::Text,
@@ -114,6 +115,7 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
             route("/chatCompletion", RouteKind::Chat),
             route("/chatCompletionStream", RouteKind::ChatStream),
         ],
+        cors: None,
     })
 }
 

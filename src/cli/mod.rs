@@ -172,10 +172,16 @@ pub fn summary(c: &Config) -> String {
         let kind = match r.kind {
             RouteKind::Chat => "chat",
             RouteKind::ChatStream => "chat_stream",
+            RouteKind::Openai => "openai",
+        };
+        let model = if r.allowed_models.is_empty() {
+            r.model.clone()
+        } else {
+            format!("one of {}", r.allowed_models.join(", "))
         };
         out += &format!(
             "route POST {} ({kind}) -> {} model {}\n",
-            r.path, c.upstreams[r.upstream].name, r.model
+            r.path, c.upstreams[r.upstream].name, model
         );
     }
     out

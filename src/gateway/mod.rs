@@ -5,13 +5,20 @@
 //!  client ──► early_request_filter ──► request_filter ──────────────► logging
 //!                                        │  route by path
 //!                                        ├─ /auth ........ login_route: parse, verify, issue JWT
+//!                                        ├─ CORS preflight  cors: answered locally (OPTIONS)
+//!                                        ├─ /auth ........ login_route: parse, verify, issue JWT
 //!                                        ├─ chat routes .. chat_route: Bearer check, read + validate
 //!                                        │                 body, rewrite, upstream::call (retries),
 //!                                        │                 JSON reply or SSE transcoding
+//!                                        ├─ openai routes  openai_route: Bearer check, model policy,
+//!                                        │                 upstream::call, reply passed through
 //!                                        └─ else ......... 404 / 405
 //!                      (returns Ok(true): Pingora's upstream_peer and the
-//!                       body/response filters never run)
+//!                       body/response filters never run; Err only to cut a
+//!                       broken pass-through stream without its closing chunk)
 //! ```
+//!
+//! `logging` writes the access line and the per-request metrics.
 //!
 //! Why not Pingora's proxy phases: the body must be validated and rewritten
 //! before any upstream connection is opened, retries on 429/5xx need the body
@@ -21,7 +28,9 @@
 pub mod admin;
 mod body;
 mod chat_route;
+mod cors;
 mod login_route;
+mod openai_route;
 mod reply;
 
 use std::collections::HashMap;
@@ -33,8 +42,9 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::auth::Authenticator;
-use crate::config::{Limits, RouteSettings};
+use crate::config::{CorsSettings, Limits, RouteKind, RouteSettings};
 use crate::error::ApiError;
+use crate::metrics::{self, AuthOutcome};
 use crate::upstream::Upstream;
 
 /// A chat route resolved against its upstream.
@@ -52,11 +62,17 @@ pub struct Gateway {
     auth: Arc<Authenticator>,
     routes: HashMap<String, Arc<ChatRoute>>,
     limits: Limits,
+    cors: Option<CorsSettings>,
 }
 
 impl Gateway {
     /// A gateway over these routes.
-    pub fn new(auth: Arc<Authenticator>, routes: Vec<ChatRoute>, limits: Limits) -> Self {
+    pub fn new(
+        auth: Arc<Authenticator>,
+        routes: Vec<ChatRoute>,
+        limits: Limits,
+        cors: Option<CorsSettings>,
+    ) -> Self {
         Gateway {
             auth,
             routes: routes
@@ -64,6 +80,7 @@ impl Gateway {
                 .map(|r| (r.settings.path.clone(), Arc::new(r)))
                 .collect(),
             limits,
+            cors,
         }
     }
 }
@@ -80,6 +97,12 @@ pub struct RequestCtx {
     time_to_first_byte: Option<Duration>,
     tokens: Option<(u64, u64)>,
     outcome: &'static str,
+    /// The request's `Origin`, when CORS is on and it is allowed (echoed back).
+    cors_origin: Option<String>,
+    /// Whether replies carry `Access-Control-Allow-Credentials: true`.
+    cors_credentials: bool,
+    /// Cut the connection instead of finishing the reply (a broken pass-through stream).
+    abort: bool,
 }
 
 /// Longest accepted client `X-Request-Id`.
@@ -99,6 +122,20 @@ fn request_id(session: &Session) -> String {
     }
 }
 
+/// What a finished `/auth` request counts as in `chatgate_auth_attempts_total`;
+/// `None` for requests that were no login attempt (body too large, client gone).
+fn login_outcome(result: &Result<(), ApiError>, outcome: &str) -> Option<AuthOutcome> {
+    match result {
+        Ok(()) if outcome == "ok" => Some(AuthOutcome::Ok),
+        Ok(()) => None,
+        Err(ApiError::CredentialsMissing) => Some(AuthOutcome::Missing),
+        Err(ApiError::CredentialsRejected) => Some(AuthOutcome::BadCredentials),
+        Err(ApiError::TooManyRequests { .. }) => Some(AuthOutcome::RateLimited),
+        Err(ApiError::CredentialStoreUnavailable) => Some(AuthOutcome::StoreError),
+        Err(_) => None,
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
@@ -115,6 +152,9 @@ impl ProxyHttp for Gateway {
             time_to_first_byte: None,
             tokens: None,
             outcome: "ok",
+            cors_origin: None,
+            cors_credentials: false,
+            abort: false,
         }
     }
 
@@ -126,19 +166,40 @@ impl ProxyHttp for Gateway {
         ctx.request_id = request_id(session);
         let path = session.req_header().uri.path().to_string();
         let is_post = session.req_header().method == http::Method::POST;
+        if let Some(cors) = &self.cors {
+            cors::admit(cors, session, ctx);
+            if cors::is_preflight(session) {
+                let known = path == "/auth" || self.routes.contains_key(&path);
+                ctx.route = if known { path } else { "unmatched".into() };
+                if known {
+                    cors::answer_preflight(cors, session, ctx).await;
+                } else {
+                    reply::send_error(session, ctx, &ApiError::NotFound).await;
+                }
+                return Ok(true);
+            }
+        }
         let result = if path == "/auth" {
             ctx.route = "/auth".into();
             if is_post {
-                login_route::handle(&self.auth, self.limits.max_auth_body_bytes, session, ctx).await
+                let result =
+                    login_route::handle(&self.auth, self.limits.max_auth_body_bytes, session, ctx)
+                        .await;
+                if let Some(outcome) = login_outcome(&result, ctx.outcome) {
+                    metrics::auth_attempt(outcome);
+                }
+                result
             } else {
                 Err(ApiError::MethodNotAllowed { allow: "POST" })
             }
         } else if let Some(route) = self.routes.get(&path) {
             ctx.route = route.settings.path.clone();
-            if is_post {
-                chat_route::handle(&self.auth, route, session, ctx).await
-            } else {
+            if !is_post {
                 Err(ApiError::MethodNotAllowed { allow: "POST" })
+            } else if route.settings.kind == RouteKind::Openai {
+                openai_route::handle(&self.auth, route, session, ctx).await
+            } else {
+                chat_route::handle(&self.auth, route, session, ctx).await
             }
         } else {
             ctx.route = "unmatched".into();
@@ -147,7 +208,37 @@ impl ProxyHttp for Gateway {
         if let Err(error) = result {
             reply::send_error(session, ctx, &error).await;
         }
+        if ctx.abort {
+            // Pingora would end the body properly after Ok(true); an error makes
+            // it drop the connection instead (fail_to_proxy below writes nothing).
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::ConnectionClosed,
+                "upstream stream broke off; cutting the client's stream too",
+            ));
+        }
         Ok(true)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        _e: &pingora::Error,
+        ctx: &mut RequestCtx,
+    ) -> pingora::proxy::FailToProxy {
+        // request_filter's deliberate abort gets here after the reply started:
+        // write nothing. Anything else that failed before a reply gets a 500.
+        if !ctx.abort && ctx.status == 0 {
+            let error = ApiError::Internal("request failed".into());
+            reply::send_error(session, ctx, &error).await;
+        }
+        pingora::proxy::FailToProxy {
+            error_code: ctx.status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _e: &pingora::Error) -> bool {
+        ctx.abort
     }
 
     async fn upstream_peer(
@@ -168,6 +259,13 @@ impl ProxyHttp for Gateway {
         _e: Option<&pingora::Error>,
         ctx: &mut RequestCtx,
     ) {
+        let duration = ctx.started.elapsed();
+        // 499 (as nginx logs it): the client left before any reply was sent.
+        let status = if ctx.status == 0 { 499 } else { ctx.status };
+        metrics::request_done(&ctx.route, status, duration);
+        if let Some((prompt, completion)) = ctx.tokens {
+            metrics::tokens(&ctx.route, prompt, completion);
+        }
         let req = session.req_header();
         tracing::info!(
             target: "access",
@@ -181,7 +279,7 @@ impl ProxyHttp for Gateway {
             attempts = ctx.attempts,
             bytes_in = session.body_bytes_read(),
             bytes_out = session.body_bytes_sent(),
-            duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = duration.as_secs_f64() * 1000.0,
             ttfb_ms = ctx.time_to_first_byte.map(|d| d.as_secs_f64() * 1000.0),
             prompt_tokens = ctx.tokens.map(|t| t.0),
             completion_tokens = ctx.tokens.map(|t| t.1),

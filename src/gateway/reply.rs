@@ -9,7 +9,8 @@ use pingora::proxy::Session;
 use super::RequestCtx;
 use crate::error::ApiError;
 
-/// A response header with the headers common to every reply.
+/// A response header with the headers common to every reply (and the CORS
+/// headers when the request came from an allowed origin).
 pub(super) fn header(
     status: u16,
     ctx: &RequestCtx,
@@ -23,6 +24,9 @@ pub(super) fn header(
     }
     h.insert_header("X-Request-Id", ctx.request_id.as_str())?;
     h.insert_header("X-Content-Type-Options", "nosniff")?;
+    if ctx.cors_origin.is_some() {
+        super::cors::add_reply_headers(ctx, &mut h)?;
+    }
     Ok(h)
 }
 
