@@ -307,7 +307,9 @@ impl ActiveStream {
 
 impl Drop for ActiveStream {
     fn drop(&mut self) {
-        ACTIVE_STREAMS.with_label_values(&[self.route.as_str()]).dec();
+        ACTIVE_STREAMS
+            .with_label_values(&[self.route.as_str()])
+            .dec();
     }
 }
 

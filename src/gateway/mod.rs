@@ -237,7 +237,12 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _e: &pingora::Error) -> bool {
+    fn suppress_error_log(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+        _e: &pingora::Error,
+    ) -> bool {
         ctx.abort
     }
 

@@ -436,11 +436,13 @@ impl Drop for Upgraded {
     }
 }
 
+/// One series of a scrape: metric name, sorted label pairs, value.
+type Series = (String, Vec<(String, String)>, f64);
+
 /// A parsed Prometheus text scrape: one value per series.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
-    /// (metric name, sorted label pairs, value).
-    series: Vec<(String, Vec<(String, String)>, f64)>,
+    series: Vec<Series>,
     /// The raw text, for failure messages.
     pub text: String,
 }
@@ -449,7 +451,10 @@ impl Metrics {
     /// Parses the text format (label values without escaped quotes suffice here).
     pub fn parse(text: &str) -> Metrics {
         let mut series = Vec::new();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let (head, value) = line.rsplit_once(' ').expect("series line");
             let value: f64 = value.parse().expect("series value");
             let (name, labels) = match head.split_once('{') {
