@@ -926,6 +926,12 @@ async fn upgrade_hands_over_the_listeners_without_failing_a_request() {
     .expect("wait");
     let (exited, old) = exited;
     assert!(exited, "the old process did not exit; log:\n{}", old.log());
+    assert!(
+        old.log()
+            .contains("draining: replies now close their connections"),
+        "{}",
+        old.log()
+    );
     // Some traffic on the new process alone, then stop.
     tokio::time::sleep(Duration::from_millis(500)).await;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
