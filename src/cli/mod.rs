@@ -68,7 +68,7 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8000")]
         listen: String,
         #[command(flatten)]
-        options: SimOptions,
+        options: Box<SimOptions>,
         #[command(flatten)]
         tls: SimTls,
     },
@@ -121,7 +121,7 @@ pub fn main() -> i32 {
             listen,
             options,
             tls,
-        } => match crate::simulator::run_standalone(&listen, options, &tls) {
+        } => match crate::simulator::run_standalone(&listen, *options, &tls) {
             Ok(never) => match never {},
             Err(e) => fail(&format!("simulator on {listen}: {e}")),
         },
