@@ -39,5 +39,5 @@ if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import openai' >/dev/null
   echo "installing the openai Python package"
   python3 -m pip install -q --user openai 2>/dev/null \
     || python3 -m pip install -q --user --break-system-packages openai 2>/dev/null \
-    || echo "warning: could not install the openai Python package; its test will be skipped"
+    || { echo "cannot install the openai Python package (needed by tests/ops.rs)" >&2; exit 1; }
 fi
