@@ -34,7 +34,7 @@ if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
 fi
 
 # The OpenAI SDK test (tests/ops.rs) drives the gateway with the official `openai`
-# Python package; it is skipped when the package cannot be imported.
+# Python package, so it is installed here when missing.
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import openai' >/dev/null 2>&1; then
   echo "installing the openai Python package"
   python3 -m pip install -q --user openai 2>/dev/null \
