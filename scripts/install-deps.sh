@@ -14,6 +14,9 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import requests' >/dev/null 2>&1 || need+=(python3-requests)
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
   need+=(ca-certificates)
 fi

@@ -308,6 +308,8 @@ pub struct UpstreamSettings {
     pub tls: bool,
     /// SNI and certificate name; defaults to the endpoint host.
     pub sni: Option<String>,
+    /// PEM file of CA certificates to trust instead of the system's.
+    pub ca_file: Option<PathBuf>,
     /// `Host` header; defaults to the endpoint's `host[:port]`.
     pub host_header: Option<String>,
     /// Path prefix before `/chat/completions` (default `/v1`).
@@ -344,6 +346,7 @@ impl UpstreamSettings {
             endpoints,
             tls: false,
             sni: None,
+            ca_file: None,
             host_header: None,
             base_path: "/v1".into(),
             api_keys: Vec::new(),
@@ -914,6 +917,19 @@ impl Validator<'_> {
         let mut s = UpstreamSettings::with_defaults(name, endpoints);
         s.tls = u.tls;
         s.sni = u.sni;
+        if let Some(ca) = u.ca_file {
+            let full = self.resolve_path(&ca);
+            let mut store = pingora::tls::RootCertStore::empty();
+            let loaded = pingora::tls::load_ca_file_into_store(&full, &mut store);
+            if loaded.is_err() || store.is_empty() {
+                return Err(self.error(
+                    &format!("{key}.ca_file"),
+                    &ca.display().to_string(),
+                    format!("{} holds no usable PEM certificate", full.display()),
+                ));
+            }
+            s.ca_file = Some(full);
+        }
         s.host_header = u.host_header;
         if let Some(bp) = u.base_path {
             if !bp.starts_with('/') {

@@ -139,6 +139,7 @@ pub(super) struct RawUpstream {
     #[serde(default)]
     pub tls: bool,
     pub sni: Option<String>,
+    pub ca_file: Option<PathBuf>,
     pub host_header: Option<String>,
     pub base_path: Option<String>,
     pub api_keys_env: Option<String>,

@@ -121,7 +121,10 @@ impl Upstream {
             endpoints,
             schedule,
             cursor: AtomicUsize::new(0),
-            connector: Connector::new(Some(ConnectorOptions::new(keepalive_pool_size))),
+            connector: Connector::new(Some(ConnectorOptions {
+                ca_file: settings.ca_file.as_ref().map(|p| p.display().to_string()),
+                ..ConnectorOptions::new(keepalive_pool_size)
+            })),
             chat_path,
             settings,
         };
