@@ -22,7 +22,7 @@ python3 -c 'import sseclient' >/dev/null 2>&1 || python3 -m pip --version >/dev/
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
-fc-list :lang=zh 2>/dev/null | grep -q . || need+=(fonts-wqy-microhei)  # CJK text in screenshots
+[ -n "$(fc-list :lang=zh 2>/dev/null)" ] || need+=(fonts-wqy-microhei)  # CJK text in screenshots
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
   need+=(ca-certificates)
 fi

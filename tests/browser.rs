@@ -177,7 +177,10 @@ fn example_page_streams_from_another_origin_in_both_formats() {
     }
 
     // From an origin not in cors.allowed_origins the browser refuses the answer.
-    assert_eq!(foreign["status"], "Login failed: Failed to fetch", "{foreign}");
+    assert_eq!(
+        foreign["status"], "Login failed: Failed to fetch",
+        "{foreign}"
+    );
     assert_eq!(foreign["replies"], serde_json::json!([]), "{foreign}");
     assert!(
         foreign["problems"].to_string().contains("CORS policy"),

@@ -75,7 +75,9 @@ fn standard_sse_library_reads_the_stream_with_every_line_break() {
         .arg(script)
         .arg(format!("http://127.0.0.1:{}", demo.port))
         .output()
-        .expect("python3 must be installed (scripts/install-deps.sh installs it with sseclient-py)");
+        .expect(
+            "python3 must be installed (scripts/install-deps.sh installs it with sseclient-py)",
+        );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

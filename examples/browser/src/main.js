@@ -70,8 +70,6 @@ $('login').addEventListener('submit', async (e) => {
   }
 });
 
-class Fatal extends Error {}
-
 $('chat').addEventListener('submit', async (e) => {
   e.preventDefault();
   const text = $('message').value;
@@ -92,7 +90,7 @@ $('chat').addEventListener('submit', async (e) => {
       body: JSON.stringify(history),
       openWhenHidden: true, // a hidden tab must not restart the request
       async onopen(response) {
-        if (!response.ok) throw new Fatal(await errorText(response));
+        if (!response.ok) throw new Error(await errorText(response));
       },
       onmessage(ev) {
         if (ev.event === 'error') {
