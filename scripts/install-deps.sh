@@ -41,3 +41,12 @@ if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
   echo "installing Rust with rustup"
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy
 fi
+
+# The OpenAI SDK test (tests/ops.rs) drives the gateway with the official `openai`
+# Python package; it is skipped when the package cannot be imported.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import openai' >/dev/null 2>&1; then
+  echo "installing the openai Python package"
+  python3 -m pip install -q --user openai 2>/dev/null \
+    || python3 -m pip install -q --user --break-system-packages openai 2>/dev/null \
+    || { echo "cannot install the openai Python package (needed by tests/ops.rs)" >&2; exit 1; }
+fi

@@ -119,8 +119,9 @@ static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
-/// Registers every metric and sets the constant ones, so a scrape lists them
-/// all (at zero) before any traffic. Call once at start-up.
+/// Registers every metric and sets the constant ones (build info, the auth
+/// outcomes at zero); labelled series appear with their first use. Call once
+/// at start-up.
 pub fn init() {
     LazyLock::force(&REQUESTS);
     LazyLock::force(&REQUEST_DURATION);
@@ -307,7 +308,9 @@ impl ActiveStream {
 
 impl Drop for ActiveStream {
     fn drop(&mut self) {
-        ACTIVE_STREAMS.with_label_values(&[self.route.as_str()]).dec();
+        ACTIVE_STREAMS
+            .with_label_values(&[self.route.as_str()])
+            .dec();
     }
 }
 

@@ -14,6 +14,7 @@ use crate::auth::store::CredentialStore;
 use crate::auth::{open_store, Authenticator};
 use crate::config::Config;
 use crate::gateway::admin::AdminApp;
+use crate::gateway::drain::{DrainWatch, Draining};
 use crate::gateway::{ChatRoute, Gateway};
 use crate::upstream::health::HealthChecker;
 use crate::upstream::resolve::DnsRefresher;
@@ -91,7 +92,12 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
         .map(|r| (r.settings.path.clone(), r.upstream.clone()))
         .collect();
 
-    let gateway = Gateway::new(auth, routes, config.limits, config.cors.clone());
+    let draining = Draining::default();
+    server.add_service(background_service(
+        "drain watch",
+        DrainWatch::new(server.watch_execution_phase(), draining.clone()),
+    ));
+    let gateway = Gateway::new(auth, routes, config.limits, config.cors.clone(), draining);
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "chatgate");
     for addr in &config.listen {

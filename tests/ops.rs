@@ -118,11 +118,15 @@ async fn metrics_count_known_traffic_exactly() {
     for q in ["one", "two"] {
         assert_eq!(post(&s, "/chatCompletion", user(q)).await.status(), 200);
     }
-    let full = post(&s, "/chatCompletionStream", user("#sim chunk_size=2\nabcdefgh"))
-        .await
-        .text()
-        .await
-        .expect("stream");
+    let full = post(
+        &s,
+        "/chatCompletionStream",
+        user("#sim chunk_size=2\nabcdefgh"),
+    )
+    .await
+    .text()
+    .await
+    .expect("stream");
     assert!(full.ends_with("data: \n\n"), "{full}");
     let cut = post(
         &s,
@@ -266,7 +270,7 @@ async fn upstream_outcomes_and_retries_are_counted() {
     let redis = Redis::start();
     let mut cfg = GatewayConfig::redis(&redis, &[]);
     cfg.upstreams = upstream_block("main", &[flaky.addr()], "    retries: 2\n")
-        + &upstream_block("dead", &[refused.clone()], "    retries: 2\n")
+        + &upstream_block("dead", std::slice::from_ref(&refused), "    retries: 2\n")
         + "  slow:\n    endpoints: [\""
         + &slow.addr()
         + "\"]\n    first_byte_timeout: 200ms\n    retries: 0\n";
@@ -324,7 +328,10 @@ async fn upstream_outcomes_and_retries_are_counted() {
             &[("upstream", u)],
         )
     };
-    assert_eq!((retries("main"), retries("dead"), retries("slow")), (1.0, 2.0, 0.0));
+    assert_eq!(
+        (retries("main"), retries("dead"), retries("slow")),
+        (1.0, 2.0, 0.0)
+    );
     // Three failures in a row ejected the dead endpoint (it is its upstream's only one,
     // so it would still be tried).
     assert_eq!(
@@ -537,11 +544,21 @@ async fn a_dead_endpoint_fails_no_request_and_gets_traffic_back() {
     // Traffic returns to the restarted endpoint.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        assert_eq!(post(&s, "/chatCompletion", user("back?")).await.status(), 200);
-        if s.sims[0].stats().await["chat_requests"].as_u64().unwrap_or(0) > 0 {
+        assert_eq!(
+            post(&s, "/chatCompletion", user("back?")).await.status(),
+            200
+        );
+        if s.sims[0].stats().await["chat_requests"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "no traffic to the restarted endpoint");
+        assert!(
+            Instant::now() < deadline,
+            "no traffic to the restarted endpoint"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -562,7 +579,10 @@ async fn cors_preflight_and_replies_echo_the_allowed_origin() {
             .request(reqwest::Method::OPTIONS, s.gw.url(path))
             .header("origin", origin)
             .header("access-control-request-method", "POST")
-            .header("access-control-request-headers", "authorization, content-type")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
             .send()
     };
     let h = |r: &reqwest::Response, name: &str| {
@@ -586,9 +606,14 @@ async fn cors_preflight_and_replies_echo_the_allowed_origin() {
         assert_eq!(h(&r, "access-control-allow-credentials"), None);
     }
     // Another origin gets no permission; an unknown path is still 404.
-    let r = preflight("/auth", "https://evil.example").await.expect("preflight");
+    let r = preflight("/auth", "https://evil.example")
+        .await
+        .expect("preflight");
     assert_eq!(h(&r, "access-control-allow-origin"), None);
-    assert_eq!(preflight("/nope", page).await.expect("preflight").status(), 404);
+    assert_eq!(
+        preflight("/nope", page).await.expect("preflight").status(),
+        404
+    );
 
     // The page logs in and streams; each reply echoes its origin, never `*`.
     let r = client()
@@ -661,7 +686,7 @@ async fn openai_route_passes_replies_through_byte_for_byte() {
     let sim = &s.sims[0];
     let body = json!({
         "model": "test-model",
-        "messages": [{"role": "user", "content": "#sim chunk_size=3\nPass 你好 through\r\nexactly"}],
+        "messages": [{"role": "user", "content": "#sim chunk_size=3 chunk_delay_ms=30\nPass 你好 through\r\nexactly"}],
         "stream": true,
         "stream_options": {"include_usage": true},
         "temperature": 0.25
@@ -769,7 +794,10 @@ async fn openai_route_cuts_the_client_when_the_upstream_breaks_off() {
     let result = resp.bytes().await;
     assert!(result.is_err(), "a broken stream looked complete");
     let m = metrics_when(&s.gw, |m| {
-        m.sum("chatgate_requests_total", &[("route", "/v1/chat/completions")]) >= 1.0
+        m.sum(
+            "chatgate_requests_total",
+            &[("route", "/v1/chat/completions")],
+        ) >= 1.0
     })
     .await;
     assert_eq!(m.sum("chatgate_active_streams", &[]), 0.0);
@@ -781,10 +809,10 @@ async fn openai_python_sdk_completes_and_streams() {
         .args(["-c", "import openai"])
         .output()
         .is_ok_and(|o| o.status.success());
-    if !has_sdk {
-        eprintln!("skipped: python3 with the openai package is not installed (scripts/install-deps.sh installs it)");
-        return;
-    }
+    assert!(
+        has_sdk,
+        "python3 with the openai package is required (scripts/install-deps.sh installs it)"
+    );
     let s = setup().await;
     let script = r##"
 import sys
@@ -814,7 +842,10 @@ print("stream:" + "".join(parts) + ":%d" % len(parts))
     );
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines[0], "complete:hello sdk");
-    assert!(lines[1].starts_with("usage:") && lines[1] != "usage:0", "{stdout}");
+    assert!(
+        lines[1].starts_with("usage:") && lines[1] != "usage:0",
+        "{stdout}"
+    );
     assert_eq!(lines[2], "stream:streamed sdk:6");
 }
 
@@ -841,7 +872,9 @@ async fn upgrade_hands_over_the_listeners_without_failing_a_request() {
                 client()
                     .post(url)
                     .header("authorization", format!("Bearer {token}"))
-                    .body(user(&format!("#sim chunk_size=1 chunk_delay_ms=100\n{text}")))
+                    .body(user(&format!(
+                        "#sim chunk_size=1 chunk_delay_ms=100\n{text}"
+                    )))
                     .send()
                     .await
                     .map_err(|e| e.to_string())?
@@ -893,6 +926,12 @@ async fn upgrade_hands_over_the_listeners_without_failing_a_request() {
     .expect("wait");
     let (exited, old) = exited;
     assert!(exited, "the old process did not exit; log:\n{}", old.log());
+    assert!(
+        old.log()
+            .contains("draining: replies now close their connections"),
+        "{}",
+        old.log()
+    );
     // Some traffic on the new process alone, then stop.
     tokio::time::sleep(Duration::from_millis(500)).await;
     done.store(true, std::sync::atomic::Ordering::Relaxed);

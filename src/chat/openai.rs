@@ -110,7 +110,10 @@ mod tests {
             (b"nope", "body is not valid JSON"),
             (b"[]", "body is not a JSON object"),
             (br#"{"model":"gpt-4o"}"#, "messages is missing"),
-            (br#"{"model":"gpt-4o","messages":[]}"#, "messages must not be empty"),
+            (
+                br#"{"model":"gpt-4o","messages":[]}"#,
+                "messages must not be empty",
+            ),
             (
                 br#"{"model":"gpt-4o","messages":[{}],"stream":"yes"}"#,
                 "stream is not a boolean",
@@ -133,7 +136,8 @@ mod tests {
 
     #[test]
     fn usage_of_a_reply() {
-        let body = br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        let body =
+            br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
         assert_eq!(
             reply_usage(body),
             Some(Usage {

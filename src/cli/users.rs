@@ -155,8 +155,10 @@ async fn execute(
             Ok(format!("user {name} enabled"))
         }
         UsersCommand::Revoke { name, .. } => {
+            // Tokens carry whole seconds: one issued earlier in this same
+            // second must die too, so the cut-off is the next second.
             store
-                .revoke_tokens(&name, now_secs())
+                .revoke_tokens(&name, now_secs() + 1)
                 .await
                 .map_err(store_err)?;
             Ok(format!("tokens of {name} issued until now are revoked"))

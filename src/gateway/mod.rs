@@ -29,6 +29,7 @@ pub mod admin;
 mod body;
 mod chat_route;
 mod cors;
+pub mod drain;
 mod login_route;
 mod openai_route;
 mod reply;
@@ -63,6 +64,7 @@ pub struct Gateway {
     routes: HashMap<String, Arc<ChatRoute>>,
     limits: Limits,
     cors: Option<CorsSettings>,
+    draining: drain::Draining,
 }
 
 impl Gateway {
@@ -72,6 +74,7 @@ impl Gateway {
         routes: Vec<ChatRoute>,
         limits: Limits,
         cors: Option<CorsSettings>,
+        draining: drain::Draining,
     ) -> Self {
         Gateway {
             auth,
@@ -81,6 +84,7 @@ impl Gateway {
                 .collect(),
             limits,
             cors,
+            draining,
         }
     }
 }
@@ -164,6 +168,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         ctx.request_id = request_id(session);
+        if self.draining.is_set() {
+            session.set_keepalive(None);
+        }
         let path = session.req_header().uri.path().to_string();
         let is_post = session.req_header().method == http::Method::POST;
         if let Some(cors) = &self.cors {
@@ -237,7 +244,12 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _e: &pingora::Error) -> bool {
+    fn suppress_error_log(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+        _e: &pingora::Error,
+    ) -> bool {
         ctx.abort
     }
 

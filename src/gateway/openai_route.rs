@@ -147,7 +147,13 @@ async fn pass_stream(
             piece = tokio::time::timeout_at(wait_until.into(), open.read_chunk()) => piece,
         };
         let piece = match piece {
-            Err(_) => break Some(timeout_cause(deadline, upstream.settings.total_timeout, idle)),
+            Err(_) => {
+                break Some(timeout_cause(
+                    deadline,
+                    upstream.settings.total_timeout,
+                    idle,
+                ))
+            }
             Ok(Err(e)) => break Some(e.to_string()),
             Ok(Ok(None)) => {
                 if session.write_response_body(None, true).await.is_err() {

@@ -164,18 +164,14 @@ async fn check_upstream(upstream: Arc<Upstream>, mut shutdown: ShutdownWatch) {
             _ = shutdown.changed() => return,
             _ = ticker.tick() => {}
         }
-        let results = futures::future::join_all(
-            upstream
-                .endpoints
-                .iter()
-                .zip(&probes)
-                .map(|(e, hc)| async move {
-                    match hc {
-                        Some(hc) => check_once(e, hc, check.timeout).await,
-                        None => false,
-                    }
-                }),
-        )
+        let results = futures::future::join_all(upstream.endpoints.iter().zip(&probes).map(
+            |(e, hc)| async move {
+                match hc {
+                    Some(hc) => check_once(e, hc, check.timeout).await,
+                    None => false,
+                }
+            },
+        ))
         .await;
         for (e, up) in upstream.endpoints.iter().zip(results) {
             if e.health.observe_check(up) {

@@ -39,6 +39,26 @@ pub fn wait_for_port(port: u16, within: Duration) -> bool {
     false
 }
 
+/// `redis-server` on `port` with nothing saved to disk, its files in `dir`.
+fn redis_server(port: u16, dir: &Path) -> Command {
+    let mut cmd = Command::new("redis-server");
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ])
+    .arg("--dir")
+    .arg(dir)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    cmd
+}
+
 fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -65,21 +85,7 @@ impl Redis {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let child = redis_server(self.port, self.dir.path())
             .spawn()
             .expect("redis-server must be installed (the README's test command installs it)");
         self.child = Some(child);
@@ -436,11 +442,13 @@ impl Drop for Upgraded {
     }
 }
 
+/// One series of a scrape: metric name, sorted label pairs, value.
+type Series = (String, Vec<(String, String)>, f64);
+
 /// A parsed Prometheus text scrape: one value per series.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
-    /// (metric name, sorted label pairs, value).
-    series: Vec<(String, Vec<(String, String)>, f64)>,
+    series: Vec<Series>,
     /// The raw text, for failure messages.
     pub text: String,
 }
@@ -449,7 +457,10 @@ impl Metrics {
     /// Parses the text format (label values without escaped quotes suffice here).
     pub fn parse(text: &str) -> Metrics {
         let mut series = Vec::new();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let (head, value) = line.rsplit_once(' ').expect("series line");
             let value: f64 = value.parse().expect("series value");
             let (name, labels) = match head.split_once('{') {
@@ -596,22 +607,8 @@ impl RedisCluster {
         for port in &ports {
             let node_dir = dir.path().join(port.to_string());
             std::fs::create_dir_all(&node_dir).expect("node dir");
-            let child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
+            let child = redis_server(*port, &node_dir)
                 .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
-                .arg("--dir")
-                .arg(&node_dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
                 .spawn()
                 .expect("redis-server");
             children.push(child);
