@@ -2,6 +2,7 @@
 # Installs what building and testing chatgate needs on Debian/Ubuntu, only
 # what is missing: a C toolchain and cmake (Pingora's zlib-ng), redis-server
 # (the tests start their own), and Rust via rustup when cargo is absent.
+# The client tests add sseclient-py (pip), Node.js with npm and Chromium.
 set -euo pipefail
 
 SUDO=""
@@ -17,6 +18,11 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import requests' >/dev/null 2>&1 || need+=(python3-requests)
+python3 -c 'import sseclient' >/dev/null 2>&1 || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+[ -n "$(fc-list :lang=zh 2>/dev/null)" ] || need+=(fonts-wqy-microhei)  # CJK text in screenshots
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
   need+=(ca-certificates)
 fi
@@ -26,6 +32,9 @@ if [ "${#need[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+
+python3 -c 'import sseclient' >/dev/null 2>&1 ||
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q sseclient-py==1.9.0
 
 # The Debian redis-server package starts a service on 6379; the tests never use it.
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
