@@ -18,7 +18,7 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import requests' >/dev/null 2>&1 || need+=(python3-requests)
-python3 -c 'import sseclient' >/dev/null 2>&1 || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
@@ -33,20 +33,20 @@ if [ "${#need[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-python3 -c 'import sseclient' >/dev/null 2>&1 ||
-  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q sseclient-py==1.9.0
-
 # The Debian redis-server package starts a service on 6379; the tests never use it.
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
   echo "installing Rust with rustup"
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy
 fi
 
-# The OpenAI SDK test (tests/ops.rs) drives the gateway with the official `openai`
-# Python package, so it is installed here when missing.
-if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import openai' >/dev/null 2>&1; then
-  echo "installing the openai Python package"
-  python3 -m pip install -q --user openai 2>/dev/null \
-    || python3 -m pip install -q --user --break-system-packages openai 2>/dev/null \
-    || { echo "cannot install the openai Python package (needed by tests/ops.rs)" >&2; exit 1; }
+# Python packages the client tests drive the gateway with (tests/clients.rs:
+# sseclient-py; tests/ops.rs: the official openai SDK), from PyPI when missing.
+py_missing=()
+python3 -c 'import sseclient' >/dev/null 2>&1 || py_missing+=(sseclient-py==1.9.0)
+python3 -c 'import openai' >/dev/null 2>&1 || py_missing+=(openai)
+if [ "${#py_missing[@]}" -gt 0 ]; then
+  user_flag=()
+  if [ "$(id -u)" -ne 0 ]; then user_flag=(--user); fi
+  echo "installing Python packages: ${py_missing[*]}"
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q "${user_flag[@]}" "${py_missing[@]}"
 fi
