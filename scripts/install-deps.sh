@@ -2,6 +2,7 @@
 # Installs what building and testing chatgate needs on Debian/Ubuntu, only
 # what is missing: a C toolchain and cmake (Pingora's zlib-ng), redis-server
 # (the tests start their own), and Rust via rustup when cargo is absent.
+# The client tests add sseclient-py (pip), Node.js with npm and Chromium.
 set -euo pipefail
 
 SUDO=""
@@ -14,6 +15,14 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import requests' >/dev/null 2>&1 || need+=(python3-requests)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+[ -n "$(fc-list :lang=zh 2>/dev/null)" ] || need+=(fonts-wqy-microhei)  # CJK text in screenshots
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
   need+=(ca-certificates)
 fi
@@ -28,4 +37,16 @@ fi
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
   echo "installing Rust with rustup"
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy
+fi
+
+# Python packages the client tests drive the gateway with (tests/clients.rs:
+# sseclient-py; tests/ops.rs: the official openai SDK), from PyPI when missing.
+py_missing=()
+python3 -c 'import sseclient' >/dev/null 2>&1 || py_missing+=(sseclient-py==1.9.0)
+python3 -c 'import openai' >/dev/null 2>&1 || py_missing+=(openai)
+if [ "${#py_missing[@]}" -gt 0 ]; then
+  user_flag=()
+  if [ "$(id -u)" -ne 0 ]; then user_flag=(--user); fi
+  echo "installing Python packages: ${py_missing[*]}"
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q "${user_flag[@]}" "${py_missing[@]}"
 fi

@@ -1,6 +1,6 @@
 //! Assembling the Pingora server from a validated [`Config`]: the public
-//! gateway service, the admin listener, background DNS refresh, and any extra
-//! services (the demo's simulator).
+//! gateway service, the admin listener, background DNS refresh and health
+//! checks, and any extra services (the demo's simulator).
 
 use std::sync::Arc;
 
@@ -14,8 +14,10 @@ use crate::auth::store::CredentialStore;
 use crate::auth::{open_store_shared, Authenticator};
 use crate::config::Config;
 use crate::gateway::admin::AdminApp;
+use crate::gateway::drain::{DrainWatch, Draining};
 use crate::gateway::{ChatRoute, Gateway};
 use crate::limits::Limiter;
+use crate::upstream::health::HealthChecker;
 use crate::upstream::resolve::DnsRefresher;
 use crate::upstream::Upstream;
 
@@ -56,6 +58,7 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
         nocapture: false,
         conf: None,
     };
+    crate::metrics::init();
     let mut server = Server::new_with_opt_and_conf(opt, config.server.server_conf());
     server.bootstrap();
 
@@ -90,7 +93,19 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
         .map(|r| (r.settings.path.clone(), r.upstream.clone()))
         .collect();
 
-    let gateway = Gateway::new(auth, routes, config.limits, limiter);
+    let draining = Draining::default();
+    server.add_service(background_service(
+        "drain watch",
+        DrainWatch::new(server.watch_execution_phase(), draining.clone()),
+    ));
+    let gateway = Gateway::new(
+        auth,
+        routes,
+        config.limits,
+        config.cors.clone(),
+        draining,
+        limiter,
+    );
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "chatgate");
     for addr in &config.listen {
@@ -101,10 +116,14 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
     if let Some(addr) = &config.admin_listen {
         let mut admin = Service::new(
             "chatgate admin".to_string(),
-            AdminApp::new(store, admin_routes),
+            AdminApp::new(store, admin_routes, upstreams.clone()),
         );
         admin.add_tcp(addr);
         server.add_service(admin);
+    }
+    let checker = HealthChecker::new(upstreams.clone());
+    if checker.is_needed() {
+        server.add_service(background_service("health checks", checker));
     }
     let refresher = DnsRefresher::new(upstreams);
     if refresher.is_needed() {

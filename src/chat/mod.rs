@@ -2,6 +2,7 @@
 //! OpenAI request, the non-streaming reply, and the SSE transcoding of streamed replies.
 //! Nothing here does I/O; the gateway glue feeds bytes in and writes bytes out.
 
+pub mod openai;
 pub mod reply;
 pub mod request;
 pub mod sse_in;

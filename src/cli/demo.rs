@@ -15,7 +15,7 @@ use crate::config::{
     RouteSettings, Secret, ServerSettings, UpstreamSettings,
 };
 use crate::server::{self, Extras, ProcessFlags};
-use crate::simulator::{simulator_service, SimOptions};
+use crate::simulator::{simulator_service, SimOptions, SimTls};
 
 /// The seed document's example account.
 const DEMO_USER: &str = "temporary_user";
@@ -46,7 +46,15 @@ pub fn run(args: DemoArgs) -> i32 {
     };
     banner(&args.listen);
     let conf = Arc::new(config.server.server_conf());
-    let sim = simulator_service(&conf, &args.simulator_listen, SimOptions::default());
+    let sim = match simulator_service(
+        &conf,
+        &args.simulator_listen,
+        SimOptions::default(),
+        &SimTls::default(),
+    ) {
+        Ok(sim) => sim,
+        Err(e) => return super::fail(&format!("simulator: {e}")),
+    };
     let extras = Extras {
         services: vec![Box::new(sim)],
         store: Some(store),
@@ -75,6 +83,7 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
         kind,
         upstream: 0,
         model: "chatgate-simulator".into(),
+        allowed_models: Vec::new(),
         system_prompt: Some(SYSTEM_PROMPT.into()),
         params: serde_json::Map::new(),
         data_format: DataFormat::Text,
@@ -118,6 +127,7 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
             route("/chatCompletion", RouteKind::Chat),
             route("/chatCompletionStream", RouteKind::ChatStream),
         ],
+        cors: None,
     })
 }
 

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, RouteKind};
 use crate::server::{self, ProcessFlags};
-use crate::simulator::SimOptions;
+use crate::simulator::{SimOptions, SimTls};
 
 /// chatgate — an LLM API gateway on Pingora.
 #[derive(Debug, Parser)]
@@ -68,7 +68,9 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8000")]
         listen: String,
         #[command(flatten)]
-        options: SimOptions,
+        options: Box<SimOptions>,
+        #[command(flatten)]
+        tls: SimTls,
     },
 }
 
@@ -115,12 +117,14 @@ pub fn main() -> i32 {
         },
         Command::Users { action } => users::run(action),
         Command::Demo(args) => demo::run(args),
-        Command::Simulate { listen, options } => {
-            match crate::simulator::run_standalone(&listen, options) {
-                Ok(never) => match never {},
-                Err(e) => fail(&format!("simulator on {listen}: {e}")),
-            }
-        }
+        Command::Simulate {
+            listen,
+            options,
+            tls,
+        } => match crate::simulator::run_standalone(&listen, *options, &tls) {
+            Ok(never) => match never {},
+            Err(e) => fail(&format!("simulator on {listen}: {e}")),
+        },
     }
 }
 
@@ -193,10 +197,16 @@ pub fn summary(c: &Config) -> String {
         let kind = match r.kind {
             RouteKind::Chat => "chat",
             RouteKind::ChatStream => "chat_stream",
+            RouteKind::Openai => "openai",
+        };
+        let model = if r.allowed_models.is_empty() {
+            r.model.clone()
+        } else {
+            format!("one of {}", r.allowed_models.join(", "))
         };
         out += &format!(
             "route POST {} ({kind}) -> {} model {}\n",
-            r.path, c.upstreams[r.upstream].name, r.model
+            r.path, c.upstreams[r.upstream].name, model
         );
     }
     out

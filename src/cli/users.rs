@@ -176,6 +176,8 @@ async fn execute(
             Ok(format!("user {name} enabled"))
         }
         UsersCommand::Revoke { name, .. } => {
+            // Tokens carry whole seconds: one issued earlier in this same
+            // second must die too, so the cut-off is the next second.
             store
                 .revoke_tokens(&name, revocation_time(now_secs()))
                 .await

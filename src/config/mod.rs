@@ -95,6 +95,45 @@ pub struct Config {
     pub upstreams: Vec<Arc<UpstreamSettings>>,
     /// Chat routes in file order.
     pub routes: Vec<RouteSettings>,
+    /// Cross-origin rules of the public listener; `None`: no CORS headers.
+    pub cors: Option<CorsSettings>,
+}
+
+/// Which browser origins may call the public listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorsSettings {
+    /// Exact origins (`https://app.example.com`), compared case-insensitively.
+    pub allowed_origins: Vec<String>,
+    /// `*` was listed: every origin is allowed (and echoed, never `*`).
+    pub any_origin: bool,
+    /// Request headers a page may send; always includes `Authorization`, `Content-Type`.
+    pub allowed_headers: Vec<String>,
+    /// How long a browser may cache a preflight answer.
+    pub max_age: Duration,
+    /// Send `Access-Control-Allow-Credentials: true` (cookies or TLS client certificates).
+    pub allow_credentials: bool,
+}
+
+impl CorsSettings {
+    /// Whether a page from `origin` may call.
+    pub fn allows(&self, origin: &str) -> bool {
+        self.any_origin
+            || self
+                .allowed_origins
+                .iter()
+                .any(|o| o.eq_ignore_ascii_case(origin))
+    }
+}
+
+/// An active HTTP health check of every endpoint of an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckSettings {
+    /// Path requested with `GET`; any status below 500 counts as healthy.
+    pub path: String,
+    /// Time between checks.
+    pub interval: Duration,
+    /// How long one check may take.
+    pub timeout: Duration,
 }
 
 /// The subset of Pingora's `ServerConf` an operator sets.
@@ -277,6 +316,8 @@ pub struct UpstreamSettings {
     pub tls: bool,
     /// SNI and certificate name; defaults to the endpoint host.
     pub sni: Option<String>,
+    /// PEM file of CA certificates to trust instead of the system's.
+    pub ca_file: Option<PathBuf>,
     /// `Host` header; defaults to the endpoint's `host[:port]`.
     pub host_header: Option<String>,
     /// Path prefix before `/chat/completions` (default `/v1`).
@@ -297,6 +338,12 @@ pub struct UpstreamSettings {
     pub key_cooldown: Duration,
     /// How often host names are resolved again.
     pub dns_refresh: Duration,
+    /// Active health check, if configured.
+    pub health_check: Option<HealthCheckSettings>,
+    /// Failed calls in a row (connect error, timeout, 5xx) that eject an endpoint; 0: never.
+    pub eject_after_failures: u32,
+    /// How long an ejected endpoint gets no traffic.
+    pub eject_cooldown: Duration,
 }
 
 impl UpstreamSettings {
@@ -307,6 +354,7 @@ impl UpstreamSettings {
             endpoints,
             tls: false,
             sni: None,
+            ca_file: None,
             host_header: None,
             base_path: "/v1".into(),
             api_keys: Vec::new(),
@@ -320,6 +368,9 @@ impl UpstreamSettings {
             retry_backoff_max: Duration::from_secs(5),
             key_cooldown: Duration::from_secs(30),
             dns_refresh: Duration::from_secs(60),
+            health_check: None,
+            eject_after_failures: 3,
+            eject_cooldown: Duration::from_secs(10),
         }
     }
 }
@@ -331,6 +382,8 @@ pub enum RouteKind {
     Chat,
     /// Server-Sent Events.
     ChatStream,
+    /// OpenAI chat-completions bodies passed through, model policy applied.
+    Openai,
 }
 
 /// A chat route.
@@ -341,8 +394,11 @@ pub struct RouteSettings {
     pub kind: RouteKind,
     /// Index into [`Config::upstreams`].
     pub upstream: usize,
-    /// Model name sent upstream.
+    /// Model name sent upstream; on `openai` routes the forced model, or
+    /// empty when the client's choice among `allowed_models` is kept.
     pub model: String,
+    /// `openai` routes: the models a client may ask for (empty: `model` is forced).
+    pub allowed_models: Vec<String>,
     /// Prepended as a system message when the client sent none.
     pub system_prompt: Option<String>,
     /// Extra OpenAI request fields (`temperature`, `max_tokens`, ...).
@@ -555,9 +611,36 @@ impl Validator<'_> {
                     ),
                 ));
             };
-            if r.model.trim().is_empty() {
-                return Err(self.error(&format!("{key}.model"), "model:", "must not be empty"));
-            }
+            let (model, allowed_models) = match (r.kind, r.model, r.models) {
+                (RawRouteKind::Openai, None, Some(models)) => {
+                    if models.is_empty() || models.iter().any(|m| m.trim().is_empty()) {
+                        return Err(self.error(
+                            &format!("{key}.models"),
+                            "models:",
+                            "list at least one model, none empty",
+                        ));
+                    }
+                    (String::new(), models)
+                }
+                (_, Some(model), None) if !model.trim().is_empty() => (model, Vec::new()),
+                (_, Some(_), None) => {
+                    return Err(self.error(&format!("{key}.model"), "model:", "must not be empty"))
+                }
+                (RawRouteKind::Openai, _, _) => {
+                    return Err(self.error(
+                        &key,
+                        &r.path,
+                        "an openai route needs exactly one of `model` (forced) or `models` (allowed list)",
+                    ))
+                }
+                (_, _, _) => {
+                    return Err(self.error(
+                        &format!("{key}.model"),
+                        &r.path,
+                        "a chat route needs `model` (and no `models`)",
+                    ))
+                }
+            };
             if let Some(reserved) = RESERVED_PARAMS.iter().find(|k| r.params.contains_key(**k)) {
                 return Err(self.error(
                     &format!("{key}.params"),
@@ -574,9 +657,11 @@ impl Validator<'_> {
                 kind: match r.kind {
                     RawRouteKind::Chat => RouteKind::Chat,
                     RawRouteKind::ChatStream => RouteKind::ChatStream,
+                    RawRouteKind::Openai => RouteKind::Openai,
                 },
                 upstream,
-                model: r.model,
+                model,
+                allowed_models,
                 system_prompt: r.system_prompt.filter(|s| !s.is_empty()),
                 params: r.params,
                 data_format: r.data_format.unwrap_or_default(),
@@ -598,7 +683,9 @@ impl Validator<'_> {
                 "must be greater than 0",
             ));
         }
+        let cors = raw.cors.map(|c| self.cors(c)).transpose()?;
         Ok(Config {
+            cors,
             source: self.file.to_string(),
             listen: raw.listen,
             admin_listen: raw.admin_listen,
@@ -643,6 +730,59 @@ impl Validator<'_> {
             usage_retention: r.usage_retention.map_or(d.usage_retention, |u| u.0),
             login_per_username: login(r.auth.failures_per_username, d.login_per_username),
             login_per_ip: login(r.auth.failures_per_ip, d.login_per_ip),
+        })
+    }
+
+    fn cors(&self, c: raw::RawCors) -> Result<CorsSettings, ConfigError> {
+        let any_origin = c.allowed_origins.iter().any(|o| o == "*");
+        let allow_credentials = c.allow_credentials.unwrap_or(false);
+        if any_origin && allow_credentials {
+            return Err(self.error(
+                "cors.allow_credentials",
+                "allow_credentials",
+                "credentials cannot be allowed for every origin (`*`); list the origins",
+            ));
+        }
+        let mut allowed_origins = Vec::new();
+        for o in c.allowed_origins.into_iter().filter(|o| o != "*") {
+            let valid = (o.starts_with("http://") || o.starts_with("https://"))
+                && !o.ends_with('/')
+                && o.bytes().all(|b| b.is_ascii_graphic());
+            if !valid {
+                return Err(self.error(
+                    "cors.allowed_origins",
+                    &o,
+                    format!("{o:?} is not an origin like https://app.example.com (scheme, host, optional port, no path)"),
+                ));
+            }
+            allowed_origins.push(o);
+        }
+        if allowed_origins.is_empty() && !any_origin {
+            return Err(self.error(
+                "cors.allowed_origins",
+                "allowed_origins",
+                "list at least one origin (or \"*\")",
+            ));
+        }
+        let mut allowed_headers = vec!["Authorization".to_string(), "Content-Type".to_string()];
+        for h in c.allowed_headers.unwrap_or_default() {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(self.error(
+                    "cors.allowed_headers",
+                    &h,
+                    format!("{h:?} is not a header name"),
+                ));
+            }
+            if !allowed_headers.iter().any(|a| a.eq_ignore_ascii_case(&h)) {
+                allowed_headers.push(h);
+            }
+        }
+        Ok(CorsSettings {
+            allowed_origins,
+            any_origin,
+            allowed_headers,
+            max_age: c.max_age.map_or(Duration::from_secs(600), |d| d.0),
+            allow_credentials,
         })
     }
 
@@ -862,6 +1002,19 @@ impl Validator<'_> {
         let mut s = UpstreamSettings::with_defaults(name, endpoints);
         s.tls = u.tls;
         s.sni = u.sni;
+        if let Some(ca) = u.ca_file {
+            let full = self.resolve_path(&ca);
+            let mut store = pingora::tls::RootCertStore::empty();
+            let loaded = pingora::tls::load_ca_file_into_store(&full, &mut store);
+            if loaded.is_err() || store.is_empty() {
+                return Err(self.error(
+                    &format!("{key}.ca_file"),
+                    &ca.display().to_string(),
+                    format!("{} holds no usable PEM certificate", full.display()),
+                ));
+            }
+            s.ca_file = Some(full);
+        }
         s.host_header = u.host_header;
         if let Some(bp) = u.base_path {
             if !bp.starts_with('/') {
@@ -923,6 +1076,30 @@ impl Validator<'_> {
         set(&mut s.key_cooldown, u.key_cooldown);
         set(&mut s.dns_refresh, u.dns_refresh);
         s.retries = u.retries.unwrap_or(s.retries);
+        s.eject_after_failures = u.eject_after_failures.unwrap_or(s.eject_after_failures);
+        set(&mut s.eject_cooldown, u.eject_cooldown);
+        if let Some(hc) = u.health_check {
+            if !hc.path.starts_with('/') {
+                return Err(self.error(
+                    &format!("{key}.health_check.path"),
+                    &hc.path,
+                    "must start with '/'",
+                ));
+            }
+            let check = HealthCheckSettings {
+                path: hc.path,
+                interval: hc.interval.map_or(Duration::from_secs(10), |d| d.0),
+                timeout: hc.timeout.map_or(Duration::from_secs(2), |d| d.0),
+            };
+            if check.interval.is_zero() || check.timeout.is_zero() {
+                return Err(self.error(
+                    &format!("{key}.health_check"),
+                    "health_check",
+                    "interval and timeout must be greater than 0",
+                ));
+            }
+            s.health_check = Some(check);
+        }
         for (field, d) in [
             ("connect_timeout", s.connect_timeout),
             ("first_byte_timeout", s.first_byte_timeout),

@@ -28,6 +28,17 @@ pub(super) struct RawConfig {
     pub upstreams: BTreeMap<String, RawUpstream>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub cors: Option<RawCors>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCors {
+    pub allowed_origins: Vec<String>,
+    pub allowed_headers: Option<Vec<String>>,
+    pub max_age: Option<ConfigDuration>,
+    pub allow_credentials: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +187,7 @@ pub(super) struct RawUpstream {
     #[serde(default)]
     pub tls: bool,
     pub sni: Option<String>,
+    pub ca_file: Option<PathBuf>,
     pub host_header: Option<String>,
     pub base_path: Option<String>,
     pub api_keys_env: Option<String>,
@@ -190,6 +202,17 @@ pub(super) struct RawUpstream {
     pub retry_backoff_max: Option<ConfigDuration>,
     pub key_cooldown: Option<ConfigDuration>,
     pub dns_refresh: Option<ConfigDuration>,
+    pub health_check: Option<RawHealthCheck>,
+    pub eject_after_failures: Option<u32>,
+    pub eject_cooldown: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealthCheck {
+    pub path: String,
+    pub interval: Option<ConfigDuration>,
+    pub timeout: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -197,6 +220,7 @@ pub(super) struct RawUpstream {
 pub(super) enum RawRouteKind {
     Chat,
     ChatStream,
+    Openai,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,7 +229,8 @@ pub(super) struct RawRoute {
     pub path: String,
     pub kind: RawRouteKind,
     pub upstream: String,
-    pub model: String,
+    pub model: Option<String>,
+    pub models: Option<Vec<String>>,
     pub system_prompt: Option<String>,
     #[serde(default)]
     pub params: serde_json::Map<String, serde_json::Value>,

@@ -1,6 +1,7 @@
-//! The operations listener: `/healthz` (the process serves) and `/readyz`
-//! (the credential store answers and every route has an endpoint with a known
-//! address). Kept apart from the public listener so it can stay private.
+//! The operations listener: `/healthz` (the process serves), `/readyz` (the
+//! credential store answers and every route has an endpoint that is up) and
+//! `/metrics` (Prometheus text). Kept apart from the public listener so it can
+//! stay private.
 
 use std::sync::Arc;
 
@@ -11,6 +12,8 @@ use pingora::protocols::http::ServerSession;
 
 use crate::auth::store::CredentialStore;
 use crate::error::{error_body, json_object1};
+use crate::metrics;
+use crate::upstream::health;
 use crate::upstream::Upstream;
 
 /// Answers the operations endpoints.
@@ -18,12 +21,22 @@ pub struct AdminApp {
     store: Arc<dyn CredentialStore>,
     /// (route path, its upstream) for the readiness check.
     routes: Vec<(String, Arc<Upstream>)>,
+    /// Every upstream, for the endpoint gauges.
+    upstreams: Vec<Arc<Upstream>>,
 }
 
 impl AdminApp {
     /// An admin app checking this store and these routes.
-    pub fn new(store: Arc<dyn CredentialStore>, routes: Vec<(String, Arc<Upstream>)>) -> Self {
-        AdminApp { store, routes }
+    pub fn new(
+        store: Arc<dyn CredentialStore>,
+        routes: Vec<(String, Arc<Upstream>)>,
+        upstreams: Vec<Arc<Upstream>>,
+    ) -> Self {
+        AdminApp {
+            store,
+            routes,
+            upstreams,
+        }
     }
 
     async fn readiness(&self) -> Result<(), String> {
@@ -32,9 +45,13 @@ impl AdminApp {
             .await
             .map_err(|e| format!("credential store unreachable: {e}"))?;
         for (path, upstream) in &self.routes {
-            if !upstream.endpoints.iter().any(|e| e.socket_addr().is_some()) {
+            if !upstream
+                .endpoints
+                .iter()
+                .any(|e| e.health.is_up() && e.socket_addr().is_some())
+            {
                 return Err(format!(
-                    "route {path}: no endpoint of upstream {} has an address",
+                    "route {path}: no endpoint of upstream {} is up",
                     upstream.name()
                 ));
             }
@@ -44,12 +61,17 @@ impl AdminApp {
 }
 
 fn json(status: u16, body: Vec<u8>) -> Response<Vec<u8>> {
+    reply(status, body, "application/json")
+}
+
+fn reply(status: u16, body: Vec<u8>, content_type: &str) -> Response<Vec<u8>> {
     let mut resp = Response::new(body);
     *resp.status_mut() =
         http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
+        http::HeaderValue::from_str(content_type)
+            .unwrap_or(http::HeaderValue::from_static("text/plain")),
     );
     let len = resp.body().len();
     resp.headers_mut()
@@ -67,6 +89,11 @@ impl ServeHttp for AdminApp {
                 Ok(()) => json(200, json_object1("status", "ready")),
                 Err(reason) => json(503, error_body(&format!("Not ready: {reason}"))),
             },
+            "/metrics" => {
+                health::publish(&self.upstreams);
+                let (body, content_type) = metrics::render();
+                reply(200, body, &content_type)
+            }
             _ => json(404, error_body("Not found")),
         }
     }

@@ -17,6 +17,7 @@ use crate::chat::stream::{StreamStatus, StreamTranscoder};
 use crate::config::RouteKind;
 use crate::error::{json_object1, upstream_failure_message, ApiError};
 use crate::limits::{estimate_tokens, Limiter};
+use crate::metrics::ActiveStream;
 use crate::upstream::{OpenResponse, UpstreamError};
 
 /// Largest non-streaming upstream reply accepted.
@@ -142,6 +143,8 @@ async fn stream_reply(
 ) {
     let settings = &route.settings;
     let upstream = &route.upstream;
+    // Counted in chatgate_active_streams until dropped, on every way out.
+    let mut active = ActiveStream::start(&settings.path);
     ctx.status = 200;
     let mut out = BytesMut::with_capacity(4096);
     let mut transcoder = StreamTranscoder::new(settings.data_format, MAX_UPSTREAM_EVENT_BYTES);
@@ -172,6 +175,7 @@ async fn stream_reply(
     let mut last_upstream_byte = Instant::now();
     let mut next_keepalive = Instant::now() + keepalive_every;
     let end = loop {
+        let mut keepalive = false;
         let idle_deadline = (last_upstream_byte + idle).min(deadline);
         let status = tokio::select! {
             biased;
@@ -190,6 +194,7 @@ async fn stream_reply(
             },
             _ = tokio::time::sleep_until(next_keepalive.into()) => {
                 out.extend_from_slice(KEEPALIVE_COMMENT);
+                keepalive = true;
                 StreamStatus::Open
             }
         };
@@ -202,6 +207,9 @@ async fn stream_reply(
                 .is_err()
             {
                 break StreamEnd::ClientGone;
+            }
+            if !keepalive {
+                active.sent();
             }
         }
         match status {

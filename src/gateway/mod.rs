@@ -4,17 +4,23 @@
 //! ```text
 //!  client ──► early_request_filter ──► request_filter ──────────────► logging
 //!                                        │  route by path
+//!                                        ├─ CORS preflight  cors: answered locally (OPTIONS)
 //!                                        ├─ /auth ........ login_route: parse, failed-login limits,
 //!                                        │                 verify, issue JWT
 //!                                        ├─ chat routes .. chat_route: Bearer check, read + validate
 //!                                        │                 body, reserve rate/token limits, rewrite,
 //!                                        │                 upstream::call (retries),
 //!                                        │                 JSON reply or SSE transcoding
+//!                                        ├─ openai routes  openai_route: Bearer check, model policy,
+//!                                        │                 upstream::call, reply passed through
 //!                                        └─ else ......... 404 / 405
 //!                      (returns Ok(true): Pingora's upstream_peer and the
-//!                       body/response filters never run)
-//!   logging: settles the token reservation from the reported usage, then the access log
+//!                       body/response filters never run; Err only to cut a
+//!                       broken pass-through stream without its closing chunk)
 //! ```
+//!
+//! `logging` settles a chat call's token reservation from the reported usage, then
+//! writes the access line and the per-request metrics.
 //!
 //! Why not Pingora's proxy phases: the body must be validated and rewritten
 //! before any upstream connection is opened, retries on 429/5xx need the body
@@ -24,7 +30,10 @@
 pub mod admin;
 mod body;
 mod chat_route;
+mod cors;
+pub mod drain;
 mod login_route;
+mod openai_route;
 mod reply;
 
 use std::collections::HashMap;
@@ -36,9 +45,10 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::auth::Authenticator;
-use crate::config::{Limits, RouteSettings};
+use crate::config::{CorsSettings, Limits, RouteKind, RouteSettings};
 use crate::error::ApiError;
 use crate::limits::{Limiter, Reservation};
+use crate::metrics::{self, AuthOutcome};
 use crate::upstream::Upstream;
 
 /// A chat route resolved against its upstream.
@@ -57,6 +67,8 @@ pub struct Gateway {
     routes: HashMap<String, Arc<ChatRoute>>,
     limits: Limits,
     limiter: Arc<Limiter>,
+    cors: Option<CorsSettings>,
+    draining: drain::Draining,
 }
 
 impl Gateway {
@@ -65,6 +77,8 @@ impl Gateway {
         auth: Arc<Authenticator>,
         routes: Vec<ChatRoute>,
         limits: Limits,
+        cors: Option<CorsSettings>,
+        draining: drain::Draining,
         limiter: Arc<Limiter>,
     ) -> Self {
         Gateway {
@@ -75,6 +89,8 @@ impl Gateway {
                 .map(|r| (r.settings.path.clone(), Arc::new(r)))
                 .collect(),
             limits,
+            cors,
+            draining,
         }
     }
 }
@@ -93,6 +109,12 @@ pub struct RequestCtx {
     outcome: &'static str,
     /// Rate/token limits taken for a chat call, settled in `logging`.
     reservation: Option<Reservation>,
+    /// The request's `Origin`, when CORS is on and it is allowed (echoed back).
+    cors_origin: Option<String>,
+    /// Whether replies carry `Access-Control-Allow-Credentials: true`.
+    cors_credentials: bool,
+    /// Cut the connection instead of finishing the reply (a broken pass-through stream).
+    abort: bool,
 }
 
 /// Longest accepted client `X-Request-Id`.
@@ -109,6 +131,20 @@ fn request_id(session: &Session) -> String {
     match session.get_header("x-request-id").map(|v| v.as_bytes()) {
         Some(v) if sane(v) => String::from_utf8_lossy(v).into_owned(),
         _ => uuid::Uuid::new_v4().simple().to_string(),
+    }
+}
+
+/// What a finished `/auth` request counts as in `chatgate_auth_attempts_total`;
+/// `None` for requests that were no login attempt (body too large, client gone).
+fn login_outcome(result: &Result<(), ApiError>, outcome: &str) -> Option<AuthOutcome> {
+    match result {
+        Ok(()) if outcome == "ok" => Some(AuthOutcome::Ok),
+        Ok(()) => None,
+        Err(ApiError::CredentialsMissing) => Some(AuthOutcome::Missing),
+        Err(ApiError::CredentialsRejected) => Some(AuthOutcome::BadCredentials),
+        Err(ApiError::TooManyRequests { .. }) => Some(AuthOutcome::RateLimited),
+        Err(ApiError::CredentialStoreUnavailable) => Some(AuthOutcome::StoreError),
+        Err(_) => None,
     }
 }
 
@@ -129,6 +165,9 @@ impl ProxyHttp for Gateway {
             tokens: None,
             outcome: "ok",
             reservation: None,
+            cors_origin: None,
+            cors_credentials: false,
+            abort: false,
         }
     }
 
@@ -138,21 +177,45 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         ctx.request_id = request_id(session);
+        if self.draining.is_set() {
+            session.set_keepalive(None);
+        }
         let path = session.req_header().uri.path().to_string();
         let is_post = session.req_header().method == http::Method::POST;
+        if let Some(cors) = &self.cors {
+            cors::admit(cors, session, ctx);
+            if cors::is_preflight(session) {
+                let known = path == "/auth" || self.routes.contains_key(&path);
+                ctx.route = if known { path } else { "unmatched".into() };
+                if known {
+                    cors::answer_preflight(cors, session, ctx).await;
+                } else {
+                    reply::send_error(session, ctx, &ApiError::NotFound).await;
+                }
+                return Ok(true);
+            }
+        }
         let result = if path == "/auth" {
             ctx.route = "/auth".into();
             if is_post {
-                login_route::handle(&self.auth, &self.limiter, &self.limits, session, ctx).await
+                let result =
+                    login_route::handle(&self.auth, &self.limiter, &self.limits, session, ctx)
+                        .await;
+                if let Some(outcome) = login_outcome(&result, ctx.outcome) {
+                    metrics::auth_attempt(outcome);
+                }
+                result
             } else {
                 Err(ApiError::MethodNotAllowed { allow: "POST" })
             }
         } else if let Some(route) = self.routes.get(&path) {
             ctx.route = route.settings.path.clone();
-            if is_post {
-                chat_route::handle(&self.auth, &self.limiter, route, session, ctx).await
-            } else {
+            if !is_post {
                 Err(ApiError::MethodNotAllowed { allow: "POST" })
+            } else if route.settings.kind == RouteKind::Openai {
+                openai_route::handle(&self.auth, &self.limiter, route, session, ctx).await
+            } else {
+                chat_route::handle(&self.auth, &self.limiter, route, session, ctx).await
             }
         } else {
             ctx.route = "unmatched".into();
@@ -161,7 +224,42 @@ impl ProxyHttp for Gateway {
         if let Err(error) = result {
             reply::send_error(session, ctx, &error).await;
         }
+        if ctx.abort {
+            // Pingora would end the body properly after Ok(true); an error makes
+            // it drop the connection instead (fail_to_proxy below writes nothing).
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::ConnectionClosed,
+                "upstream stream broke off; cutting the client's stream too",
+            ));
+        }
         Ok(true)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        _e: &pingora::Error,
+        ctx: &mut RequestCtx,
+    ) -> pingora::proxy::FailToProxy {
+        // request_filter's deliberate abort gets here after the reply started:
+        // write nothing. Anything else that failed before a reply gets a 500.
+        if !ctx.abort && ctx.status == 0 {
+            let error = ApiError::Internal("request failed".into());
+            reply::send_error(session, ctx, &error).await;
+        }
+        pingora::proxy::FailToProxy {
+            error_code: ctx.status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+        _e: &pingora::Error,
+    ) -> bool {
+        ctx.abort
     }
 
     async fn upstream_peer(
@@ -186,6 +284,13 @@ impl ProxyHttp for Gateway {
             let answered = ctx.status == 200 || ctx.tokens.is_some();
             self.limiter.settle(reservation, ctx.tokens, answered).await;
         }
+        let duration = ctx.started.elapsed();
+        // 499 (as nginx logs it): the client left before any reply was sent.
+        let status = if ctx.status == 0 { 499 } else { ctx.status };
+        metrics::request_done(&ctx.route, status, duration);
+        if let Some((prompt, completion)) = ctx.tokens {
+            metrics::tokens(&ctx.route, prompt, completion);
+        }
         let req = session.req_header();
         tracing::info!(
             target: "access",
@@ -199,7 +304,7 @@ impl ProxyHttp for Gateway {
             attempts = ctx.attempts,
             bytes_in = session.body_bytes_read(),
             bytes_out = session.body_bytes_sent(),
-            duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = duration.as_secs_f64() * 1000.0,
             ttfb_ms = ctx.time_to_first_byte.map(|d| d.as_secs_f64() * 1000.0),
             prompt_tokens = ctx.tokens.map(|t| t.0),
             completion_tokens = ctx.tokens.map(|t| t.1),

@@ -7,9 +7,13 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
 use super::RequestCtx;
+
+/// How long an early reply waits for the rest of an unread request body.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::error::ApiError;
 
-/// A response header with the headers common to every reply.
+/// A response header with the headers common to every reply (and the CORS
+/// headers when the request came from an allowed origin).
 pub(super) fn header(
     status: u16,
     ctx: &RequestCtx,
@@ -23,6 +27,9 @@ pub(super) fn header(
     }
     h.insert_header("X-Request-Id", ctx.request_id.as_str())?;
     h.insert_header("X-Content-Type-Options", "nosniff")?;
+    if ctx.cors_origin.is_some() {
+        super::cors::add_reply_headers(ctx, &mut h)?;
+    }
     Ok(h)
 }
 
@@ -63,14 +70,25 @@ pub(super) async fn send_error(session: &mut Session, ctx: &mut RequestCtx, erro
         extra.push(("Cache-Control", "no-store".into()));
     }
     send_json(session, ctx, error.status(), error.body(), &extra).await;
-    if matches!(error, ApiError::BodyTooLarge { .. }) {
-        // Drain a little of what the client is still sending, so closing the
-        // socket does not reset the connection before it reads the 413.
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            session.drain_request_body(),
-        )
-        .await;
+    discard_unread_body(session).await;
+}
+
+/// After an early reply, reads (and drops) what the client is still sending,
+/// for a bounded time, so that closing the socket with unread data does not
+/// reset the connection before the client has read the reply. A client that
+/// waits for `100 Continue` was never told to send, so there is nothing to read.
+async fn discard_unread_body(session: &mut Session) {
+    if session.is_body_done() {
+        return;
+    }
+    let awaits_continue = session
+        .get_header(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let drained = !awaits_continue
+        && tokio::time::timeout(DRAIN_TIME, session.drain_request_body())
+            .await
+            .is_ok_and(|r| r.is_ok());
+    if !drained {
         session.set_keepalive(None);
     }
 }

@@ -150,7 +150,19 @@ fn parse_positive(value: &str) -> Result<usize, String> {
     }
 }
 
-/// A Pingora service that serves the simulator on the TCP address `listen`.
+/// Certificate and key for serving the simulator over TLS (to test verified upstream TLS).
+#[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimTls {
+    /// PEM certificate chain; with --tls-key the simulator speaks HTTPS instead of HTTP.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<String>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<String>,
+}
+
+/// A Pingora service that serves the simulator on the TCP address `listen`, over TLS when
+/// `tls` names a certificate and key.
 ///
 /// Its counters and request log belong to this service alone, so several simulators in
 /// one process (e.g. several fake upstream endpoints) stay apart.
@@ -158,14 +170,20 @@ pub fn simulator_service(
     conf: &Arc<ServerConf>,
     listen: &str,
     options: SimOptions,
-) -> impl pingora::services::Service + 'static {
+    tls: &SimTls,
+) -> std::io::Result<impl pingora::services::Service + 'static> {
     let mut service = pingora::proxy::http_proxy_service_with_name(
         conf,
         service::Simulator::new(options),
         "chatgate simulator",
     );
-    service.add_tcp(listen);
-    service
+    match (&tls.tls_cert, &tls.tls_key) {
+        (Some(cert), Some(key)) => service
+            .add_tls(listen, cert, key)
+            .map_err(|e| std::io::Error::other(format!("TLS certificate or key: {e}")))?,
+        _ => service.add_tcp(listen),
+    }
+    Ok(service)
 }
 
 /// Runs a simulator on `listen` in its own Pingora server until the process is stopped.
@@ -173,7 +191,11 @@ pub fn simulator_service(
 /// Returns only when `listen` cannot be bound (checked up front, because Pingora would
 /// otherwise panic inside a service thread and leave the process running deaf).
 /// SIGINT stops at once; SIGTERM drains for at most a second.
-pub fn run_standalone(listen: &str, options: SimOptions) -> std::io::Result<Infallible> {
+pub fn run_standalone(
+    listen: &str,
+    options: SimOptions,
+    tls: &SimTls,
+) -> std::io::Result<Infallible> {
     drop(std::net::TcpListener::bind(listen)?);
     let conf = ServerConf {
         threads: 2,
@@ -183,7 +205,7 @@ pub fn run_standalone(listen: &str, options: SimOptions) -> std::io::Result<Infa
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
-    let service = simulator_service(&server.configuration, listen, options);
+    let service = simulator_service(&server.configuration, listen, options, tls)?;
     server.add_service(service);
     server.run_forever()
 }

@@ -19,7 +19,7 @@ fn start(options: SimOptions) -> String {
         .port();
     let addr = format!("127.0.0.1:{port}");
     let listen = addr.clone();
-    std::thread::spawn(move || run_standalone(&listen, options));
+    std::thread::spawn(move || run_standalone(&listen, options, &super::SimTls::default()));
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(&addr).is_err() {
         assert!(

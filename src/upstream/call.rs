@@ -16,6 +16,7 @@ use rand::Rng;
 use super::keys::PickedKey;
 use super::Upstream;
 use crate::chat::reply::upstream_error_message;
+use crate::metrics::{self, AttemptOutcome};
 
 /// Largest upstream error body read to extract its message.
 const ERROR_BODY_LIMIT: usize = 64 << 10;
@@ -135,6 +136,61 @@ impl OpenResponse {
     }
 }
 
+impl UpstreamError {
+    /// The `outcome` label of an attempt that failed this way.
+    pub fn outcome(&self) -> AttemptOutcome {
+        match self {
+            UpstreamError::Connect { .. } | UpstreamError::Broken(_) => {
+                AttemptOutcome::ConnectError
+            }
+            UpstreamError::Timeout { .. } => AttemptOutcome::Timeout,
+            UpstreamError::Status { status, .. } => AttemptOutcome::of_status(*status),
+        }
+    }
+}
+
+/// Accounts for one attempt in the metrics and the endpoint's passive health;
+/// dropped unfinished (the client went away mid-attempt) it counts as cancelled.
+struct AttemptRecord<'u> {
+    upstream: &'u Upstream,
+    endpoint: usize,
+    started: Instant,
+    finished: bool,
+}
+
+impl<'u> AttemptRecord<'u> {
+    fn start(upstream: &'u Upstream, endpoint: usize) -> Self {
+        AttemptRecord {
+            upstream,
+            endpoint,
+            started: Instant::now(),
+            finished: false,
+        }
+    }
+
+    fn finish(mut self, outcome: AttemptOutcome, first_byte_at: Option<Instant>) {
+        self.finished = true;
+        let e = &self.upstream.endpoints[self.endpoint];
+        let ttfb = first_byte_at.map(|t| t.saturating_duration_since(self.started));
+        metrics::upstream_attempt(self.upstream.name(), &e.label, outcome, ttfb);
+        e.health.observe_attempt(outcome);
+    }
+}
+
+impl Drop for AttemptRecord<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let e = &self.upstream.endpoints[self.endpoint];
+            metrics::upstream_attempt(
+                self.upstream.name(),
+                &e.label,
+                AttemptOutcome::Cancelled,
+                None,
+            );
+        }
+    }
+}
+
 /// Why one attempt failed and what that means for the next.
 struct AttemptFailure {
     error: UpstreamError,
@@ -161,12 +217,20 @@ impl Upstream {
             attempt += 1;
             let endpoint = self.pick_endpoint(&tried);
             let key = self.keys.pick(last_key);
+            if attempt > 1 {
+                metrics::upstream_retry(&s.name);
+            }
+            let record = AttemptRecord::start(self, endpoint);
             let failure = match self.attempt(endpoint, key, body, stream, deadline).await {
                 Ok(mut open) => {
+                    record.finish(AttemptOutcome::Ok, Some(open.first_byte_at));
                     open.attempts = attempt;
                     return Ok(open);
                 }
-                Err(f) => f,
+                Err(f) => {
+                    record.finish(f.error.outcome(), None);
+                    f
+                }
             };
             if let (true, Some(k)) = (failure.blame_key, key) {
                 let rest = failure

@@ -3,6 +3,7 @@
 //! timeouts (`call`) over Pingora's pooled HTTP connector.
 
 pub mod call;
+pub mod health;
 pub mod keys;
 pub mod resolve;
 
@@ -15,6 +16,7 @@ use pingora::connectors::ConnectorOptions;
 
 use crate::config::{EndpointSettings, UpstreamSettings};
 pub use call::{OpenResponse, UpstreamError};
+use health::EndpointHealth;
 use keys::KeyPool;
 
 /// One backend address with its currently known socket addresses.
@@ -29,6 +31,8 @@ pub struct Endpoint {
     sni: String,
     addrs: RwLock<Vec<SocketAddr>>,
     next_addr: AtomicUsize,
+    /// Active check and passive ejection state.
+    pub health: EndpointHealth,
 }
 
 impl Endpoint {
@@ -57,6 +61,7 @@ impl Endpoint {
                 .unwrap_or_else(|| settings.host.clone()),
             addrs: RwLock::new(literal),
             next_addr: AtomicUsize::new(0),
+            health: EndpointHealth::new(upstream.eject_after_failures, upstream.eject_cooldown),
         }
     }
 
@@ -116,7 +121,10 @@ impl Upstream {
             endpoints,
             schedule,
             cursor: AtomicUsize::new(0),
-            connector: Connector::new(Some(ConnectorOptions::new(keepalive_pool_size))),
+            connector: Connector::new(Some(ConnectorOptions {
+                ca_file: settings.ca_file.as_ref().map(|p| p.display().to_string()),
+                ..ConnectorOptions::new(keepalive_pool_size)
+            })),
             chat_path,
             settings,
         };
@@ -136,18 +144,27 @@ impl Upstream {
         &self.settings.name
     }
 
-    /// The next endpoint by weight, preferring ones not yet tried for this request.
+    /// The next endpoint by weight, preferring ones that are up and not yet
+    /// tried for this request.
     fn pick_endpoint(&self, tried: &[usize]) -> usize {
-        let n = self.schedule.len();
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-        for step in 0..n {
-            let i = self.schedule[(start + step) % n];
-            if !tried.contains(&i) {
-                return i;
-            }
-        }
-        self.schedule[start % n]
+        pick(&self.schedule, start, tried, |i| {
+            self.endpoints[i].health.is_up()
+        })
     }
+}
+
+/// Walks the weighted `schedule` from `start` and takes the first endpoint
+/// that is up and untried; failing that, one that is up; then one untried;
+/// then the slot at `start` (every endpoint down: traffic still flows).
+fn pick(schedule: &[usize], start: usize, tried: &[usize], is_up: impl Fn(usize) -> bool) -> usize {
+    let n = schedule.len();
+    let walk = || (0..n).map(|step| schedule[(start + step) % n]);
+    walk()
+        .find(|i| !tried.contains(i) && is_up(*i))
+        .or_else(|| walk().find(|i| is_up(*i)))
+        .or_else(|| walk().find(|i| !tried.contains(i)))
+        .unwrap_or(schedule[start % n])
 }
 
 /// A weighted round-robin order: endpoint `i` appears `weight_i` times per
@@ -186,6 +203,20 @@ mod tests {
             port: 1,
             weight,
         }
+    }
+
+    #[test]
+    fn pick_skips_down_and_tried_endpoints_unless_nothing_else_is_left() {
+        let schedule = interleave(&[ep(1), ep(1), ep(1)]);
+        let all_up = |_| true;
+        assert_eq!(pick(&schedule, 0, &[], all_up), 0);
+        assert_eq!(pick(&schedule, 0, &[0], all_up), 1);
+        let one_down = |i| i != 1;
+        assert_eq!(pick(&schedule, 1, &[], one_down), 2);
+        assert_eq!(pick(&schedule, 1, &[0, 2], one_down), 2);
+        let all_down = |_| false;
+        assert_eq!(pick(&schedule, 1, &[1], all_down), 2);
+        assert_eq!(pick(&schedule, 1, &[0, 1, 2], all_down), 1);
     }
 
     #[test]

@@ -39,6 +39,26 @@ pub fn wait_for_port(port: u16, within: Duration) -> bool {
     false
 }
 
+/// `redis-server` on `port` with nothing saved to disk, its files in `dir`.
+fn redis_server(port: u16, dir: &Path) -> Command {
+    let mut cmd = Command::new("redis-server");
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ])
+    .arg("--dir")
+    .arg(dir)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    cmd
+}
+
 fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -65,21 +85,7 @@ impl Redis {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let child = redis_server(self.port, self.dir.path())
             .spawn()
             .expect("redis-server must be installed (the README's test command installs it)");
         self.child = Some(child);
@@ -250,14 +256,36 @@ pub struct Gateway {
 
 /// Writes the config file for `cfg` into `dir` and returns its path.
 pub fn write_config(dir: &Path, port: u16, admin_port: u16, cfg: &GatewayConfig) -> PathBuf {
+    write_config_with_grace(dir, port, admin_port, cfg, 1, 1)
+}
+
+/// Per-user chat limits are off unless a test writes its own `rate_limits:` into
+/// `extra`: traffic and ops tests send one user far more than the production defaults
+/// allow. The failed-login limits keep their defaults.
+const UNLIMITED_CHAT: &str =
+    "rate_limits:\n  requests_per_minute: 0\n  tokens_per_minute: 0\n  tokens_per_day: 0\n";
+
+/// [`write_config`] with Pingora's grace period and shutdown timeout set.
+pub fn write_config_with_grace(
+    dir: &Path,
+    port: u16,
+    admin_port: u16,
+    cfg: &GatewayConfig,
+    grace_period_seconds: u64,
+    graceful_shutdown_timeout_seconds: u64,
+) -> PathBuf {
     let d = dir.display();
     let yaml = format!(
-        "listen: [\"127.0.0.1:{port}\"]\nadmin_listen: \"127.0.0.1:{admin_port}\"\npingora:\n  threads: 2\n  grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 1\n  upgrade_sock: {d}/upgrade.sock\n  pid_file: {d}/chatgate.pid\nauth:\n  token_ttl: 7d\n  jwt:\n    secret_env: CHATGATE_JWT_SECRET\n    previous_secrets_env: CHATGATE_JWT_PREVIOUS_SECRETS\n  password_hash: {{ memory_kib: 1024, iterations: 1, parallelism: 1 }}\n{}  credentials:\n{}{}{}{}",
+        "listen: [\"127.0.0.1:{port}\"]\nadmin_listen: \"127.0.0.1:{admin_port}\"\npingora:\n  threads: 2\n  grace_period_seconds: {grace_period_seconds}\n  graceful_shutdown_timeout_seconds: {graceful_shutdown_timeout_seconds}\n  upgrade_sock: {d}/upgrade.sock\n  pid_file: {d}/chatgate.pid\nauth:\n  token_ttl: 7d\n  jwt:\n    secret_env: CHATGATE_JWT_SECRET\n    previous_secrets_env: CHATGATE_JWT_PREVIOUS_SECRETS\n  password_hash: {{ memory_kib: 1024, iterations: 1, parallelism: 1 }}\n{}  credentials:\n{}{}{}{}",
         cfg.auth_extra,
         cfg.credentials,
         if cfg.upstreams.is_empty() { String::new() } else { format!("upstreams:\n{}", cfg.upstreams) },
         if cfg.routes.is_empty() { String::new() } else { format!("routes:\n{}", cfg.routes) },
-        cfg.extra,
+        if cfg.extra.lines().any(|l| l.starts_with("rate_limits:")) {
+            cfg.extra.clone()
+        } else {
+            format!("{}{UNLIMITED_CHAT}", cfg.extra)
+        },
     );
     let path = dir.join("chatgate.yaml");
     std::fs::write(&path, yaml).expect("write config");
@@ -267,21 +295,18 @@ pub fn write_config(dir: &Path, port: u16, admin_port: u16, cfg: &GatewayConfig)
 impl Gateway {
     /// Starts `chatgate serve` with this config and waits until it listens.
     pub fn start(cfg: GatewayConfig) -> Gateway {
+        Self::start_with_grace(cfg, 1, 1)
+    }
+
+    /// [`Gateway::start`] with Pingora's grace period and shutdown timeout set.
+    pub fn start_with_grace(cfg: GatewayConfig, grace: u64, shutdown_timeout: u64) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let (port, admin_port) = (free_port(), free_port());
-        let config_path = write_config(dir.path(), port, admin_port, &cfg);
+        let config_path =
+            write_config_with_grace(dir.path(), port, admin_port, &cfg, grace, shutdown_timeout);
         let mut env = vec![("CHATGATE_JWT_SECRET".to_string(), JWT_SECRET.to_string())];
         env.extend(cfg.env.iter().cloned());
-        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
-        let child = Command::new(chatgate_bin())
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn gateway");
+        let child = spawn_serve(dir.path(), &config_path, &env, false, "gateway.log");
         let mut gw = Gateway {
             port,
             admin_port,
@@ -341,6 +366,175 @@ impl Gateway {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// Sends a signal (`libc::SIGQUIT`, `libc::SIGTERM`, ...) to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on the pid of a child this harness owns.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits up to `within` for the process to exit; true if it did.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if !self.is_running() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Starts a second process with `serve --upgrade` on the same config; it
+    /// waits on the upgrade socket for this one's listeners (send SIGQUIT here next).
+    pub fn spawn_upgrade(&self) -> Upgraded {
+        let child = spawn_serve(
+            self.dir.path(),
+            &self.config_path,
+            &self.env,
+            true,
+            "gateway-upgraded.log",
+        );
+        Upgraded {
+            child,
+            log_path: self.dir.path().join("gateway-upgraded.log"),
+        }
+    }
+
+    /// The admin listener's `/metrics`, parsed.
+    pub async fn metrics(&self) -> Metrics {
+        let text = client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics request")
+            .text()
+            .await
+            .expect("metrics body");
+        Metrics::parse(&text)
+    }
+}
+
+/// Starts `chatgate serve` (optionally `--upgrade`) logging into `dir/log_name`.
+fn spawn_serve(
+    dir: &Path,
+    config_path: &Path,
+    env: &[(String, String)],
+    upgrade: bool,
+    log_name: &str,
+) -> Child {
+    let log = std::fs::File::create(dir.join(log_name)).expect("log file");
+    let mut cmd = Command::new(chatgate_bin());
+    cmd.args(["serve", "--config"]).arg(config_path);
+    if upgrade {
+        cmd.arg("--upgrade");
+    }
+    // A test's own RUST_LOG (in `env`) wins over the default.
+    cmd.env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn gateway")
+}
+
+/// The process started by [`Gateway::spawn_upgrade`], killed on drop.
+pub struct Upgraded {
+    child: Child,
+    log_path: PathBuf,
+}
+
+impl Upgraded {
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Upgraded {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// One series of a scrape: metric name, sorted label pairs, value.
+type Series = (String, Vec<(String, String)>, f64);
+
+/// A parsed Prometheus text scrape: one value per series.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    series: Vec<Series>,
+    /// The raw text, for failure messages.
+    pub text: String,
+}
+
+impl Metrics {
+    /// Parses the text format (label values without escaped quotes suffice here).
+    pub fn parse(text: &str) -> Metrics {
+        let mut series = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (head, value) = line.rsplit_once(' ').expect("series line");
+            let value: f64 = value.parse().expect("series value");
+            let (name, labels) = match head.split_once('{') {
+                Some((name, rest)) => {
+                    let body = rest.strip_suffix('}').expect("closing brace");
+                    let mut labels: Vec<(String, String)> = body
+                        .split("\",")
+                        .filter(|p| !p.is_empty())
+                        .map(|p| {
+                            let (k, v) = p.split_once("=\"").expect("label");
+                            (k.to_string(), v.trim_end_matches('"').to_string())
+                        })
+                        .collect();
+                    labels.sort();
+                    (name.to_string(), labels)
+                }
+                None => (head.to_string(), Vec::new()),
+            };
+            series.push((name, labels, value));
+        }
+        Metrics {
+            series,
+            text: text.to_string(),
+        }
+    }
+
+    /// The sum of every series of `name` whose labels include all of `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.series
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    /// Whether any series of `name` exists.
+    pub fn has(&self, name: &str) -> bool {
+        self.series.iter().any(|(n, _, _)| n == name)
+    }
+
+    /// Every label value of `label` seen on `name`.
+    pub fn label_values(&self, name: &str, label: &str) -> Vec<String> {
+        self.series
+            .iter()
+            .filter(|(n, _, _)| n == name)
+            .flat_map(|(_, l, _)| l.iter().filter(|(k, _)| k == label).map(|(_, v)| v.clone()))
+            .collect()
     }
 }
 
@@ -464,4 +658,102 @@ pub async fn json_reply(resp: reqwest::Response) -> (u16, serde_json::Value) {
 /// The `errorMessage` of an error reply.
 pub fn error_message(v: &serde_json::Value) -> &str {
     v["errorMessage"].as_str().unwrap_or("<no errorMessage>")
+}
+
+/// A private three-master Redis Cluster (no replicas) on free ports, made with
+/// `redis-cli --cluster create`; every node is killed on drop.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// Starts three nodes and joins them into one cluster covering all slots.
+    pub fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut children = Vec::new();
+        for port in &ports {
+            let node_dir = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let child = redis_server(*port, &node_dir)
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .spawn()
+                .expect("redis-server");
+            children.push(child);
+        }
+        let cluster = RedisCluster {
+            ports,
+            children,
+            _dir: dir,
+        };
+        for port in &cluster.ports {
+            assert!(
+                wait_for_port(*port, Duration::from_secs(10)),
+                "cluster node did not start"
+            );
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = cluster.ports.iter().all(|p| {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &p.to_string(), "cluster", "info"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+                    .unwrap_or(false);
+                info
+            });
+            if ok {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster never reached cluster_state:ok"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    /// The `cluster:` list for the config.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// A `credentials:` section using this cluster.
+    pub fn credentials(&self) -> String {
+        let list: Vec<String> = self.urls().iter().map(|u| format!("\"{u}\"")).collect();
+        format!(
+            "    backend: redis\n    redis:\n      cluster: [{}]\n      key_prefix: \"cg:\"\n      timeout: 500ms\n",
+            list.join(", ")
+        )
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            kill(c);
+        }
+    }
 }

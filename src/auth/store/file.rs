@@ -407,7 +407,7 @@ fn without_quoted(message: &str) -> String {
 mod tests {
     use super::*;
 
-    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA";
+    use crate::auth::store::contract::HASH;
 
     fn new_store() -> (tempfile::TempDir, PathBuf, FileStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -474,24 +474,7 @@ mod tests {
     #[tokio::test]
     async fn errors_for_existing_and_missing_users() {
         let (_dir, _path, store) = new_store();
-        store.create_user("alice", HASH).await.unwrap();
-        assert_eq!(
-            store.create_user("alice", HASH).await,
-            Err(StoreError::AlreadyExists)
-        );
-        assert_eq!(
-            store.set_password_hash("nobody", HASH).await,
-            Err(StoreError::NotFound)
-        );
-        assert_eq!(
-            store.set_disabled("nobody", true).await,
-            Err(StoreError::NotFound)
-        );
-        assert_eq!(
-            store.revoke_tokens("nobody", 1).await,
-            Err(StoreError::NotFound)
-        );
-        assert_eq!(store.remove_user("nobody").await, Err(StoreError::NotFound));
+        super::super::contract::duplicates_and_missing_users(&store).await;
     }
 
     #[tokio::test]

@@ -186,3 +186,54 @@ mod tests {
         assert!(text.contains("alice"), "{text}");
     }
 }
+
+/// Checks every store implementation must pass, shared by their tests.
+#[cfg(test)]
+pub(crate) mod contract {
+    use super::{CredentialStore, StoreError};
+
+    /// A syntactically valid argon2id PHC string (not a real password's hash).
+    pub const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA";
+
+    /// Creating a taken name fails, and every mutation of a missing user is
+    /// `NotFound` (the compare-and-set replace is `Ok(false)`), without
+    /// creating a half record.
+    pub async fn duplicates_and_missing_users(store: &dyn CredentialStore) {
+        store
+            .create_user("alice", HASH)
+            .await
+            .expect("create alice");
+        assert_eq!(
+            store.create_user("alice", "other").await,
+            Err(StoreError::AlreadyExists)
+        );
+        assert_eq!(
+            store
+                .find_user("alice")
+                .await
+                .ok()
+                .flatten()
+                .map(|u| u.password_hash),
+            Some(HASH.to_string()),
+            "a failed create changed the existing user"
+        );
+        assert_eq!(
+            store.set_password_hash("nobody", HASH).await,
+            Err(StoreError::NotFound)
+        );
+        assert_eq!(
+            store.set_disabled("nobody", true).await,
+            Err(StoreError::NotFound)
+        );
+        assert_eq!(
+            store.revoke_tokens("nobody", 5).await,
+            Err(StoreError::NotFound)
+        );
+        assert_eq!(store.remove_user("nobody").await, Err(StoreError::NotFound));
+        assert_eq!(
+            store.replace_password_hash("nobody", HASH, "x").await,
+            Ok(false)
+        );
+        assert_eq!(store.find_user("nobody").await, Ok(None));
+    }
+}

@@ -557,7 +557,7 @@ mod tests {
     use std::process::{Child, Command, Stdio};
     use std::time::Instant;
 
-    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA";
+    use crate::auth::store::contract::HASH;
     const TIMEOUT: Duration = Duration::from_millis(500);
 
     /// A private redis-server on a free port, killed on drop.
@@ -790,40 +790,7 @@ mod tests {
     #[tokio::test]
     async fn already_exists_and_not_found() {
         let server = RedisServer::start();
-        let store = server.store();
-        store.create_user("alice", HASH).await.unwrap();
-        assert_eq!(
-            store.create_user("alice", "other").await,
-            Err(StoreError::AlreadyExists)
-        );
-        assert_eq!(
-            store
-                .find_user("alice")
-                .await
-                .unwrap()
-                .unwrap()
-                .password_hash,
-            HASH
-        );
-        assert_eq!(
-            store.set_password_hash("nobody", HASH).await,
-            Err(StoreError::NotFound)
-        );
-        assert_eq!(
-            store.set_disabled("nobody", true).await,
-            Err(StoreError::NotFound)
-        );
-        assert_eq!(
-            store.revoke_tokens("nobody", 5).await,
-            Err(StoreError::NotFound)
-        );
-        assert_eq!(store.remove_user("nobody").await, Err(StoreError::NotFound));
-        assert_eq!(
-            store.replace_password_hash("nobody", HASH, "x").await,
-            Ok(false)
-        );
-        // Setting fields of a missing user must not create a half record.
-        assert_eq!(store.find_user("nobody").await, Ok(None));
+        super::super::contract::duplicates_and_missing_users(&server.store()).await;
     }
 
     #[tokio::test]

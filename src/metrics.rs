@@ -1,0 +1,354 @@
+//! Prometheus metrics: every metric chatgate exports, defined once here and
+//! registered in the default registry of the `prometheus` crate that
+//! `pingora-prometheus` re-exports (the one `/metrics` gathers from).
+//!
+//! Labels carry only configured names (route paths, upstream names, endpoint
+//! `host:port`) and fixed outcome words, so cardinality is bounded and no
+//! user name, token or key can ever appear in one.
+
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use pingora_prometheus::prometheus::{
+    self, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, Encoder,
+    HistogramVec, IntCounterVec, IntGaugeVec, TextEncoder,
+};
+
+/// Latency buckets in seconds, from 5 ms to 10 minutes (LLM calls are slow).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+/// Gaps between stream events, from 1 ms to 1 minute.
+const GAP_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0,
+];
+
+// Metric names, help texts and labels are constants of this file, so
+// registering can only fail on a programming error (a duplicate name); the
+// unit tests below register every metric.
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register_int_counter_vec!(name, help, labels).expect("metric definition")
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register_int_gauge_vec!(name, help, labels).expect("metric definition")
+}
+
+fn histogram(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    register_histogram_vec!(name, help, labels, buckets.to_vec()).expect("metric definition")
+}
+
+static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "chatgate_requests_total",
+        "Requests answered on the public listener, by route and HTTP status.",
+        &["route", "status"],
+    )
+});
+static REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "chatgate_request_duration_seconds",
+        "Time from request start to the last byte of the reply, by route.",
+        &["route"],
+        LATENCY_BUCKETS,
+    )
+});
+static UPSTREAM_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "chatgate_upstream_requests_total",
+        "Upstream attempts by outcome: ok, http_4xx, http_5xx, connect_error, timeout, cancelled.",
+        &["upstream", "endpoint", "outcome"],
+    )
+});
+static UPSTREAM_RETRIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "chatgate_upstream_retries_total",
+        "Upstream attempts beyond the first of a request.",
+        &["upstream"],
+    )
+});
+static UPSTREAM_TTFB: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "chatgate_upstream_time_to_first_byte_seconds",
+        "Time from starting an upstream attempt to its response header.",
+        &["upstream"],
+        LATENCY_BUCKETS,
+    )
+});
+static STREAM_GAP: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "chatgate_stream_inter_event_seconds",
+        "Time between consecutive pieces of a streamed answer sent to the client.",
+        &["route"],
+        GAP_BUCKETS,
+    )
+});
+static ACTIVE_STREAMS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "chatgate_active_streams",
+        "Streamed replies in progress.",
+        &["route"],
+    )
+});
+static TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "chatgate_tokens_total",
+        "Tokens reported by upstreams, by route and kind (prompt, completion).",
+        &["route", "kind"],
+    )
+});
+static AUTH_ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "chatgate_auth_attempts_total",
+        "Login attempts on /auth by outcome: ok, missing, bad_credentials, rate_limited, store_error.",
+        &["outcome"],
+    )
+});
+static ENDPOINT_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "chatgate_upstream_endpoint_up",
+        "1 while an upstream endpoint takes traffic (health check passing, not ejected), else 0.",
+        &["upstream", "endpoint"],
+    )
+});
+static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "chatgate_build_info",
+        "Always 1; the label says which chatgate version runs.",
+        &["version"],
+    )
+});
+
+/// Registers every metric and sets the constant ones (build info, the auth
+/// outcomes at zero); labelled series appear with their first use. Call once
+/// at start-up.
+pub fn init() {
+    LazyLock::force(&REQUESTS);
+    LazyLock::force(&REQUEST_DURATION);
+    LazyLock::force(&UPSTREAM_REQUESTS);
+    LazyLock::force(&UPSTREAM_RETRIES);
+    LazyLock::force(&UPSTREAM_TTFB);
+    LazyLock::force(&STREAM_GAP);
+    LazyLock::force(&ACTIVE_STREAMS);
+    LazyLock::force(&TOKENS);
+    LazyLock::force(&ENDPOINT_UP);
+    for outcome in AuthOutcome::ALL {
+        AUTH_ATTEMPTS.with_label_values(&[outcome.as_str()]);
+    }
+    BUILD_INFO
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+}
+
+/// The Prometheus text exposition of every registered metric.
+pub fn render() -> (Vec<u8>, String) {
+    let encoder = TextEncoder::new();
+    let mut out = Vec::new();
+    if let Err(e) = encoder.encode(&prometheus::gather(), &mut out) {
+        tracing::warn!(error = %e, "cannot encode metrics");
+    }
+    (out, encoder.format_type().to_string())
+}
+
+/// One finished request on the public listener.
+pub fn request_done(route: &str, status: u16, duration: Duration) {
+    REQUESTS
+        .with_label_values(&[route, &status.to_string()])
+        .inc();
+    REQUEST_DURATION
+        .with_label_values(&[route])
+        .observe(duration.as_secs_f64());
+}
+
+/// Token usage an upstream reported for one request.
+pub fn tokens(route: &str, prompt: u64, completion: u64) {
+    TOKENS.with_label_values(&[route, "prompt"]).inc_by(prompt);
+    TOKENS
+        .with_label_values(&[route, "completion"])
+        .inc_by(completion);
+}
+
+/// How one upstream attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// A 2xx response header arrived.
+    Ok,
+    /// A 4xx response.
+    Http4xx,
+    /// A 5xx (or other non-2xx) response.
+    Http5xx,
+    /// No connection, or it broke before the response header.
+    ConnectError,
+    /// No response header in time.
+    Timeout,
+    /// The client went away while the attempt was under way.
+    Cancelled,
+}
+
+impl AttemptOutcome {
+    /// The `outcome` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Ok => "ok",
+            AttemptOutcome::Http4xx => "http_4xx",
+            AttemptOutcome::Http5xx => "http_5xx",
+            AttemptOutcome::ConnectError => "connect_error",
+            AttemptOutcome::Timeout => "timeout",
+            AttemptOutcome::Cancelled => "cancelled",
+        }
+    }
+
+    /// The outcome of a response with this status.
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            200..=299 => AttemptOutcome::Ok,
+            400..=499 => AttemptOutcome::Http4xx,
+            _ => AttemptOutcome::Http5xx,
+        }
+    }
+}
+
+/// One upstream attempt and, when a response header came, how long it took.
+pub fn upstream_attempt(
+    upstream: &str,
+    endpoint: &str,
+    outcome: AttemptOutcome,
+    first_byte: Option<Duration>,
+) {
+    UPSTREAM_REQUESTS
+        .with_label_values(&[upstream, endpoint, outcome.as_str()])
+        .inc();
+    if let Some(d) = first_byte {
+        UPSTREAM_TTFB
+            .with_label_values(&[upstream])
+            .observe(d.as_secs_f64());
+    }
+}
+
+/// An attempt beyond the first for one request.
+pub fn upstream_retry(upstream: &str) {
+    UPSTREAM_RETRIES.with_label_values(&[upstream]).inc();
+}
+
+/// Sets whether an endpoint currently takes traffic.
+pub fn endpoint_up(upstream: &str, endpoint: &str, up: bool) {
+    ENDPOINT_UP
+        .with_label_values(&[upstream, endpoint])
+        .set(i64::from(up));
+}
+
+/// How a login attempt on `/auth` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthOutcome {
+    /// A token was issued.
+    Ok,
+    /// No usable username/password in the request.
+    Missing,
+    /// Unknown user, wrong password or disabled user.
+    BadCredentials,
+    /// Refused by a rate limit before the password was checked.
+    RateLimited,
+    /// The credential store could not be reached.
+    StoreError,
+}
+
+impl AuthOutcome {
+    const ALL: [AuthOutcome; 5] = [
+        AuthOutcome::Ok,
+        AuthOutcome::Missing,
+        AuthOutcome::BadCredentials,
+        AuthOutcome::RateLimited,
+        AuthOutcome::StoreError,
+    ];
+
+    /// The `outcome` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthOutcome::Ok => "ok",
+            AuthOutcome::Missing => "missing",
+            AuthOutcome::BadCredentials => "bad_credentials",
+            AuthOutcome::RateLimited => "rate_limited",
+            AuthOutcome::StoreError => "store_error",
+        }
+    }
+}
+
+/// Counts one login attempt.
+pub fn auth_attempt(outcome: AuthOutcome) {
+    AUTH_ATTEMPTS.with_label_values(&[outcome.as_str()]).inc();
+}
+
+/// Counts a streamed reply as active until dropped, and times the gaps
+/// between the pieces sent; dropping it on any exit path (finish, failure,
+/// client gone, panic) brings the gauge back down.
+pub struct ActiveStream {
+    route: String,
+    last_sent: Instant,
+}
+
+impl ActiveStream {
+    /// Starts counting a stream on `route`.
+    pub fn start(route: &str) -> Self {
+        ACTIVE_STREAMS.with_label_values(&[route]).inc();
+        ActiveStream {
+            route: route.to_string(),
+            last_sent: Instant::now(),
+        }
+    }
+
+    /// Records that a piece of the answer was just sent to the client.
+    pub fn sent(&mut self) {
+        let now = Instant::now();
+        STREAM_GAP
+            .with_label_values(&[self.route.as_str()])
+            .observe(now.duration_since(self.last_sent).as_secs_f64());
+        self.last_sent = now;
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        ACTIVE_STREAMS
+            .with_label_values(&[self.route.as_str()])
+            .dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape() -> String {
+        String::from_utf8(render().0).unwrap_or_default()
+    }
+
+    #[test]
+    fn active_stream_gauge_returns_to_zero_on_drop() {
+        init();
+        {
+            let mut s = ActiveStream::start("/unit-test-stream");
+            s.sent();
+            assert!(scrape().contains("chatgate_active_streams{route=\"/unit-test-stream\"} 1"));
+        }
+        assert!(scrape().contains("chatgate_active_streams{route=\"/unit-test-stream\"} 0"));
+    }
+
+    #[test]
+    fn every_metric_is_listed_after_init() {
+        init();
+        let text = scrape();
+        for name in [
+            "chatgate_build_info{version=",
+            "chatgate_auth_attempts_total{outcome=\"rate_limited\"} ",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn status_outcomes() {
+        assert_eq!(AttemptOutcome::of_status(204), AttemptOutcome::Ok);
+        assert_eq!(AttemptOutcome::of_status(429), AttemptOutcome::Http4xx);
+        assert_eq!(AttemptOutcome::of_status(503), AttemptOutcome::Http5xx);
+    }
+}
