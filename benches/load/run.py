@@ -136,7 +136,7 @@ class Bench:
     def __init__(self, work):
         self.work = work
         self.procs = Procs()
-        self.bin = os.path.join(ROOT, "target", "release", "chatgate")
+        self.bin = os.environ.get("CHATGATE_BIN") or os.path.join(ROOT, "target", "release", "chatgate")
         self.loadgen_bin = os.environ["LOADGEN"]
         self.rows = {}
 
