@@ -29,6 +29,7 @@ PACE_MS = int(os.environ.get("PACE_MS", "500"))  # simulator delay between strea
 STREAM_CHUNKS = int(os.environ.get("STREAM_CHUNKS", "20"))
 RATES = [int(r) for r in os.environ.get("RATES", "500,2000").split(",") if r]
 ACCESS_LOG = os.environ.get("ACCESS_LOG", "both")  # warn | info | both
+STEPS = os.environ.get("STEPS", "closed,fixed,streams,flood").split(",")
 JWT_SECRET = "bench-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -313,6 +314,18 @@ http {{
         self.wrk(nginx_port, oa, OPENAI_BODY, seconds=2)
 
         res = {}
+        if "closed" in STEPS:
+            self.closed_steps(res, sim_port, nginx_port, gw_port, bearer, sim_pids, nginx_pids, gw_pids)
+        fixed, streams = {}, {}
+        if "fixed" in STEPS:
+            self.fixed_steps(fixed, sim_port, gw_port, bearer)
+        if "streams" in STEPS:
+            self.stream_steps(streams, sim_port, gw_port, gw, bearer)
+        flood = self.flood_step(gw_port, bearer) if "flood" in STEPS else None
+        return self.table(res, fixed, streams, flood)
+
+    def closed_steps(self, res, sim_port, nginx_port, gw_port, bearer, sim_pids, nginx_pids, gw_pids):
+        oa = "/v1/chat/completions"
         res["direct"] = self.closed_loop("direct", sim_port, oa, OPENAI_BODY, sim_pids)
         res["nginx"] = self.closed_loop("nginx", nginx_port, oa, OPENAI_BODY, nginx_pids)
         res["chatgate"] = self.closed_loop("chatgate", gw_port, "/chatCompletion", CHAT_BODY, gw_pids,
@@ -326,10 +339,11 @@ http {{
             gw2.send_signal(signal.SIGINT)
             gw2.wait(timeout=10)
 
-        # Fixed rates, open loop.
+    def fixed_steps(self, fixed, sim_port, gw_port, bearer):
+        """Fixed rates, open loop."""
+        oa = "/v1/chat/completions"
         chat_file = self.body_file("chat.json", CHAT_BODY)
         oa_file = self.body_file("openai.json", OPENAI_BODY)
-        fixed = {}
         for rate in RATES:
             d = self.loadgen("fixed", f"127.0.0.1:{sim_port}", oa, oa_file, rate, DURATION, 64)
             g = self.loadgen("fixed", f"127.0.0.1:{gw_port}", "/chatCompletion", chat_file, rate,
@@ -337,13 +351,13 @@ http {{
             log(f"fixed {rate}/s: direct {d} chatgate {g}")
             fixed[rate] = (d, g)
 
-        # Streams.
+    def stream_steps(self, streams, sim_port, gw_port, gw, bearer):
+        oa = "/v1/chat/completions"
         stream_body = json.dumps([{"role": "user", "content": f"#sim reply=lorem:{STREAM_CHUNKS * 4} chunk_size=4 chunk_delay_ms={PACE_MS}\nHello"}])
         stream_oa = json.dumps({"model": "bench-model", "stream": True,
                                 "messages": json.loads(stream_body)})
         sfile = self.body_file("stream.json", stream_body)
         soa_file = self.body_file("stream-openai.json", stream_oa)
-        streams = {}
         for wanted in STREAMS:
             # The gateway holds two sockets per stream (client and upstream side).
             n = min(wanted, (FD_LIMIT - 200) // 2)
@@ -359,7 +373,9 @@ http {{
             log(f"streams {n}: direct {d} chatgate {g}")
             streams[wanted] = (n, d, g)
 
-        # Chat p99 while /auth is flooded (wrong passwords: each costs a full hash).
+    def flood_step(self, gw_port, bearer):
+        """Chat p99 while /auth is flooded (wrong passwords: each costs a full hash)."""
+        chat_file = self.body_file("chat.json", CHAT_BODY)
         flood_rate = RATES[0] if RATES else 500
         quiet = self.loadgen("fixed", f"127.0.0.1:{gw_port}", "/chatCompletion", chat_file,
                              flood_rate, DURATION, 64, f"Authorization: {bearer}")
@@ -378,13 +394,24 @@ http {{
         m = re.search(r"WRKJSON (\{.*\})", flood_out)
         flood_stats = json.loads(m.group(1)) if m else {}
         log(f"auth flood: quiet {quiet} flooded {flooded} flood {flood_stats}")
-
-        return self.table(res, fixed, streams, flood_rate, quiet, flooded, flood_stats)
+        return flood_rate, quiet, flooded, flood_stats
 
     # ---- report ----------------------------------------------------------------------
-    def table(self, res, fixed, streams, flood_rate, quiet, flooded, flood_stats):
+    def table(self, res, fixed, streams, flood):
         ms = lambda us: f"{us / 1000:.2f}"
         lines = []
+        if res:
+            self.closed_table(lines, res)
+        if fixed:
+            self.fixed_table(lines, fixed)
+        if streams:
+            self.stream_table(lines, streams)
+        if flood:
+            self.flood_table(lines, *flood)
+        return "\n".join(lines)
+
+    def closed_table(self, lines, res):
+        ms = lambda us: f"{us / 1000:.2f}"
         lines.append(f"### Non-streaming, closed loop (wrk, 1 thread, {CONNECTIONS} connections, {DURATION} s)\n")
         lines.append("| target | req/s | p50 ms | p99 ms | errors | CPU s / 1,000 req |")
         lines.append("|---|---:|---:|---:|---:|---:|")
@@ -400,13 +427,18 @@ http {{
         ratio = res["chatgate"]["cpu_per_1k"] / max(res["nginx"]["cpu_per_1k"], 1e-9)
         lines.append(f"\nCPU per request, chatgate / nginx: **{ratio:.2f}×** (target ≤ 1.5×)\n")
 
-        lines.append("### Added latency at fixed rates (open loop, latency from the scheduled send time)\n")
+    def fixed_table(self, lines, fixed):
+        ms = lambda us: f"{us / 1000:.2f}"
+
+        lines.append("### Added latency at fixed rates (open loop, 64 connections; a request late for its slot counts from the slot)\n")
         lines.append("| rate | direct p50 / p99 ms | chatgate p50 / p99 ms | added p50 ms | added p99 ms | errors |")
         lines.append("|---:|---:|---:|---:|---:|---:|")
         for rate, (d, g) in fixed.items():
             lines.append(f"| {rate}/s | {ms(d['p50_us'])} / {ms(d['p99_us'])} | {ms(g['p50_us'])} / {ms(g['p99_us'])} | "
                          f"{ms(g['p50_us'] - d['p50_us'])} | {ms(g['p99_us'] - d['p99_us'])} | {d['errors'] + g['errors']} |")
 
+    def stream_table(self, lines, streams):
+        ms = lambda us: f"{us / 1000:.2f}"
         lines.append(f"\n### Streaming through chatgate ({STREAM_CHUNKS} chunks, {PACE_MS} ms apart)\n")
         lines.append("| streams | errors | peak concurrent | TTFE p50 / p99 ms (direct) | TTFE p50 / p99 ms (chatgate) | added gap p50 ms | added gap p99 ms | gateway peak RSS MiB |")
         lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -417,6 +449,8 @@ http {{
                          f"{ms(g['gap_p50_us'] - d['gap_p50_us'])} | {ms(g['gap_p99_us'] - d['gap_p99_us'])} | "
                          f"{g['peak_rss_mib']:.0f} |")
 
+    def flood_table(self, lines, flood_rate, quiet, flooded, flood_stats):
+        ms = lambda us: f"{us / 1000:.2f}"
         lines.append(f"\n### Chat under an /auth flood ({flood_rate} chat req/s, open loop)\n")
         lines.append("| | chat p50 ms | chat p99 ms | chat errors | /auth req/s (flood) |")
         lines.append("|---|---:|---:|---:|---:|")
@@ -424,7 +458,6 @@ http {{
         frps = flood_stats.get("requests", 0) / max(flood_stats.get("seconds", 1), 1e-9)
         lines.append(f"| with flood | {ms(flooded['p50_us'])} | {ms(flooded['p99_us'])} | {flooded['errors']} | {frps:.0f} |")
         lines.append(f"\nFlooded / quiet chat p99: **{flooded['p99_us'] / max(quiet['p99_us'], 1):.2f}×** (target ≤ 2×)")
-        return "\n".join(lines)
 
 
 def machine():

@@ -233,7 +233,9 @@ impl TokenService {
             // One key (no rotation in progress): `decode` reads the header itself, so skip
             // our own read of it. A failure takes the general path, which names the reason.
             if let Ok(data) = jsonwebtoken::decode::<Claims>(token, &only.key, &self.validation) {
-                if data.header.alg == self.algorithm && data.header.kid.as_deref() == Some(&only.kid) {
+                if data.header.alg == self.algorithm
+                    && data.header.kid.as_deref() == Some(&only.kid)
+                {
                     return Ok(data.claims);
                 }
             }
