@@ -119,6 +119,24 @@ impl UpstreamSseParser {
                 }
                 _ => at + 1,
             };
+            if let Some(after) = self.single_line_event(rest, at, next) {
+                // Same as `take_line(data line)` then `take_line("")`, without copying
+                // the payload into `self.data`.
+                let value = &rest[5..at];
+                let value = value.strip_prefix(b" ").unwrap_or(value);
+                if value.len() > self.max_event_bytes {
+                    return Err(self.fail(SseError::EventTooLarge {
+                        limit: self.max_event_bytes,
+                    }));
+                }
+                match interpret_payload(value, on_event) {
+                    Ok(Flow::Continue) => {}
+                    Ok(Flow::End) => self.ended = true,
+                    Err(error) => return Err(self.fail(error)),
+                }
+                rest = &rest[after..];
+                continue;
+            }
             if self.partial_line.is_empty() {
                 self.take_line(&rest[..at], on_event)?;
             } else {
@@ -146,6 +164,23 @@ impl UpstreamSseParser {
         }
         self.ended = true;
         Ok(())
+    }
+
+    /// The common case of one whole `data:` line (ending at `at`, next line at `next`)
+    /// followed at once by a blank line, all inside `rest` and with nothing buffered:
+    /// returns where the input after the blank line starts.
+    fn single_line_event(&self, rest: &[u8], at: usize, next: usize) -> Option<usize> {
+        if !self.partial_line.is_empty() || self.has_data || !rest[..at].starts_with(b"data:") {
+            return None;
+        }
+        match rest.get(next..next + 2) {
+            Some([b'\n', _]) => Some(next + 1),
+            Some(b"\r\n") => Some(next + 2),
+            // A lone `\r` at the very end may be followed by a `\n` in the next piece,
+            // which the general path tracks with `skip_lf`.
+            _ if rest.get(next) == Some(&b'\n') => Some(next + 1),
+            _ => None,
+        }
     }
 
     fn fail(&mut self, error: SseError) -> SseError {

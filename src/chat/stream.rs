@@ -49,7 +49,7 @@ impl StreamTranscoder {
 
     /// Transcodes the next piece of the upstream body into `out`.
     pub fn feed(&mut self, piece: &[u8], out: &mut BytesMut) -> StreamStatus {
-        if self.status != StreamStatus::Open {
+        if !matches!(self.status, StreamStatus::Open) {
             return self.status.clone();
         }
         let mut sink = EventSink::new(self.format, out);
@@ -88,6 +88,10 @@ impl StreamTranscoder {
         self.events_sent += sink.events_sent;
         if sink.usage.is_some() {
             self.usage = sink.usage;
+        }
+        // The usual outcome of a piece; skips replacing and cloning the status.
+        if result.is_ok() && sink.ending.is_none() {
+            return StreamStatus::Open;
         }
         self.status = match (result, sink.ending) {
             (Err(error), _) => StreamStatus::Failed(error.to_string()),

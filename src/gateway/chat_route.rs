@@ -92,7 +92,9 @@ pub(super) async fn handle(
     ctx.time_to_first_byte = Some(open.first_byte_at.duration_since(ctx.started));
 
     if stream {
-        stream_reply(route, session, ctx, open, deadline).await;
+        // Boxed: its state is large and would otherwise be part of (and copied with)
+        // every request's future, streaming or not.
+        Box::pin(stream_reply(route, session, ctx, open, deadline)).await;
         return Ok(());
     }
     let idle = upstream.settings.idle_timeout;

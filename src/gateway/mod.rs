@@ -130,7 +130,7 @@ fn request_id(session: &Session) -> String {
     };
     match session.get_header("x-request-id").map(|v| v.as_bytes()) {
         Some(v) if sane(v) => String::from_utf8_lossy(v).into_owned(),
-        _ => uuid::Uuid::new_v4().simple().to_string(),
+        _ => fresh_request_id(),
     }
 }
 
@@ -146,6 +146,16 @@ fn login_outcome(result: &Result<(), ApiError>, outcome: &str) -> Option<AuthOut
         Err(ApiError::CredentialStoreUnavailable) => Some(AuthOutcome::StoreError),
         Err(_) => None,
     }
+}
+
+/// A random v4 UUID (simple form) from the thread-local generator: `Uuid::new_v4` would
+/// ask the kernel for randomness, one syscall per request.
+fn fresh_request_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .simple()
+        .to_string()
 }
 
 #[async_trait]

@@ -1,0 +1,486 @@
+#!/usr/bin/env python3
+"""Whole-gateway load benchmark: starts a private redis-server, the simulator, chatgate and
+nginx (a plain proxy_pass baseline) on loopback, drives them with wrk and benches/load/loadgen,
+and prints one markdown table. Run through benches/load/run.sh (it installs what is missing).
+
+Everything binds to 127.0.0.1; every load step is bounded in time and stops by itself.
+"""
+
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+DURATION = int(os.environ.get("DURATION", "10"))  # seconds per closed-loop / fixed-rate step
+CONNECTIONS = int(os.environ.get("CONNECTIONS", "32"))  # wrk connections
+STREAMS = [int(n) for n in os.environ.get("STREAMS", "1000,10000").split(",") if n]
+PACE_MS = int(os.environ.get("PACE_MS", "500"))  # simulator delay between streamed chunks
+STREAM_CHUNKS = int(os.environ.get("STREAM_CHUNKS", "20"))
+RATES = [int(r) for r in os.environ.get("RATES", "500,2000").split(",") if r]
+ACCESS_LOG = os.environ.get("ACCESS_LOG", "both")  # warn | info | both
+STEPS = os.environ.get("STEPS", "closed,fixed,streams,flood").split(",")
+JWT_SECRET = "bench-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))  # children inherit it
+FD_LIMIT = _hard
+
+CHAT_BODY = json.dumps([{"role": "user", "content": "Hello, who are you?"}])
+OPENAI_BODY = json.dumps(
+    {
+        "model": "bench-model",
+        "messages": [
+            {"role": "system", "content": "You are the openEuler community assistant, your name is XiaoZhi."},
+            {"role": "user", "content": "Hello, who are you?"},
+        ],
+        "stream": False,
+    }
+)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, within=15.0):
+    deadline = time.time() + within
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Procs:
+    """The processes this run started, stopped by their own pids at exit."""
+
+    def __init__(self):
+        self.children = []
+
+    def start(self, name, args, **kw):
+        p = subprocess.Popen(args, **kw)
+        self.children.append((name, p))
+        return p
+
+    def stop_all(self):
+        for _, p in reversed(self.children):
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        deadline = time.time() + 5
+        for _, p in reversed(self.children):
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total / CLK_TCK
+
+
+def children_of(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+class Bench:
+    def __init__(self, work):
+        self.work = work
+        self.procs = Procs()
+        self.bin = os.environ.get("CHATGATE_BIN") or os.path.join(ROOT, "target", "release", "chatgate")
+        self.loadgen_bin = os.environ["LOADGEN"]
+        self.rows = {}
+
+    # ---- processes -------------------------------------------------------------------
+    def start_redis(self):
+        self.redis_port = free_port()
+        self.procs.start(
+            "redis",
+            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.work],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        assert wait_port(self.redis_port), "redis-server did not start"
+
+    def start_simulator(self, extra=()):
+        port = free_port()
+        p = self.procs.start(
+            "simulator",
+            [self.bin, "simulate", "--listen", f"127.0.0.1:{port}", *extra],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.work, f"sim-{port}.log"), "w"),
+            env={**os.environ, "RUST_LOG": "warn"},
+        )
+        assert wait_port(port), "simulator did not start"
+        return port, p
+
+    def gateway_config(self, port, admin, sim_port):
+        w = self.work
+        return write(os.path.join(w, f"gw-{port}.yaml"), f"""listen: ["127.0.0.1:{port}"]
+admin_listen: "127.0.0.1:{admin}"
+pingora:
+  threads: 2
+  grace_period_seconds: 0
+  graceful_shutdown_timeout_seconds: 1
+  upgrade_sock: {w}/upgrade-{port}.sock
+  pid_file: {w}/chatgate-{port}.pid
+  upstream_keepalive_pool_size: 20000
+auth:
+  token_ttl: 7d
+  jwt:
+    secret_env: CHATGATE_JWT_SECRET
+  credentials:
+    backend: redis
+    redis:
+      url: redis://127.0.0.1:{self.redis_port}/0
+      key_prefix: "bench:"
+upstreams:
+  main:
+    endpoints: ["127.0.0.1:{sim_port}"]
+routes:
+  - path: /chatCompletion
+    kind: chat
+    upstream: main
+    model: bench-model
+    system_prompt: "You are the openEuler community assistant, your name is XiaoZhi."
+  - path: /chatCompletionStream
+    kind: chat_stream
+    upstream: main
+    model: bench-model
+    system_prompt: "You are the openEuler community assistant, your name is XiaoZhi."
+""")
+
+    def start_gateway(self, sim_port, rust_log):
+        port, admin = free_port(), free_port()
+        cfg = self.gateway_config(port, admin, sim_port)
+        env = {**os.environ, "CHATGATE_JWT_SECRET": JWT_SECRET, "RUST_LOG": rust_log}
+        logf = open(os.path.join(self.work, f"gw-{port}.log"), "w")
+        p = self.procs.start("gateway", [self.bin, "serve", "--config", cfg], env=env,
+                             stdout=logf, stderr=logf)
+        assert wait_port(port), f"gateway did not start, see {logf.name}"
+        return port, p, cfg
+
+    def add_user_and_login(self, gw_port, cfg):
+        env = {**os.environ, "CHATGATE_JWT_SECRET": JWT_SECRET}
+        subprocess.run([self.bin, "users", "add", "bench", "--config", cfg], input=b"bench-password",
+                       env=env, check=False, capture_output=True)
+        form = "username=bench&password=bench-password"
+        req = ("POST /auth HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+               f"Content-Length: {len(form)}\r\nConnection: close\r\n\r\n{form}")
+        with socket.create_connection(("127.0.0.1", gw_port), timeout=10) as s:
+            s.sendall(req.encode())
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        m = re.search(rb'"accessToken"\s*:\s*"([^"]+)"', data)
+        assert m, f"login failed: {data[:300]!r}"
+        return m.group(1).decode()
+
+    def start_nginx(self, sim_port):
+        port = free_port()
+        w = self.work
+        conf = write(os.path.join(w, "nginx.conf"), f"""worker_processes 2;
+daemon off;
+master_process on;
+pid {w}/nginx.pid;
+error_log {w}/nginx-error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 30000; }}
+http {{
+  access_log off;
+  client_body_temp_path {w}/nginx-body;
+  proxy_temp_path {w}/nginx-proxy;
+  fastcgi_temp_path {w}/nginx-fcgi;
+  uwsgi_temp_path {w}/nginx-uwsgi;
+  scgi_temp_path {w}/nginx-scgi;
+  upstream sim {{ server 127.0.0.1:{sim_port}; keepalive 1024; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://sim;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+""")
+        p = self.procs.start("nginx", ["nginx", "-c", conf, "-e", f"{w}/nginx-error.log"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_port(port), "nginx did not start"
+        return port, p
+
+    # ---- load ------------------------------------------------------------------------
+    def wrk(self, port, path, body, auth=None, seconds=DURATION, connections=CONNECTIONS,
+            content_type="application/json"):
+        body_file = write(os.path.join(self.work, f"body-{abs(hash(body))}.txt"), body)
+        env = {**os.environ, "BODY_FILE": body_file, "AUTH_HEADER": auth or "",
+               "CONTENT_TYPE": content_type}
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+             "-s", os.path.join(HERE, "post.lua"), f"http://127.0.0.1:{port}{path}"],
+            capture_output=True, text=True, env=env, timeout=seconds + 60,
+        ).stdout
+        m = re.search(r"WRKJSON (\{.*\})", out)
+        assert m, f"wrk printed no summary:\n{out}"
+        return json.loads(m.group(1))
+
+    def loadgen(self, *args, timeout=600):
+        out = subprocess.run([self.loadgen_bin, *map(str, args)], capture_output=True, text=True,
+                             timeout=timeout)
+        lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+        assert lines, f"loadgen printed nothing: {out.stderr}"
+        return json.loads(lines[-1])
+
+    def body_file(self, name, body):
+        return write(os.path.join(self.work, name), body)
+
+    # ---- steps -----------------------------------------------------------------------
+    def closed_loop(self, label, port, path, body, pids, auth=None):
+        before = cpu_seconds(pids())
+        r = self.wrk(port, path, body, auth)
+        cpu = cpu_seconds(pids()) - before
+        r["cpu_per_1k"] = cpu / max(r["requests"], 1) * 1000
+        r["rps"] = r["requests"] / r["seconds"]
+        log(f"{label}: {r}")
+        return r
+
+    def run(self):
+        self.start_redis()
+        sim_port, sim = self.start_simulator()
+        nginx_port, nginx = self.start_nginx(sim_port)
+        gw_port, gw, gw_cfg = self.start_gateway(sim_port, "warn")
+        token = self.add_user_and_login(gw_port, gw_cfg)
+        bearer = f"Bearer {token}"
+        nginx_pids = lambda: [nginx.pid, *children_of(nginx.pid)]
+        gw_pids = lambda: [gw.pid]
+        sim_pids = lambda: [sim.pid]
+        oa = "/v1/chat/completions"
+
+        # Warm-up: connections, pools, caches.
+        self.wrk(gw_port, "/chatCompletion", CHAT_BODY, bearer, seconds=2)
+        self.wrk(nginx_port, oa, OPENAI_BODY, seconds=2)
+
+        res = {}
+        if "closed" in STEPS:
+            self.closed_steps(res, sim_port, nginx_port, gw_port, bearer, sim_pids, nginx_pids, gw_pids)
+        fixed, streams = {}, {}
+        if "fixed" in STEPS:
+            self.fixed_steps(fixed, sim_port, gw_port, bearer)
+        if "streams" in STEPS:
+            self.stream_steps(streams, sim_port, gw_port, gw, bearer)
+        flood = self.flood_step(gw_port, bearer) if "flood" in STEPS else None
+        return self.table(res, fixed, streams, flood)
+
+    def closed_steps(self, res, sim_port, nginx_port, gw_port, bearer, sim_pids, nginx_pids, gw_pids):
+        oa = "/v1/chat/completions"
+        res["direct"] = self.closed_loop("direct", sim_port, oa, OPENAI_BODY, sim_pids)
+        res["nginx"] = self.closed_loop("nginx", nginx_port, oa, OPENAI_BODY, nginx_pids)
+        res["chatgate"] = self.closed_loop("chatgate", gw_port, "/chatCompletion", CHAT_BODY, gw_pids,
+                                           bearer)
+        if ACCESS_LOG in ("info", "both"):
+            gw2_port, gw2, _ = self.start_gateway(sim_port, "info")
+            self.wrk(gw2_port, "/chatCompletion", CHAT_BODY, bearer, seconds=2)
+            res["chatgate_info"] = self.closed_loop("chatgate (RUST_LOG=info)", gw2_port,
+                                                    "/chatCompletion", CHAT_BODY, lambda: [gw2.pid],
+                                                    bearer)
+            gw2.send_signal(signal.SIGINT)
+            gw2.wait(timeout=10)
+
+    def fixed_steps(self, fixed, sim_port, gw_port, bearer):
+        """Fixed rates, open loop."""
+        oa = "/v1/chat/completions"
+        chat_file = self.body_file("chat.json", CHAT_BODY)
+        oa_file = self.body_file("openai.json", OPENAI_BODY)
+        for rate in RATES:
+            d = self.loadgen("fixed", f"127.0.0.1:{sim_port}", oa, oa_file, rate, DURATION, 64)
+            g = self.loadgen("fixed", f"127.0.0.1:{gw_port}", "/chatCompletion", chat_file, rate,
+                             DURATION, 64, f"Authorization: {bearer}")
+            log(f"fixed {rate}/s: direct {d} chatgate {g}")
+            fixed[rate] = (d, g)
+
+    def stream_steps(self, streams, sim_port, gw_port, gw, bearer):
+        oa = "/v1/chat/completions"
+        stream_body = json.dumps([{"role": "user", "content": f"#sim reply=lorem:{STREAM_CHUNKS * 4} chunk_size=4 chunk_delay_ms={PACE_MS}\nHello"}])
+        stream_oa = json.dumps({"model": "bench-model", "stream": True,
+                                "messages": json.loads(stream_body)})
+        sfile = self.body_file("stream.json", stream_body)
+        soa_file = self.body_file("stream-openai.json", stream_oa)
+        for wanted in STREAMS:
+            # The gateway holds two sockets per stream (client and upstream side).
+            n = min(wanted, (FD_LIMIT - 200) // 2)
+            if n < wanted:
+                log(f"{wanted} streams need {2 * wanted + 200} fds; the hard limit is {FD_LIMIT}: running {n}")
+            ramp = max(1.0, n / 2000)
+            d = self.loadgen("stream", f"127.0.0.1:{sim_port}", oa, soa_file, n, ramp, PACE_MS)
+            rss_before = rss_mib(gw.pid)
+            g = self.loadgen("stream", f"127.0.0.1:{gw_port}", "/chatCompletionStream", sfile, n,
+                             ramp, PACE_MS, f"Authorization: {bearer}")
+            g["peak_rss_mib"] = peak_rss_mib(gw.pid)
+            g["rss_before_mib"] = rss_before
+            log(f"streams {n}: direct {d} chatgate {g}")
+            streams[wanted] = (n, d, g)
+
+    def flood_step(self, gw_port, bearer):
+        """Chat p99 while /auth is flooded (wrong passwords: each costs a full hash)."""
+        chat_file = self.body_file("chat.json", CHAT_BODY)
+        flood_rate = RATES[0] if RATES else 500
+        quiet = self.loadgen("fixed", f"127.0.0.1:{gw_port}", "/chatCompletion", chat_file,
+                             flood_rate, DURATION, 64, f"Authorization: {bearer}")
+        flood = subprocess.Popen(
+            ["wrk", "-t1", "-c16", f"-d{DURATION + 4}s", "--timeout", "10s",
+             "-s", os.path.join(HERE, "post.lua"), f"http://127.0.0.1:{gw_port}/auth"],
+            env={**os.environ,
+                 "BODY_FILE": self.body_file("auth.txt", "username=bench&password=wrong-password"),
+                 "CONTENT_TYPE": "application/x-www-form-urlencoded", "AUTH_HEADER": ""},
+            stdout=subprocess.PIPE, text=True,
+        )
+        time.sleep(2)
+        flooded = self.loadgen("fixed", f"127.0.0.1:{gw_port}", "/chatCompletion", chat_file,
+                               flood_rate, DURATION, 64, f"Authorization: {bearer}")
+        flood_out = flood.communicate(timeout=DURATION + 60)[0]
+        m = re.search(r"WRKJSON (\{.*\})", flood_out)
+        flood_stats = json.loads(m.group(1)) if m else {}
+        log(f"auth flood: quiet {quiet} flooded {flooded} flood {flood_stats}")
+        return flood_rate, quiet, flooded, flood_stats
+
+    # ---- report ----------------------------------------------------------------------
+    def table(self, res, fixed, streams, flood):
+        ms = lambda us: f"{us / 1000:.2f}"
+        lines = []
+        if res:
+            self.closed_table(lines, res)
+        if fixed:
+            self.fixed_table(lines, fixed)
+        if streams:
+            self.stream_table(lines, streams)
+        if flood:
+            self.flood_table(lines, *flood)
+        return "\n".join(lines)
+
+    def closed_table(self, lines, res):
+        ms = lambda us: f"{us / 1000:.2f}"
+        lines.append(f"### Non-streaming, closed loop (wrk, 1 thread, {CONNECTIONS} connections, {DURATION} s)\n")
+        lines.append("| target | req/s | p50 ms | p99 ms | errors | CPU s / 1,000 req |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        names = [("direct", "direct to simulator"), ("nginx", "nginx proxy_pass"),
+                 ("chatgate", "chatgate (RUST_LOG=warn)"), ("chatgate_info", "chatgate (RUST_LOG=info, access log)")]
+        for key, name in names:
+            if key not in res:
+                continue
+            r = res[key]
+            cpu = f"{r['cpu_per_1k']:.3f}" + (" (simulator)" if key == "direct" else "")
+            lines.append(f"| {name} | {r['rps']:.0f} | {ms(r['p50_us'])} | {ms(r['p99_us'])} | "
+                         f"{r['errors'] + r['non2xx']} | {cpu} |")
+        ratio = res["chatgate"]["cpu_per_1k"] / max(res["nginx"]["cpu_per_1k"], 1e-9)
+        lines.append(f"\nCPU per request, chatgate / nginx: **{ratio:.2f}×** (target ≤ 1.5×)\n")
+
+    def fixed_table(self, lines, fixed):
+        ms = lambda us: f"{us / 1000:.2f}"
+
+        lines.append("### Added latency at fixed rates (open loop, 64 connections; a request late for its slot counts from the slot)\n")
+        lines.append("| rate | direct p50 / p99 ms | chatgate p50 / p99 ms | added p50 ms | added p99 ms | errors |")
+        lines.append("|---:|---:|---:|---:|---:|---:|")
+        for rate, (d, g) in fixed.items():
+            lines.append(f"| {rate}/s | {ms(d['p50_us'])} / {ms(d['p99_us'])} | {ms(g['p50_us'])} / {ms(g['p99_us'])} | "
+                         f"{ms(g['p50_us'] - d['p50_us'])} | {ms(g['p99_us'] - d['p99_us'])} | {d['errors'] + g['errors']} |")
+
+    def stream_table(self, lines, streams):
+        ms = lambda us: f"{us / 1000:.2f}"
+        lines.append(f"\n### Streaming through chatgate ({STREAM_CHUNKS} chunks, {PACE_MS} ms apart)\n")
+        lines.append("| streams | errors | peak concurrent | TTFE p50 / p99 ms (direct) | TTFE p50 / p99 ms (chatgate) | added gap p50 ms | added gap p99 ms | gateway peak RSS MiB |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for wanted, (n, d, g) in streams.items():
+            shown = f"{n}" if n == wanted else f"{n} ({wanted} asked; fd limit {FD_LIMIT})"
+            lines.append(f"| {shown} | {g['errors']} (direct {d['errors']}) | {g['peak_concurrent']} | "
+                         f"{ms(d['ttfe_p50_us'])} / {ms(d['ttfe_p99_us'])} | {ms(g['ttfe_p50_us'])} / {ms(g['ttfe_p99_us'])} | "
+                         f"{ms(g['gap_p50_us'] - d['gap_p50_us'])} | {ms(g['gap_p99_us'] - d['gap_p99_us'])} | "
+                         f"{g['peak_rss_mib']:.0f} |")
+
+    def flood_table(self, lines, flood_rate, quiet, flooded, flood_stats):
+        ms = lambda us: f"{us / 1000:.2f}"
+        lines.append(f"\n### Chat under an /auth flood ({flood_rate} chat req/s, open loop)\n")
+        lines.append("| | chat p50 ms | chat p99 ms | chat errors | /auth req/s (flood) |")
+        lines.append("|---|---:|---:|---:|---:|")
+        lines.append(f"| without flood | {ms(quiet['p50_us'])} | {ms(quiet['p99_us'])} | {quiet['errors']} | – |")
+        frps = flood_stats.get("requests", 0) / max(flood_stats.get("seconds", 1), 1e-9)
+        lines.append(f"| with flood | {ms(flooded['p50_us'])} | {ms(flooded['p99_us'])} | {flooded['errors']} | {frps:.0f} |")
+        lines.append(f"\nFlooded / quiet chat p99: **{flooded['p99_us'] / max(quiet['p99_us'], 1):.2f}×** (target ≤ 2×)")
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                if l.startswith("Model name")), platform.processor())
+    mem = subprocess.run(["free", "-g"], capture_output=True, text=True).stdout.splitlines()[1].split()[1]
+    load = os.getloadavg()
+    return (f"{os.cpu_count()} cores ({cpu}), {mem} GiB RAM, Linux {platform.release()}; "
+            f"load average before the run {load[0]:.2f}")
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="chatgate-bench-")
+    bench = Bench(work)
+    header = f"Run {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {machine()}.\n"
+    try:
+        table = bench.run()
+    finally:
+        bench.procs.stop_all()
+    print(header)
+    print(table)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Whole-gateway load benchmark, one command: installs wrk, nginx and python3 when missing
+# (Debian), builds chatgate and the load client in release mode, raises the fd limit and
+# runs benches/load/run.py, which prints one markdown table. Knobs (environment):
+# DURATION=10 CONNECTIONS=32 RATES=500,2000 STREAMS=1000,10000 PACE_MS=500 STREAM_CHUNKS=20
+# ACCESS_LOG=both|warn, CHATGATE_BIN=path (another build to compare). Everything listens on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+need=()
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+if [ "${#need[@]}" -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+cargo build --release --locked --bin chatgate >&2
+LOADGEN=$(cargo bench --locked --bench loadgen --no-run --message-format=json 2>/dev/null \
+  | grep -o '"executable":"[^"]*loadgen[^"]*"' | tail -1 | cut -d'"' -f4)
+[ -x "$LOADGEN" ] || { echo "cannot build the load client" >&2; exit 1; }
+export LOADGEN
+
+# 10,000 streams hold ~30,000 sockets across client, gateway and simulator; where the hard
+# limit cannot be raised (containers), run.py runs as many streams as it allows and says so.
+ulimit -Hn 200000 2>/dev/null && ulimit -Sn 200000 2>/dev/null || ulimit -Sn "$(ulimit -Hn)"
+exec python3 benches/load/run.py "$@"
