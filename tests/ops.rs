@@ -160,9 +160,13 @@ async fn metrics_count_known_traffic_exactly() {
     assert!(prompt > 0.0 && completion > 0.0, "{reply}");
 
     let stream_route = [("route", "/chatCompletionStream")];
+    // The last request's access-log hook (which records its tokens) may run
+    // just after its reply reached us: wait for it too.
+    let openai_route = [("route", "/v1/chat/completions")];
     let m1 = metrics_when(&s.gw, |m| {
         m.sum("chatgate_requests_total", &stream_route) >= 3.0
             && m.sum("chatgate_active_streams", &[]) == 0.0
+            && delta(&m0, m, "chatgate_requests_total", &openai_route) >= 1.0
     })
     .await;
     let d = |name: &str, labels: &[(&str, &str)]| delta(&m0, &m1, name, labels);
