@@ -43,9 +43,46 @@ async fn until_rejected_everywhere(gateways: &[&Gateway], token: &str) -> Durati
     }
 }
 
+/// The per-user request limit the tests configure (a burst of this many, then
+/// this many per minute).
+const RATE_LIMIT: f64 = 200.0;
+
 fn with_cache(mut cfg: GatewayConfig) -> GatewayConfig {
     cfg.auth_extra = format!("  user_cache_ttl: {CACHE_TTL}\n");
+    cfg.extra = format!("rate_limits:\n  requests_per_minute: {RATE_LIMIT}\n");
     cfg
+}
+
+/// Sends `total` chat requests for one user, spread round-robin over the
+/// gateways with 8 in flight, and checks that the number accepted matches
+/// the one shared limit (burst plus what drips back while sending) within 5%.
+async fn assert_limit_shared(gateways: &[&Gateway], token: &str, total: usize) {
+    let started = Instant::now();
+    let mut accepted = 0usize;
+    let mut refused = 0usize;
+    for batch in (0..total).collect::<Vec<_>>().chunks(8) {
+        let replies = futures::future::join_all(
+            batch
+                .iter()
+                .map(|i| chat_status(gateways[i % gateways.len()], token)),
+        )
+        .await;
+        for status in replies {
+            match status {
+                200 => accepted += 1,
+                429 => refused += 1,
+                other => panic!("unexpected status {other}"),
+            }
+        }
+    }
+    let expected = RATE_LIMIT + RATE_LIMIT / 60.0 * started.elapsed().as_secs_f64();
+    let off = (accepted as f64 - expected).abs() / RATE_LIMIT;
+    assert!(
+        off <= 0.05,
+        "{accepted} accepted, {refused} refused across {} instances; expected {expected:.0} (off by {:.1}%)",
+        gateways.len(),
+        off * 100.0
+    );
 }
 
 #[tokio::test]
@@ -56,6 +93,11 @@ async fn instances_share_users_tokens_and_revocations() {
     let b = Gateway::start(with_cache(GatewayConfig::redis(&redis, &[sim.addr()])));
     let c = Gateway::start(with_cache(GatewayConfig::redis(&redis, &[sim.addr()])));
     a.add_user("carol", "carol-pw");
+    a.add_user("busy", "busy-pw");
+
+    // One per-user rate limit across all instances.
+    let busy = login(&a, "busy", "busy-pw").await;
+    assert_limit_shared(&[&a, &b, &c], &busy, 300).await;
 
     // Issued by one, accepted by all.
     let token = login(&b, "carol", "carol-pw").await;
@@ -135,6 +177,11 @@ async fn redis_cluster_as_the_credential_store() {
         .await
         .expect("auth");
     assert_eq!(resp.status(), 401);
+
+    // The rate limit holds on the cluster too.
+    a.add_user("busy", "busy-pw");
+    let busy = login(&a, "busy", "busy-pw").await;
+    assert_limit_shared(&[&a, &b], &busy, 300).await;
 
     // Password change and revocation on the cluster.
     assert!(a
