@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
 
-use super::{body, reply, ChatRoute, RequestCtx};
+use super::{exchange, reply, ChatRoute, RequestCtx};
 use crate::auth::Authenticator;
 use crate::chat::reply::parse_completion;
 use crate::chat::request::{build_openai_body, parse_messages, UpstreamRequestSpec};
@@ -16,12 +16,10 @@ use crate::chat::sse_out::{write_error_event, KEEPALIVE_COMMENT};
 use crate::chat::stream::{StreamStatus, StreamTranscoder};
 use crate::config::RouteKind;
 use crate::error::{json_object1, upstream_failure_message, ApiError};
-use crate::limits::{estimate_tokens, Limiter};
+use crate::limits::Limiter;
 use crate::metrics::ActiveStream;
 use crate::upstream::{OpenResponse, UpstreamError};
 
-/// Largest non-streaming upstream reply accepted.
-const MAX_REPLY_BYTES: usize = 16 << 20;
 /// Largest single upstream SSE event accepted.
 const MAX_UPSTREAM_EVENT_BYTES: usize = 1 << 20;
 
@@ -33,34 +31,12 @@ pub(super) async fn handle(
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(), ApiError> {
-    let authorization = session
-        .get_header(http::header::AUTHORIZATION)
-        .map(|v| v.as_bytes().to_vec());
-    let caller = auth.authorize(authorization.as_deref()).await?;
-    ctx.user_id = Some(caller.user_id);
-
+    let Some((caller, raw)) = exchange::admit(auth, route, session, ctx).await? else {
+        return Ok(());
+    };
     let settings = &route.settings;
-    let raw =
-        match body::read_limited(session, settings.max_body_bytes, settings.body_timeout).await {
-            Ok(b) => b,
-            Err(Some(e)) => return Err(e),
-            Err(None) => {
-                ctx.outcome = "client_gone";
-                return Ok(());
-            }
-        };
     let messages = parse_messages(&raw).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
-    let estimate = estimate_tokens(raw.len(), settings.completion_estimate);
-    ctx.reservation = Some(
-        limiter
-            .reserve(
-                &caller.username,
-                &settings.path,
-                &settings.rate_limits,
-                estimate,
-            )
-            .await?,
-    );
+    exchange::reserve(limiter, route, &caller, raw.len(), ctx).await?;
     drop(raw);
     let stream = settings.kind == RouteKind::ChatStream;
     let upstream_body = Bytes::from(build_openai_body(
@@ -75,39 +51,20 @@ pub(super) async fn handle(
     ));
     drop(messages);
 
-    let upstream = &route.upstream;
-    let deadline = Instant::now() + upstream.settings.total_timeout;
-    let opened = tokio::select! {
-        biased;
-        _ = session.downstream_session.read_body_or_idle(true) => {
-            ctx.outcome = "cancelled";
-            return Ok(());
-        }
-        opened = upstream.open(&upstream_body, stream, deadline) => opened,
-    };
-    let mut open = opened.map_err(|e| upstream_failed(ctx, &e))?;
+    let deadline = Instant::now() + route.upstream.settings.total_timeout;
+    let opened =
+        exchange::open_upstream(route, session, ctx, &upstream_body, stream, deadline).await?;
     drop(upstream_body);
-    ctx.attempts = open.attempts;
-    ctx.upstream_endpoint = Some(upstream.endpoints[open.endpoint].label.clone());
-    ctx.time_to_first_byte = Some(open.first_byte_at.duration_since(ctx.started));
-
+    let Some(open) = opened else { return Ok(()) };
     if stream {
         // Boxed: its state is large and would otherwise be part of (and copied with)
         // every request's future, streaming or not.
         Box::pin(stream_reply(route, session, ctx, open, deadline)).await;
         return Ok(());
     }
-    let idle = upstream.settings.idle_timeout;
-    let body = tokio::select! {
-        biased;
-        _ = session.downstream_session.read_body_or_idle(true) => {
-            ctx.outcome = "cancelled";
-            return Ok(());
-        }
-        body = open.read_all(MAX_REPLY_BYTES, idle, deadline) => body,
+    let Some((body, _)) = exchange::read_reply(route, session, ctx, open, deadline).await? else {
+        return Ok(());
     };
-    let body = body.map_err(|e| upstream_failed(ctx, &e))?;
-    upstream.release(open).await;
     let completion = parse_completion(&body).map_err(|e| ApiError::Upstream(e.to_string()))?;
     ctx.tokens = completion
         .usage
@@ -121,11 +78,6 @@ pub(super) async fn handle(
     )
     .await;
     Ok(())
-}
-
-fn upstream_failed(ctx: &mut RequestCtx, e: &UpstreamError) -> ApiError {
-    ctx.outcome = "upstream_error";
-    ApiError::Upstream(e.to_string())
 }
 
 /// What ended the upstream read loop.

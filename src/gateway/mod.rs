@@ -32,6 +32,7 @@ mod body;
 mod chat_route;
 mod cors;
 pub mod drain;
+mod exchange;
 mod login_route;
 mod openai_route;
 mod reply;

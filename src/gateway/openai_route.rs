@@ -7,17 +7,15 @@ use std::time::{Duration, Instant};
 
 use pingora::proxy::Session;
 
-use super::{body, reply, ChatRoute, RequestCtx};
+use super::{exchange, reply, ChatRoute, RequestCtx};
 use crate::auth::Authenticator;
 use crate::chat::openai::{apply_model_policy, reply_usage};
 use crate::chat::sse_in::{UpstreamEvent, UpstreamSseParser};
 use crate::error::ApiError;
-use crate::limits::{estimate_tokens, Limiter};
+use crate::limits::Limiter;
 use crate::metrics::ActiveStream;
 use crate::upstream::{OpenResponse, UpstreamError};
 
-/// Largest non-streaming upstream reply accepted.
-const MAX_REPLY_BYTES: usize = 16 << 20;
 /// Largest single upstream SSE event parsed for usage (larger ones are still passed on).
 const MAX_UPSTREAM_EVENT_BYTES: usize = 1 << 20;
 
@@ -29,73 +27,38 @@ pub(super) async fn handle(
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(), ApiError> {
-    let authorization = session
-        .get_header(http::header::AUTHORIZATION)
-        .map(|v| v.as_bytes().to_vec());
-    let caller = auth.authorize(authorization.as_deref()).await?;
-    ctx.user_id = Some(caller.user_id);
-
+    let Some((caller, raw)) = exchange::admit(auth, route, session, ctx).await? else {
+        return Ok(());
+    };
     let settings = &route.settings;
-    let raw =
-        match body::read_limited(session, settings.max_body_bytes, settings.body_timeout).await {
-            Ok(b) => b,
-            Err(Some(e)) => return Err(e),
-            Err(None) => {
-                ctx.outcome = "client_gone";
-                return Ok(());
-            }
-        };
     let request = apply_model_policy(&raw, &settings.model, &settings.allowed_models)
         .map_err(ApiError::InvalidRequest)?;
-    let estimate = estimate_tokens(raw.len(), settings.completion_estimate);
-    ctx.reservation = Some(
-        limiter
-            .reserve(
-                &caller.username,
-                &settings.path,
-                &settings.rate_limits,
-                estimate,
-            )
-            .await?,
-    );
+    exchange::reserve(limiter, route, &caller, raw.len(), ctx).await?;
     drop(raw);
     let upstream_body = bytes::Bytes::from(request.body);
 
-    let upstream = &route.upstream;
-    let deadline = Instant::now() + upstream.settings.total_timeout;
-    let opened = tokio::select! {
-        biased;
-        _ = session.downstream_session.read_body_or_idle(true) => {
-            ctx.outcome = "cancelled";
-            return Ok(());
-        }
-        opened = upstream.open(&upstream_body, request.stream, deadline) => opened,
-    };
-    let mut open = opened.map_err(|e| upstream_failed(ctx, &e))?;
+    let deadline = Instant::now() + route.upstream.settings.total_timeout;
+    let opened = exchange::open_upstream(
+        route,
+        session,
+        ctx,
+        &upstream_body,
+        request.stream,
+        deadline,
+    )
+    .await?;
     drop(upstream_body);
-    ctx.attempts = open.attempts;
-    ctx.upstream_endpoint = Some(upstream.endpoints[open.endpoint].label.clone());
-    ctx.time_to_first_byte = Some(open.first_byte_at.duration_since(ctx.started));
-
+    let Some(open) = opened else { return Ok(()) };
     if request.stream {
         pass_stream(route, session, ctx, open, deadline).await;
         return Ok(());
     }
-    let idle = upstream.settings.idle_timeout;
-    let body = tokio::select! {
-        biased;
-        _ = session.downstream_session.read_body_or_idle(true) => {
-            ctx.outcome = "cancelled";
-            return Ok(());
-        }
-        body = open.read_all(MAX_REPLY_BYTES, idle, deadline) => body,
+    let Some((body, content_type)) =
+        exchange::read_reply(route, session, ctx, open, deadline).await?
+    else {
+        return Ok(());
     };
-    let body = body.map_err(|e| upstream_failed(ctx, &e))?;
-    let content_type = open
-        .content_type()
-        .unwrap_or("application/json")
-        .to_string();
-    upstream.release(open).await;
+    let content_type = content_type.unwrap_or_else(|| "application/json".to_string());
     ctx.tokens = reply_usage(&body).map(|u| (u.prompt_tokens, u.completion_tokens));
     ctx.status = 200;
     let sent = async {
@@ -108,11 +71,6 @@ pub(super) async fn handle(
         ctx.outcome = "client_gone";
     }
     Ok(())
-}
-
-fn upstream_failed(ctx: &mut RequestCtx, e: &UpstreamError) -> ApiError {
-    ctx.outcome = "upstream_error";
-    ApiError::Upstream(e.to_string())
 }
 
 /// Passes the upstream's SSE body through unchanged, piece by piece. If the

@@ -1,0 +1,122 @@
+//! The steps every chat-like route shares: Bearer check and body (before any
+//! upstream work), the rate/token reservation, opening the upstream call, and
+//! reading a complete reply — each giving up at once when the client leaves.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use pingora::proxy::Session;
+
+use super::{body, ChatRoute, RequestCtx};
+use crate::auth::{Authenticator, Caller};
+use crate::error::ApiError;
+use crate::limits::{estimate_tokens, Limiter};
+use crate::upstream::{OpenResponse, UpstreamError};
+
+/// Largest non-streaming upstream reply accepted.
+const MAX_REPLY_BYTES: usize = 16 << 20;
+
+/// Checks the caller's token, then reads the body under the route's limits.
+/// `Ok(None)`: the client went away mid-body; there is nobody to answer.
+pub(super) async fn admit(
+    auth: &Authenticator,
+    route: &ChatRoute,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<Option<(Caller, Bytes)>, ApiError> {
+    let authorization = session
+        .get_header(http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes().to_vec());
+    let caller = auth.authorize(authorization.as_deref()).await?;
+    ctx.user_id = Some(caller.user_id);
+    let settings = &route.settings;
+    match body::read_limited(session, settings.max_body_bytes, settings.body_timeout).await {
+        Ok(raw) => Ok(Some((caller, raw))),
+        Err(Some(e)) => Err(e),
+        Err(None) => {
+            ctx.outcome = "client_gone";
+            Ok(None)
+        }
+    }
+}
+
+/// Reserves the caller's request and estimated tokens on this route; settled
+/// from the upstream's usage when the request is logged.
+pub(super) async fn reserve(
+    limiter: &Limiter,
+    route: &ChatRoute,
+    caller: &Caller,
+    body_bytes: usize,
+    ctx: &mut RequestCtx,
+) -> Result<(), ApiError> {
+    let settings = &route.settings;
+    let estimate = estimate_tokens(body_bytes, settings.completion_estimate);
+    let reservation = limiter
+        .reserve(
+            &caller.username,
+            &settings.path,
+            &settings.rate_limits,
+            estimate,
+        )
+        .await?;
+    ctx.reservation = Some(reservation);
+    Ok(())
+}
+
+/// Sends the request upstream (with the upstream's retries) and waits for a
+/// 2xx header, noting attempts, endpoint and time to first byte in `ctx`.
+/// `Ok(None)`: the client left first, and the call was dropped.
+pub(super) async fn open_upstream(
+    route: &ChatRoute,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    body: &Bytes,
+    stream: bool,
+    deadline: Instant,
+) -> Result<Option<OpenResponse>, ApiError> {
+    let upstream = &route.upstream;
+    let opened = tokio::select! {
+        biased;
+        _ = session.downstream_session.read_body_or_idle(true) => {
+            ctx.outcome = "cancelled";
+            return Ok(None);
+        }
+        opened = upstream.open(body, stream, deadline) => opened,
+    };
+    let open = opened.map_err(|e| upstream_failed(ctx, &e))?;
+    ctx.attempts = open.attempts;
+    ctx.upstream_endpoint = Some(upstream.endpoints[open.endpoint].label.clone());
+    ctx.time_to_first_byte = Some(open.first_byte_at.duration_since(ctx.started));
+    Ok(Some(open))
+}
+
+/// Reads a whole non-streamed reply and returns the connection to the pool.
+/// `Ok(None)`: the client left first.
+pub(super) async fn read_reply(
+    route: &ChatRoute,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    mut open: OpenResponse,
+    deadline: Instant,
+) -> Result<Option<(Bytes, Option<String>)>, ApiError> {
+    let upstream = &route.upstream;
+    let idle = upstream.settings.idle_timeout;
+    let body = tokio::select! {
+        biased;
+        _ = session.downstream_session.read_body_or_idle(true) => {
+            ctx.outcome = "cancelled";
+            return Ok(None);
+        }
+        body = open.read_all(MAX_REPLY_BYTES, idle, deadline) => body,
+    };
+    let body = body.map_err(|e| upstream_failed(ctx, &e))?;
+    let content_type = open.content_type().map(str::to_string);
+    upstream.release(open).await;
+    Ok(Some((body, content_type)))
+}
+
+/// An upstream failure before the reply started: CONTRACT's 500.
+pub(super) fn upstream_failed(ctx: &mut RequestCtx, e: &UpstreamError) -> ApiError {
+    ctx.outcome = "upstream_error";
+    ApiError::Upstream(e.to_string())
+}
