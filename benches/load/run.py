@@ -183,6 +183,15 @@ auth:
     redis:
       url: redis://127.0.0.1:{self.redis_port}/0
       key_prefix: "bench:"
+# Limits off: the harness measures the proxy path, and its /auth flood must
+# reach the password hash rather than the failed-login lockout.
+rate_limits:
+  requests_per_minute: 0
+  tokens_per_minute: 0
+  tokens_per_day: 0
+  auth:
+    failures_per_username: 0
+    failures_per_ip: 0
 upstreams:
   main:
     endpoints: ["127.0.0.1:{sim_port}"]

@@ -2,6 +2,7 @@
 //! (`password`), JWTs (`token`), user stores (`store`), and the
 //! [`Authenticator`] that ties them to CONTRACT's `/auth` and Bearer rules.
 
+mod hash_pool;
 pub mod login;
 pub mod password;
 pub mod store;

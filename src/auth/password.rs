@@ -1,12 +1,15 @@
 //! Password hashing and verification: argon2id PHC strings for new hashes, bcrypt accepted for
-//! migrated users. Every hash runs on tokio's blocking pool behind a semaphore, so a login flood
-//! neither stalls the I/O threads nor runs more than `max_concurrent` hashes at once.
+//! migrated users. Every hash runs on a few dedicated low-priority threads behind a semaphore, so a
+//! login flood neither stalls the I/O threads nor takes CPU from chat traffic, nor runs more than
+//! `max_concurrent` hashes at once.
 
 use std::sync::Arc;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use tokio::sync::Semaphore;
+
+use super::hash_pool::HashPool;
 
 /// Largest argon2 memory cost (KiB) and pass count accepted from a stored hash, unless the
 /// configured cost is higher: a corrupt `m=` or `t=` must not make one login allocate
@@ -78,6 +81,8 @@ pub enum Verification {
 pub struct Passwords {
     params: Params,
     permits: Arc<Semaphore>,
+    /// Low-priority threads the hashes run on, one per permit.
+    pool: HashPool,
     /// An argon2id hash of a random password with the configured cost, verified against when
     /// there is no real hash so unknown users cost as much as wrong passwords.
     dummy_hash: Arc<str>,
@@ -102,9 +107,11 @@ impl Passwords {
         let argon2_params = params.argon2_params()?;
         let dummy_password: [u8; 32] = rand::random();
         let dummy_hash = hash_with(&argon2_params, &dummy_password)?;
+        let pool = HashPool::new(max_concurrent).map_err(|_| PasswordError::TaskFailed)?;
         Ok(Passwords {
             params: argon2_params,
             permits: Arc::new(Semaphore::new(max_concurrent)),
+            pool,
             dummy_hash: dummy_hash.into(),
         })
     }
@@ -135,20 +142,20 @@ impl Passwords {
             .unwrap_or(Verification::Invalid)
     }
 
-    /// Runs `work` on the blocking pool while holding a permit. The permit moves into the
+    /// Runs `work` on the low-priority hash threads while holding a permit. The permit moves into the
     /// task, so a cancelled caller does not free a slot while its hash is still running.
     async fn run_blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Option<T> {
         let permit = Arc::clone(&self.permits).acquire_owned().await.ok()?;
-        tokio::task::spawn_blocking(move || {
-            let result = work();
-            drop(permit);
-            result
-        })
-        .await
-        .ok()
+        self.pool
+            .run(move || {
+                let result = work();
+                drop(permit);
+                result
+            })
+            .await
     }
 }
 
