@@ -15,3 +15,6 @@ pub mod metrics;
 pub mod server;
 pub mod simulator;
 pub mod upstream;
+
+#[cfg(test)]
+mod test_ports;

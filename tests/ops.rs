@@ -100,7 +100,14 @@ fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)])
 async fn metrics_count_known_traffic_exactly() {
     let s = setup().await;
     let sim_addr = s.sims[0].addr();
-    let m0 = s.gw.metrics().await;
+    // setup() logged in once; its access-log hook may still be running.
+    let m0 = metrics_when(&s.gw, |m| {
+        m.sum(
+            "chatgate_requests_total",
+            &[("route", "/auth"), ("status", "200")],
+        ) >= 1.0
+    })
+    .await;
 
     // Logins: one good, one wrong password, one without credentials.
     login(&s.gw, "temporary_user", "default_password").await;

@@ -2,7 +2,7 @@
 //! HTTP/1.1 over `std::net::TcpStream`, so framing is checked byte by byte.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -13,10 +13,7 @@ use super::{run_standalone, SimOptions};
 
 /// Starts a simulator with `options` in a background thread; returns its address.
 fn start(options: SimOptions) -> String {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("free port")
-        .port();
+    let port = crate::test_ports::free_port();
     let addr = format!("127.0.0.1:{port}");
     let listen = addr.clone();
     std::thread::spawn(move || run_standalone(&listen, options, &super::SimTls::default()));

@@ -18,12 +18,23 @@ pub fn chatgate_bin() -> &'static str {
     env!("CARGO_BIN_EXE_chatgate")
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and one this test process has not
+/// handed out before: tests run in parallel threads, and the kernel may offer
+/// a just-released port again, which would put two of our processes (say a
+/// gateway and a redis-server) on one port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("no free port");
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Waits until something accepts TCP connections on `port`.

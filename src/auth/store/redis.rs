@@ -553,7 +553,7 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{TcpListener, TcpStream};
+    use std::net::TcpStream;
     use std::process::{Child, Command, Stdio};
     use std::time::Instant;
 
@@ -645,18 +645,7 @@ mod tests {
         }
     }
 
-    fn free_port() -> u16 {
-        loop {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            if port != 6379 {
-                return port;
-            }
-        }
-    }
+    use crate::test_ports::free_port;
 
     fn settings(url: &str) -> RedisSettings {
         RedisSettings {
