@@ -174,6 +174,12 @@ async fn metrics_count_known_traffic_exactly() {
         m.sum("chatgate_requests_total", &stream_route) >= 3.0
             && m.sum("chatgate_active_streams", &[]) == 0.0
             && delta(&m0, m, "chatgate_requests_total", &openai_route) >= 1.0
+            && delta(
+                &m0,
+                m,
+                "chatgate_tokens_total",
+                &[("route", "/v1/chat/completions"), ("kind", "completion")],
+            ) >= completion
     })
     .await;
     let d = |name: &str, labels: &[(&str, &str)]| delta(&m0, &m1, name, labels);

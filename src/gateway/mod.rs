@@ -298,10 +298,11 @@ impl ProxyHttp for Gateway {
         let duration = ctx.started.elapsed();
         // 499 (as nginx logs it): the client left before any reply was sent.
         let status = if ctx.status == 0 { 499 } else { ctx.status };
-        metrics::request_done(&ctx.route, status, duration);
+        // Tokens first: a scrape that sees the request counted sees its tokens too.
         if let Some((prompt, completion)) = ctx.tokens {
             metrics::tokens(&ctx.route, prompt, completion);
         }
+        metrics::request_done(&ctx.route, status, duration);
         let req = session.req_header();
         tracing::info!(
             target: "access",
