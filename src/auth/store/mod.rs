@@ -236,4 +236,34 @@ pub(crate) mod contract {
         );
         assert_eq!(store.find_user("nobody").await, Ok(None));
     }
+
+    /// The re-hash write is a compare-and-set: a stale expected hash changes
+    /// nothing, the current one is replaced.
+    pub async fn compare_and_set(store: &dyn CredentialStore) {
+        store
+            .create_user("casey", "$2b$12$old")
+            .await
+            .expect("create casey");
+        let stored = |s: Option<super::UserRecord>| s.map(|u| u.password_hash);
+        assert_eq!(
+            store
+                .replace_password_hash("casey", "$2b$12$other", "$argon2id$new")
+                .await,
+            Ok(false)
+        );
+        assert_eq!(
+            stored(store.find_user("casey").await.expect("find")),
+            Some("$2b$12$old".into())
+        );
+        assert_eq!(
+            store
+                .replace_password_hash("casey", "$2b$12$old", "$argon2id$new")
+                .await,
+            Ok(true)
+        );
+        assert_eq!(
+            stored(store.find_user("casey").await.expect("find")),
+            Some("$argon2id$new".into())
+        );
+    }
 }
