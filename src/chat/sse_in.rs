@@ -59,6 +59,8 @@ pub struct UpstreamSseParser {
     partial_line: Vec<u8>,
     /// The `data` lines of the current event, joined with `\n`.
     data: Vec<u8>,
+    /// Delta text with its escapes decoded, reused from event to event.
+    unescaped: String,
     has_data: bool,
     /// The previous piece ended in `\r`, so a `\n` opening the next one ends no new line.
     skip_lf: bool,
@@ -78,6 +80,7 @@ impl UpstreamSseParser {
             max_event_bytes,
             partial_line: Vec::new(),
             data: Vec::with_capacity(512),
+            unescaped: String::new(),
             has_data: false,
             skip_lf: false,
             ended: false,
@@ -129,7 +132,7 @@ impl UpstreamSseParser {
                         limit: self.max_event_bytes,
                     }));
                 }
-                match interpret_payload(value, on_event) {
+                match interpret_payload(value, &mut self.unescaped, on_event) {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::End) => self.ended = true,
                     Err(error) => return Err(self.fail(error)),
@@ -248,7 +251,7 @@ impl UpstreamSseParser {
         if !std::mem::take(&mut self.has_data) {
             return Ok(());
         }
-        let result = interpret_payload(&self.data, on_event);
+        let result = interpret_payload(&self.data, &mut self.unescaped, on_event);
         self.data.clear();
         match result {
             Ok(Flow::Continue) => Ok(()),
@@ -266,7 +269,12 @@ enum Flow {
     End,
 }
 
-fn interpret_payload<F>(payload: &[u8], on_event: &mut F) -> Result<Flow, SseError>
+/// Interprets one event's payload; delta text with escapes is decoded into `unescaped`.
+fn interpret_payload<F>(
+    payload: &[u8],
+    unescaped: &mut String,
+    on_event: &mut F,
+) -> Result<Flow, SseError>
 where
     F: FnMut(UpstreamEvent<'_>),
 {
@@ -280,6 +288,11 @@ where
         return Ok(Flow::End);
     }
     let chunk = scan_chunk(trimmed).map_err(|Malformed| SseError::MalformedChunk)?;
+    let content = chunk
+        .content
+        .map(|literal| literal.decode_into(unescaped))
+        .transpose()
+        .map_err(|Malformed| SseError::MalformedChunk)?;
     if chunk.has_error {
         // Rare, so the error member is read with the general (slower) JSON parser.
         let message = serde_json::from_slice::<serde_json::Value>(trimmed)
@@ -289,8 +302,8 @@ where
         on_event(UpstreamEvent::Error(message));
         return Ok(Flow::End);
     }
-    if let Some(text) = chunk.content.filter(|text| !text.is_empty()) {
-        on_event(UpstreamEvent::Delta(text));
+    if let Some(text) = content.filter(|text| !text.is_empty()) {
+        on_event(UpstreamEvent::Delta(Cow::Borrowed(text)));
     }
     if let Some(usage) = chunk.usage {
         on_event(UpstreamEvent::Usage(usage));
@@ -301,8 +314,8 @@ where
 /// The fields of a `chat.completion.chunk` the gateway uses.
 #[derive(Default)]
 struct ChunkFields<'a> {
-    /// `choices[0].delta.content`, borrowed from the payload unless it has escapes.
-    content: Option<Cow<'a, str>>,
+    /// `choices[0].delta.content`, not yet decoded.
+    content: Option<JsonStr<'a>>,
     usage: Option<Usage>,
     /// A non-null top-level `error` member is present.
     has_error: bool,
@@ -313,47 +326,71 @@ struct Malformed;
 
 type Scan<T> = Result<T, Malformed>;
 
-/// Bytes that end a run of plain characters inside a JSON string: the closing quote, an
-/// escape, or a control character (which JSON forbids there).
-const ENDS_STRING_RUN: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut byte = 0;
-    while byte < 0x20 {
-        table[byte] = true;
-        byte += 1;
-    }
-    table[b'"' as usize] = true;
-    table[b'\\' as usize] = true;
-    table
-};
+/// How many payload bytes the string scanner classifies at a time.
+const BLOCK: usize = 64;
 
-/// Index of the first byte of `bytes` that ends a plain run (see [`ENDS_STRING_RUN`]).
-/// Chunk strings are short, where memchr's setup costs more than it saves, so this tests
-/// eight bytes per step with word arithmetic and looks at single bytes only near a hit.
-fn plain_run_len(bytes: &[u8]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let mut words = bytes.chunks_exact(8);
-    let mut offset = 0;
-    for word in words.by_ref() {
-        let mut eight = [0u8; 8];
-        eight.copy_from_slice(word);
-        let w = u64::from_le_bytes(eight);
-        let quote = w ^ (ONES * u64::from(b'"'));
-        let backslash = w ^ (ONES * u64::from(b'\\'));
-        // Each term has a high bit set iff some byte is zero (resp. below 0x20).
-        let hits = (quote.wrapping_sub(ONES) & !quote)
-            | (backslash.wrapping_sub(ONES) & !backslash)
-            | (w.wrapping_sub(ONES * 0x20) & !w);
-        if hits & HIGHS != 0 {
-            break;
-        }
-        offset += 8;
+/// Classifies one block: bit `i` of the first value is set where byte `i` ends a run of
+/// plain characters inside a JSON string (a `"`, a `\` or a control character, which JSON
+/// forbids there); the second tells whether the block holds a byte above 0x7F.
+#[cfg(target_arch = "x86_64")]
+fn block_stops(block: &[u8; BLOCK]) -> (u64, bool) {
+    use std::arch::x86_64::{
+        _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128,
+        _mm_set1_epi8,
+    };
+    let mut stops = 0;
+    let mut high = 0;
+    for (i, sixteen) in block.chunks_exact(16).enumerate() {
+        // SAFETY: every x86_64 CPU has SSE2, and the unaligned load reads exactly the 16
+        // bytes of `sixteen`.
+        let (stop_mask, high_mask) = unsafe {
+            let bytes = _mm_loadu_si128(sixteen.as_ptr().cast());
+            let quote = _mm_cmpeq_epi8(bytes, _mm_set1_epi8(b'"' as i8));
+            let backslash = _mm_cmpeq_epi8(bytes, _mm_set1_epi8(b'\\' as i8));
+            // Unsigned min(byte, 0x1F) == byte exactly when byte < 0x20.
+            let control = _mm_cmpeq_epi8(_mm_min_epu8(bytes, _mm_set1_epi8(0x1F)), bytes);
+            let any = _mm_or_si128(_mm_or_si128(quote, backslash), control);
+            // Each mask has one bit per byte, from the byte's top bit.
+            (_mm_movemask_epi8(any), _mm_movemask_epi8(bytes))
+        };
+        stops |= u64::from(stop_mask as u16) << (16 * i);
+        high |= high_mask;
     }
-    bytes[offset..]
-        .iter()
-        .position(|&byte| ENDS_STRING_RUN[usize::from(byte)])
-        .map(|at| offset + at)
+    (stops, high != 0)
+}
+
+/// Classifies one block (see the x86_64 version) eight bytes at a time with plain word
+/// arithmetic.
+#[cfg(not(target_arch = "x86_64"))]
+fn block_stops(block: &[u8; BLOCK]) -> (u64, bool) {
+    let mut stops = 0;
+    let mut loaded = 0;
+    for (i, eight) in block.chunks_exact(8).enumerate() {
+        let mut word = [0; 8];
+        word.copy_from_slice(eight);
+        let word = u64::from_le_bytes(word);
+        loaded |= word;
+        stops |= word_stop_bits(word) << (8 * i);
+    }
+    (stops, loaded & 0x8080_8080_8080_8080 != 0)
+}
+
+/// The stop bits of eight bytes (little-endian: byte 0 is the lowest). Each byte is tested
+/// on its own, with no carry between bytes, so every bit is exact.
+#[cfg(any(test, not(target_arch = "x86_64")))]
+fn word_stop_bits(word: u64) -> u64 {
+    const LOW_BITS: u64 = 0x7F7F_7F7F_7F7F_7F7F;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let quote = word ^ (ONES * u64::from(b'"'));
+    let backslash = word ^ (ONES * u64::from(b'\\'));
+    // A byte's top bit ends up set iff the byte is not zero (resp. not below 0x20).
+    let not_quote = ((quote & LOW_BITS) + LOW_BITS) | quote;
+    let not_backslash = ((backslash & LOW_BITS) + LOW_BITS) | backslash;
+    let not_control = ((word & LOW_BITS) + ONES * 0x60) | word;
+    let stops = !(not_quote & not_backslash & not_control) & (ONES << 7);
+    // The multiplier's partial products land on distinct bits, gathering byte i's top
+    // bit into bit 56 + i without carries.
+    (stops >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56
 }
 
 /// Deepest nesting accepted in a chunk, as in serde_json.
@@ -363,13 +400,7 @@ const MAX_DEPTH: usize = 128;
 /// whole payload but building nothing for the (many) members it skips. This runs once per
 /// streamed token, and a general JSON deserializer was the largest cost of the stream.
 fn scan_chunk(payload: &[u8]) -> Scan<ChunkFields<'_>> {
-    let text = std::str::from_utf8(payload).map_err(|_| Malformed)?;
-    let mut scanner = Scanner {
-        text,
-        bytes: text.as_bytes(),
-        pos: 0,
-        depth: 0,
-    };
+    let mut scanner = Scanner::new(payload);
     scanner.skip_ws();
     if scanner.peek() != Some(b'{') {
         return Err(Malformed);
@@ -378,9 +409,9 @@ fn scan_chunk(payload: &[u8]) -> Scan<ChunkFields<'_>> {
     let mut seen = [false; 3];
     scanner.object(|scanner, key| {
         let slot = match &*key.name()? {
-            "choices" => 0,
-            "usage" => 1,
-            "error" => 2,
+            b"choices" => 0,
+            b"usage" => 1,
+            b"error" => 2,
             _ => return scanner.skip_value(),
         };
         // serde refuses a repeated field too; which copy would win is anyone's guess.
@@ -398,43 +429,178 @@ fn scan_chunk(payload: &[u8]) -> Scan<ChunkFields<'_>> {
     if scanner.pos != scanner.bytes.len() {
         return Err(Malformed);
     }
+    // The grammar admits bytes above 0x7F only inside strings, and every string byte
+    // was classified, so all-ASCII blocks (most chunks) need no UTF-8 check.
+    if scanner.non_ascii && std::str::from_utf8(payload).is_err() {
+        return Err(Malformed);
+    }
     Ok(fields)
 }
 
 /// A JSON string literal found in the payload.
 struct JsonStr<'a> {
-    /// The literal with its quotes.
-    literal: &'a str,
+    /// The literal between its quotes, escapes not decoded. Its UTF-8 is checked with
+    /// the whole payload's, at the end of [`scan_chunk`].
+    inner: &'a [u8],
     /// Whether it contains a backslash escape.
     escaped: bool,
 }
 
 impl<'a> JsonStr<'a> {
-    fn decode(&self) -> Scan<Cow<'a, str>> {
-        if self.escaped {
-            serde_json::from_str::<String>(self.literal)
-                .map(Cow::Owned)
-                .map_err(|_| Malformed)
-        } else {
-            Ok(Cow::Borrowed(&self.literal[1..self.literal.len() - 1]))
+    /// The decoded text: borrowed from the payload when it has no escape, else decoded
+    /// into `scratch` (one buffer per stream, so a delta with escapes allocates nothing).
+    fn decode_into<'s>(&self, scratch: &'s mut String) -> Scan<&'s str>
+    where
+        'a: 's,
+    {
+        let inner = std::str::from_utf8(self.inner).map_err(|_| Malformed)?;
+        if !self.escaped {
+            return Ok(inner);
         }
+        scratch.clear();
+        unescape_into(inner, scratch)?;
+        Ok(scratch)
     }
 
-    /// The decoded text, for object keys; keys rarely have escapes, so this rarely allocates.
-    fn name(&self) -> Scan<Cow<'a, str>> {
-        self.decode()
+    /// The decoded bytes, for object keys; comparing bytes needs no UTF-8 check. Inlined,
+    /// as it runs once per key, while escaped keys are too rare to inline for.
+    #[inline(always)]
+    fn name(&self) -> Scan<Cow<'a, [u8]>> {
+        if self.escaped {
+            return self.unescaped_name();
+        }
+        Ok(Cow::Borrowed(self.inner))
+    }
+
+    #[cold]
+    fn unescaped_name(&self) -> Scan<Cow<'a, [u8]>> {
+        let mut name = String::new();
+        self.decode_into(&mut name)?;
+        Ok(Cow::Owned(name.into_bytes()))
     }
 }
 
-/// A cursor over a UTF-8 checked payload.
+/// Appends the decoded `inner` of a string literal to `text`, by serde_json's rules
+/// (which the differential test holds it to): a `\u` escape of a UTF-16 surrogate must be
+/// half of a pair. The scanner has already checked each escape's shape.
+fn unescape_into(inner: &str, text: &mut String) -> Scan<()> {
+    text.reserve(inner.len());
+    let mut rest = inner;
+    while let Some(at) = memchr::memchr(b'\\', rest.as_bytes()) {
+        text.push_str(&rest[..at]);
+        let escape = &rest.as_bytes()[at + 1..];
+        let (decoded, used) = match escape.first().ok_or(Malformed)? {
+            b'"' => ('"', 1),
+            b'\\' => ('\\', 1),
+            b'/' => ('/', 1),
+            b'b' => ('\u{8}', 1),
+            b'f' => ('\u{c}', 1),
+            b'n' => ('\n', 1),
+            b'r' => ('\r', 1),
+            b't' => ('\t', 1),
+            b'u' => unicode_escape(escape)?,
+            _ => return Err(Malformed),
+        };
+        text.push(decoded);
+        rest = &rest[at + 1 + used..];
+    }
+    text.push_str(rest);
+    Ok(())
+}
+
+/// The character of the `u` escape at the start of `escape` (just after its backslash),
+/// with the number of bytes it took: 5, or 11 for a surrogate pair.
+fn unicode_escape(escape: &[u8]) -> Scan<(char, usize)> {
+    let unit = hex_unit(escape.get(1..5))?;
+    match unit {
+        0xD800..=0xDBFF => {
+            let low = match escape.get(5..7) {
+                Some(b"\\u") => hex_unit(escape.get(7..11))?,
+                _ => return Err(Malformed),
+            };
+            if !(0xDC00..=0xDFFF).contains(&low) {
+                return Err(Malformed);
+            }
+            let scalar = 0x1_0000 + ((unit - 0xD800) << 10) + (low - 0xDC00);
+            Ok((char::from_u32(scalar).ok_or(Malformed)?, 11))
+        }
+        _ => Ok((char::from_u32(unit).ok_or(Malformed)?, 5)),
+    }
+}
+
+/// The value of four hex digits.
+fn hex_unit(digits: Option<&[u8]>) -> Scan<u32> {
+    digits
+        .ok_or(Malformed)?
+        .iter()
+        .try_fold(0, |value, &digit| {
+            let nibble = char::from(digit).to_digit(16).ok_or(Malformed)?;
+            Ok(value << 4 | nibble)
+        })
+}
+
+/// A cursor over a chunk's payload. Strings are scanned with a cached block of stop bits
+/// (see [`block_stops`]), so finding a string's end costs a shift and a bit count, and each
+/// byte is classified once however many strings share its block.
 struct Scanner<'a> {
-    text: &'a str,
     bytes: &'a [u8],
     pos: usize,
     depth: usize,
+    /// Where the cached block starts; bit `i` of `stops` is about byte `block_start + i`.
+    block_start: usize,
+    stops: u64,
+    /// Whether a classified block held a byte above 0x7F.
+    non_ascii: bool,
 }
 
 impl<'a> Scanner<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        let mut scanner = Self {
+            bytes,
+            pos: 0,
+            depth: 0,
+            block_start: 0,
+            stops: 0,
+            non_ascii: false,
+        };
+        scanner.load_block(0);
+        scanner
+    }
+
+    /// Classifies the `BLOCK` bytes from `start` (spaces, which stop nothing, past the end).
+    fn load_block(&mut self, start: usize) {
+        let rest = &self.bytes[start..];
+        let (stops, non_ascii) = match rest.first_chunk::<BLOCK>() {
+            Some(block) => block_stops(block),
+            None => {
+                let mut padded = [b' '; BLOCK];
+                padded[..rest.len()].copy_from_slice(rest);
+                block_stops(&padded)
+            }
+        };
+        self.block_start = start;
+        self.stops = stops;
+        self.non_ascii |= non_ascii;
+    }
+
+    /// The first byte at or after `from` that ends a plain run inside a string.
+    fn next_stop(&mut self, mut from: usize) -> Option<usize> {
+        loop {
+            let offset = from.wrapping_sub(self.block_start);
+            if offset < BLOCK {
+                let ahead = self.stops >> offset;
+                if ahead != 0 {
+                    return Some(from + ahead.trailing_zeros() as usize);
+                }
+                from = self.block_start + BLOCK;
+            }
+            if from >= self.bytes.len() {
+                return None;
+            }
+            self.load_block(from);
+        }
+    }
+
     fn peek(&self) -> Option<u8> {
         self.bytes.get(self.pos).copied()
     }
@@ -557,20 +723,16 @@ impl<'a> Scanner<'a> {
     }
 
     /// The string literal at the cursor. Escapes are checked for shape here; a string the
-    /// gateway uses is decoded (and fully checked) by serde_json in [`JsonStr::decode`].
+    /// gateway uses is decoded (and fully checked) in [`JsonStr::decode`].
+    #[inline(always)]
     fn string(&mut self) -> Scan<JsonStr<'a>> {
-        let start = self.pos;
         self.expect(b'"')?;
+        let start = self.pos;
         let mut escaped = false;
         loop {
-            let stop = plain_run_len(&self.bytes[self.pos..]).ok_or(Malformed)?;
-            self.pos += stop;
+            self.pos = self.next_stop(self.pos).ok_or(Malformed)?;
             match self.bytes[self.pos] {
-                b'"' => {
-                    self.pos += 1;
-                    let literal = self.text.get(start..self.pos).ok_or(Malformed)?;
-                    return Ok(JsonStr { literal, escaped });
-                }
+                b'"' => break,
                 b'\\' => self.pos += 1,
                 _ => return Err(Malformed),
             }
@@ -590,22 +752,24 @@ impl<'a> Scanner<'a> {
                 _ => return Err(Malformed),
             }
         }
+        let inner = &self.bytes[start..self.pos];
+        self.pos += 1;
+        Ok(JsonStr { inner, escaped })
     }
 
-    /// Checks the number at the cursor; gives its value when it is a plain integer that fits a u64.
-    fn number(&mut self) -> Scan<Option<u64>> {
+    /// Checks the number at the cursor; gives its digits when it is a plain non-negative
+    /// integer (no sign, fraction or exponent), the only numbers the gateway reads.
+    fn number(&mut self) -> Scan<Option<&'a [u8]>> {
         let start = self.pos;
         let negative = self.peek() == Some(b'-');
         if negative {
             self.pos += 1;
         }
-        let digits_start = self.pos;
         match self.peek() {
             Some(b'0') => self.pos += 1,
             Some(b'1'..=b'9') => self.skip_digits(),
             _ => return Err(Malformed),
         }
-        let digits_end = self.pos;
         let mut integer = !negative;
         if self.peek() == Some(b'.') {
             self.pos += 1;
@@ -620,26 +784,22 @@ impl<'a> Scanner<'a> {
             self.require_digits()?;
             integer = false;
         }
-        if !integer {
-            // Like serde_json, refuse numbers beyond f64's range.
-            let finite = self
-                .text
-                .get(start..self.pos)
-                .and_then(|n| n.parse::<f64>().ok());
-            return match finite {
-                Some(value) if value.is_finite() => Ok(None),
-                _ => Err(Malformed),
-            };
+        let number = &self.bytes[start..self.pos];
+        if integer {
+            return Ok(Some(number));
         }
-        Ok(self.bytes[digits_start..digits_end]
-            .iter()
-            .try_fold(0u64, |value, &digit| {
-                value.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
-            }))
+        // Like serde_json, refuse numbers beyond f64's range.
+        let finite = std::str::from_utf8(number)
+            .ok()
+            .and_then(|n| n.parse::<f64>().ok());
+        match finite {
+            Some(value) if value.is_finite() => Ok(None),
+            _ => Err(Malformed),
+        }
     }
 
     fn skip_digits(&mut self) {
-        while let Some(b'0'..=b'9') = self.peek() {
+        while self.peek().is_some_and(|byte| byte.is_ascii_digit()) {
             self.pos += 1;
         }
     }
@@ -654,7 +814,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// `choices`: null or an array whose first element is a choice object.
-    fn choices(&mut self) -> Scan<Option<Cow<'a, str>>> {
+    fn choices(&mut self) -> Scan<Option<JsonStr<'a>>> {
         if self.peek() != Some(b'[') {
             return self.null_or_malformed().map(|()| None);
         }
@@ -670,14 +830,14 @@ impl<'a> Scanner<'a> {
         Ok(content)
     }
 
-    fn first_choice(&mut self) -> Scan<Option<Cow<'a, str>>> {
+    fn first_choice(&mut self) -> Scan<Option<JsonStr<'a>>> {
         if self.peek() != Some(b'{') {
             return Err(Malformed);
         }
         let mut content = None;
         let mut seen_delta = false;
         self.object(|scanner, key| {
-            if key.name()? != "delta" {
+            if *key.name()? != *b"delta" {
                 return scanner.skip_value();
             }
             if std::mem::replace(&mut seen_delta, true) {
@@ -690,21 +850,21 @@ impl<'a> Scanner<'a> {
     }
 
     /// `delta`: null or an object whose `content` is null or a string.
-    fn delta(&mut self) -> Scan<Option<Cow<'a, str>>> {
+    fn delta(&mut self) -> Scan<Option<JsonStr<'a>>> {
         if self.peek() != Some(b'{') {
             return self.null_or_malformed().map(|()| None);
         }
         let mut content = None;
         let mut seen_content = false;
         self.object(|scanner, key| {
-            if key.name()? != "content" {
+            if *key.name()? != *b"content" {
                 return scanner.skip_value();
             }
             if std::mem::replace(&mut seen_content, true) {
                 return Err(Malformed);
             }
             if scanner.peek() == Some(b'"') {
-                content = Some(scanner.string()?.decode()?);
+                content = Some(scanner.string()?);
                 Ok(())
             } else {
                 scanner.null_or_malformed()
@@ -722,8 +882,8 @@ impl<'a> Scanner<'a> {
         let mut seen = [false; 2];
         self.object(|scanner, key| {
             let slot = match &*key.name()? {
-                "prompt_tokens" => 0,
-                "completion_tokens" => 1,
+                b"prompt_tokens" => 0,
+                b"completion_tokens" => 1,
                 _ => return scanner.skip_value(),
             };
             if std::mem::replace(&mut seen[slot], true) {
@@ -732,7 +892,14 @@ impl<'a> Scanner<'a> {
             if !matches!(scanner.peek(), Some(b'-' | b'0'..=b'9')) {
                 return Err(Malformed);
             }
-            let count = scanner.number()?.ok_or(Malformed)?;
+            let count = scanner
+                .number()?
+                .and_then(|digits| {
+                    digits.iter().try_fold(0u64, |value, &digit| {
+                        value.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+                    })
+                })
+                .ok_or(Malformed)?;
             if slot == 0 {
                 usage.prompt_tokens = count;
             } else {
@@ -896,12 +1063,13 @@ mod tests {
 
     #[test]
     fn multibyte_characters_split_across_pieces_are_reassembled() {
-        let body = format!("data: {}\n\ndata: [DONE]\n\n", content_chunk("你好😀"));
+        let text = "你好😀 \"é\"\\\n\u{1}";
+        let body = format!("data: {}\n\ndata: [DONE]\n\n", content_chunk(text));
         let bytes = body.as_bytes();
         let pieces: Vec<&[u8]> = bytes.chunks(1).collect();
         assert_eq!(
             parse(&pieces),
-            (vec![delta("你好😀"), UpstreamEvent::Done], None)
+            (vec![delta(text), UpstreamEvent::Done], None)
         );
     }
 
@@ -1056,6 +1224,16 @@ mod tests {
         );
     }
 
+    /// The used fields as the scanner reads them, content decoded; `None` if malformed.
+    fn scan(payload: &[u8]) -> Option<(Option<String>, Option<Usage>, bool)> {
+        let fields = scan_chunk(payload).ok()?;
+        let content = match fields.content {
+            Some(literal) => Some(literal.decode_into(&mut String::new()).ok()?.to_owned()),
+            None => None,
+        };
+        Some((content, fields.usage, fields.has_error))
+    }
+
     /// What serde_json's general parser says the used fields are; the scanner must agree.
     fn reference_fields(payload: &[u8]) -> Option<(Option<String>, Option<Usage>, bool)> {
         use serde_json::Value;
@@ -1190,10 +1368,7 @@ mod tests {
                 if let Some(cut) = cut {
                     payload.truncate(cut.index(payload.len()));
                 }
-                let scanned = scan_chunk(&payload).ok().map(|fields| {
-                    (fields.content.map(Cow::into_owned), fields.usage, fields.has_error)
-                });
-                prop_assert_eq!(scanned, reference_fields(&payload), "payload {}", String::from_utf8_lossy(&payload));
+                prop_assert_eq!(scan(&payload), reference_fields(&payload), "payload {}", String::from_utf8_lossy(&payload));
             }
         }
     }
@@ -1232,7 +1407,7 @@ mod tests {
         ];
         for (payload, valid) in cases {
             assert_eq!(
-                scan_chunk(payload.as_bytes()).is_ok(),
+                scan(payload.as_bytes()).is_some(),
                 *valid,
                 "payload {payload}"
             );
@@ -1241,26 +1416,130 @@ mod tests {
         assert!(scan_chunk(deep.as_bytes()).is_err());
         let fine = format!("{{\"x\":{}{}}}", "[".repeat(100), "]".repeat(100));
         assert!(scan_chunk(fine.as_bytes()).is_ok());
-        let escaped =
-            scan_chunk(br#"{"choices":[{"delta":{"content":"\u00e9\ud83d\ude00\n"}}]}"#).ok();
+        let escaped = scan(br#"{"choices":[{"delta":{"content":"\u00e9\ud83d\ude00\n"}}]}"#);
         assert_eq!(
-            escaped.and_then(|fields| fields.content).as_deref(),
+            escaped.and_then(|(content, _, _)| content).as_deref(),
             Some("é😀\n")
         );
     }
 
+    fn is_stop(byte: u8) -> bool {
+        byte == b'"' || byte == b'\\' || byte < 0x20
+    }
+
     #[test]
-    fn plain_run_len_finds_the_first_stop_byte() {
-        for len in 0..40 {
-            for stop in [b'"', b'\\', 0x00, 0x1f] {
-                let mut bytes = vec![b'a'; len];
-                bytes.extend_from_slice("é\x7f~ ".as_bytes());
-                let plain = bytes.len();
-                bytes.push(stop);
-                bytes.extend_from_slice(b"\"\\\x01");
-                assert_eq!(plain_run_len(&bytes), Some(plain), "len {len} stop {stop}");
+    fn word_stop_bits_mark_exactly_the_stop_bytes() {
+        for byte in 0..=u8::MAX {
+            for filler in [
+                b'a', b'"', 0x00, 0x21, 0x23, 0x5D, 0x7F, 0x80, 0xA2, 0xDC, 0xFF,
+            ] {
+                for at in 0..8 {
+                    let mut word = [filler; 8];
+                    word[at] = byte;
+                    let expected = (0..8)
+                        .filter(|&i| is_stop(word[i]))
+                        .fold(0, |bits, i| bits | 1 << i);
+                    assert_eq!(
+                        word_stop_bits(u64::from_le_bytes(word)),
+                        expected,
+                        "word {word:02x?}"
+                    );
+                }
             }
-            assert_eq!(plain_run_len(&vec![b' '; len]), None);
+        }
+    }
+
+    #[test]
+    fn block_stops_mark_exactly_the_stop_bytes() {
+        for byte in 0..=u8::MAX {
+            for filler in [b'a', b'"', 0x00, 0x1F, 0x20, 0x7F, 0x80, 0xFF] {
+                for at in [0, 1, 7, 8, 15, 16, 31, 32, 48, 63] {
+                    let mut block = [filler; BLOCK];
+                    block[at] = byte;
+                    let stops = (0..BLOCK)
+                        .filter(|&i| is_stop(block[i]))
+                        .fold(0, |bits, i| bits | 1 << i);
+                    let non_ascii = block.iter().any(|&byte| byte > 0x7F);
+                    assert_eq!(
+                        block_stops(&block),
+                        (stops, non_ascii),
+                        "byte {byte:#x} at {at} among {filler:#x}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Puts each tricky string piece at every offset around the scanner's block edges, in a
+    /// skipped value and in the content, and holds the scanner to serde_json's verdict.
+    #[test]
+    fn strings_straddling_blocks_agree_with_serde_json() {
+        let pieces: [&[u8]; 14] = [
+            br#"\""#,
+            br#"\\"#,
+            br#"\n"#,
+            br#"\u00e9"#,
+            br#"\ud83d\ude00"#,
+            br#"\ud83d"#,
+            br#"\udc00"#,
+            br#"\u00e"#,
+            "é".as_bytes(),
+            "😀".as_bytes(),
+            b"\xc3",
+            b"\xff",
+            b"\x01",
+            b"\x1f",
+        ];
+        for piece in pieces {
+            for pad in 0..140 {
+                let filler = "x".repeat(pad);
+                let mut skipped = format!(r#"{{"id":"{filler}"#).into_bytes();
+                skipped.extend_from_slice(piece);
+                skipped.extend_from_slice(br#"tail","choices":[{"delta":{"content":"ok"}}]}"#);
+                let mut content =
+                    format!(r#"{{"choices":[{{"delta":{{"content":"{filler}"#).into_bytes();
+                content.extend_from_slice(piece);
+                content.extend_from_slice(br#"tail"}}]}"#);
+                // Only used strings are decoded; a skipped one has its escapes checked
+                // for shape, so a lone surrogate there passes where serde_json refuses it.
+                let lone_surrogate = [br#"\ud83d"#.as_slice(), br#"\udc00"#].contains(&piece);
+                let payloads = if lone_surrogate {
+                    vec![content]
+                } else {
+                    vec![skipped, content]
+                };
+                for payload in payloads {
+                    assert_eq!(
+                        scan(&payload),
+                        reference_fields(&payload),
+                        "payload {}",
+                        String::from_utf8_lossy(&payload)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn next_stop_crosses_blocks_and_stops_at_the_end() {
+        for len in [0, 1, 63, 64, 65, 127, 128, 200] {
+            let mut payload = vec![b'a'; len];
+            let marks: Vec<usize> = [0, 7, 8, 62, 63, 64, 65, 127, 128, 150]
+                .into_iter()
+                .filter(|&at| at < len)
+                .collect();
+            for &at in &marks {
+                payload[at] = b'"';
+            }
+            let mut scanner = Scanner::new(&payload);
+            let mut found = Vec::new();
+            let mut from = 0;
+            while let Some(at) = scanner.next_stop(from) {
+                found.push(at);
+                from = at + 1;
+            }
+            assert_eq!(found, marks, "len {len}");
+            assert!(!scanner.non_ascii);
         }
     }
 }
