@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::gateway::admin::AdminApp;
 use crate::gateway::drain::{DrainWatch, Draining};
 use crate::gateway::{ChatRoute, Gateway};
-use crate::limits::Limiter;
+use crate::limits::{Limiter, UsageWriter};
 use crate::upstream::health::HealthChecker;
 use crate::upstream::resolve::DnsRefresher;
 use crate::upstream::Upstream;
@@ -69,6 +69,10 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
             .map_err(|e| format!("credential store: {e}"))?,
     };
     let limiter = Arc::new(Limiter::new(config.rate_limits.clone(), shared_redis));
+    let usage_writer = UsageWriter::new(limiter.clone());
+    if usage_writer.is_needed() {
+        server.add_service(background_service("usage writer", usage_writer));
+    }
     let auth = Arc::new(Authenticator::new(&config.auth, store.clone())?);
     let upstreams: Vec<Arc<Upstream>> = config
         .upstreams

@@ -108,6 +108,30 @@ fn logged_usage(logs: &[String], user_id: u64) -> (u64, u64, u64) {
     sum
 }
 
+/// The today row of `users usage` once it counts at least `requests` requests (usage is
+/// written in batches, `rate_limits.usage_write_interval` apart), or the last row seen
+/// after 5 s.
+async fn usage_today_reaching(gw: &Gateway, user: &str, requests: u64) -> (u64, u64, u64, u64) {
+    poll(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || std::future::ready(usage_today(gw, user)),
+        |row| row.0 >= requests,
+    )
+    .await
+}
+
+/// Redis's count of script calls so far (`INFO commandstats`).
+fn script_calls(redis: &Redis) -> u64 {
+    redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The today row of `users usage`: (requests, prompt, completion, total).
 fn usage_today(gw: &Gateway, user: &str) -> (u64, u64, u64, u64) {
     let out = gw.users(&["usage", user, "--days", "1"], None);
@@ -169,16 +193,19 @@ async fn token_reservations_stop_a_burst_of_long_streams_and_settle_from_usage()
     // Once they finish, the unused part of the reservations is refunded.
     while first.chunk().await.ok().flatten().is_some() {}
     while second.chunk().await.ok().flatten().is_some() {}
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let resp = stream("hello").await.expect("stream 4");
-        if resp.status() == 200 {
+    let status = poll(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async {
+            let resp = stream("hello").await.expect("stream 4");
+            let status = resp.status();
             let _ = resp.bytes().await;
-            break;
-        }
-        assert!(Instant::now() < deadline, "reservations were not settled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            status
+        },
+        |status| *status == 200,
+    )
+    .await;
+    assert_eq!(status, 200, "reservations were not settled");
     // Non-streaming calls are counted too.
     assert_eq!(chat(&gw, &token, "one more").await.status(), 200);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -188,11 +215,56 @@ async fn token_reservations_stop_a_burst_of_long_streams_and_settle_from_usage()
     assert_eq!(requests, 4, "{}", gw.log());
     assert!(prompt > 0 && completion > 0);
     assert_eq!(
-        usage_today(&gw, "alice"),
+        usage_today_reaching(&gw, "alice", 4).await,
         (4, prompt, completion, prompt + completion)
     );
     let out = gw.users(&["usage", "alice", "--days", "3"], None);
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 5);
+}
+
+#[tokio::test]
+async fn usage_and_token_refunds_are_written_in_batches_and_the_rest_on_shutdown() {
+    let redis = Redis::start();
+    let sim = Simulator::start(&[]);
+    // A token limit only: each call reserves ~1,030 tokens in one Redis call; its refund
+    // and its usage wait for the batch.
+    let extra = "rate_limits:\n  requests_per_minute: 0\n  tokens_per_minute: 1000000\n  tokens_per_day: 0\n  usage_write_interval: 1h\n";
+    let mut gw = gateway_on(&redis, &sim, extra, "");
+    gw.add_user("alice", "alice-pw");
+    let token = login(&gw, "alice", "alice-pw").await;
+    let calls_before = script_calls(&redis);
+    for i in 0..10 {
+        assert_eq!(chat(&gw, &token, "hi").await.status(), 200, "request {i}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Within the interval only the reservations were written: one Redis call per request.
+    assert_eq!(script_calls(&redis), calls_before + 10);
+    assert_eq!(usage_today(&gw, "alice").0, 0);
+    let bucket = || -> u64 {
+        redis
+            .cli(&["HGET", "cg:limit:{alice}", "tpm:*"])
+            .parse()
+            .expect("tpm bucket")
+    };
+    let reserved = bucket();
+    // A graceful stop writes what was kept: usage and the refunds, in one call.
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait_exit(Duration::from_secs(15)), "{}", gw.log());
+    let (prompt, completion, requests) = logged_usage(&[gw.log()], 1);
+    assert_eq!(requests, 10, "{}", gw.log());
+    assert_eq!(
+        usage_today(&gw, "alice"),
+        (10, prompt, completion, prompt + completion)
+    );
+    assert_eq!(script_calls(&redis), calls_before + 11);
+    // The bucket gave back the unused estimates: 10 × (~1,030 reserved − the tokens used),
+    // at 60 µs per token for 1,000,000 a minute.
+    let refunded_us = reserved - bucket();
+    let refund = refunded_us / 60;
+    assert!(
+        refund > 10 * 1000 - (prompt + completion) && refund < 10 * 1100,
+        "refunded {refund} tokens"
+    );
 }
 
 #[tokio::test]
@@ -370,11 +442,14 @@ async fn redis_outage_during_traffic_breaker_cache_and_recovery() {
 
     redis.restart();
     gw.add_user("alice", "alice-pw"); // the test Redis keeps no data
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while auth(&gw, "alice", "alice-pw").await.status() != 200 {
-        assert!(Instant::now() < deadline, "login did not recover");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status = poll(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async { auth(&gw, "alice", "alice-pw").await.status() },
+        |status| *status == 200,
+    )
+    .await;
+    assert_eq!(status, 200, "login did not recover");
     // Limits are shared again, and usage counted during the outage was written back.
     let fresh = login(&gw, "alice", "alice-pw").await;
     assert_eq!(chat(&gw, &fresh, "after").await.status(), 200);
@@ -382,7 +457,7 @@ async fn redis_outage_during_traffic_breaker_cache_and_recovery() {
     assert!(redis.cli(&["HKEYS", "cg:limit:{alice}"]).contains("req:*"));
     // The restarted Redis was empty: what it counts now is the outage's requests,
     // kept in the gateway and written back, plus the one after.
-    let (requests, ..) = usage_today(&gw, "alice");
+    let (requests, ..) = usage_today_reaching(&gw, "alice", during as u64 + 1).await;
     assert!(
         requests as usize > during,
         "usage lost: {requests} <= {during}"
@@ -411,9 +486,12 @@ async fn deny_policy_refuses_chat_while_redis_is_down() {
         (503, "Service unavailable: credential store unreachable.")
     );
     redis.restart();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while chat(&gw, &token, "hi").await.status() != 200 {
-        assert!(Instant::now() < deadline, "chat did not recover");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status = poll(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async { chat(&gw, &token, "hi").await.status() },
+        |status| *status == 200,
+    )
+    .await;
+    assert_eq!(status, 200, "chat did not recover");
 }

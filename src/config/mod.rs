@@ -728,6 +728,9 @@ impl Validator<'_> {
             },
             completion_estimate: r.completion_estimate.unwrap_or(d.completion_estimate),
             usage_retention: r.usage_retention.map_or(d.usage_retention, |u| u.0),
+            usage_write_interval: r
+                .usage_write_interval
+                .map_or(d.usage_write_interval, |u| u.0),
             login_per_username: login(r.auth.failures_per_username, d.login_per_username),
             login_per_ip: login(r.auth.failures_per_ip, d.login_per_ip),
         })

@@ -73,6 +73,7 @@ pub(super) struct RawRateLimits {
     pub tokens_per_day: Option<u64>,
     pub completion_estimate: Option<u64>,
     pub usage_retention: Option<ConfigDuration>,
+    pub usage_write_interval: Option<ConfigDuration>,
     #[serde(default)]
     pub auth: RawAuthLimits,
 }

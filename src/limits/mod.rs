@@ -10,16 +10,19 @@ pub mod usage;
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 
 use crate::auth::store::redis::RedisStore;
 use crate::auth::store::{validate_username, StoreError};
 use crate::error::ApiError;
 pub use gcra::{Charge, Rate};
 use local::LocalBuckets;
-use usage::{day_name, PendingUsage, UsageDelta};
+use usage::{day_name, PendingCorrections, PendingUsage, UsageDelta};
 
 /// What to do when the shared bucket store (Redis) cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +55,9 @@ pub struct LimitSettings {
     pub completion_estimate: u64,
     /// How long per-day usage counts are kept.
     pub usage_retention: Duration,
+    /// How often usage counts gathered in this process are written to Redis in one
+    /// batch; zero writes them with each request's settlement.
+    pub usage_write_interval: Duration,
     /// Failed logins per user name.
     pub login_per_username: Option<Rate>,
     /// Failed logins per client address (IPv6: per /64).
@@ -69,6 +75,7 @@ impl Default for LimitSettings {
             },
             completion_estimate: 1024,
             usage_retention: Duration::from_secs(90 * 86_400),
+            usage_write_interval: Duration::from_secs(1),
             login_per_username: Some(Rate {
                 limit: 5,
                 period: Duration::from_secs(900),
@@ -105,7 +112,13 @@ pub struct Limiter {
     settings: LimitSettings,
     redis: Option<Arc<RedisStore>>,
     local: LocalBuckets,
+    /// Usage waiting to be written: kept while Redis is unreachable, and between the
+    /// [`UsageWriter`]'s batches.
     pending: PendingUsage,
+    /// Token-bucket corrections waiting for the [`UsageWriter`]'s next batch.
+    pending_corrections: PendingCorrections,
+    /// Whether a [`UsageWriter`] is running, so settlements may be left to its batches.
+    write_behind: AtomicBool,
     last_warning: AtomicU64,
 }
 
@@ -117,6 +130,8 @@ impl Limiter {
             redis,
             local: LocalBuckets::new(),
             pending: PendingUsage::default(),
+            pending_corrections: PendingCorrections::default(),
+            write_behind: AtomicBool::new(false),
             last_warning: AtomicU64::new(0),
         }
     }
@@ -202,15 +217,29 @@ impl Limiter {
             Taken::Shared => &corrections,
             Taken::Local => &[],
         };
-        if shared_corrections.is_empty() && delta.is_empty() {
+        let write_behind = self.write_behind.load(Ordering::Relaxed);
+        // Left to the UsageWriter: one Redis call per user and interval instead of one per
+        // request (a full buffer falls back to writing now).
+        let batched = write_behind && !delta.is_empty() && self.pending.keep(&r.user, &day, delta);
+        let shared_corrections: &[(String, Rate, i64)] = if write_behind
+            && !shared_corrections.is_empty()
+            && self.pending_corrections.keep(&r.user, shared_corrections)
+        {
+            &[]
+        } else {
+            shared_corrections
+        };
+        if shared_corrections.is_empty() && (delta.is_empty() || batched) {
             return;
         }
-        let usage = (!delta.is_empty()).then_some((day.as_str(), delta, self.retention_secs()));
+        let usage =
+            (!delta.is_empty() && !batched).then_some((day.as_str(), delta, self.retention_secs()));
         match redis::settle(store, &r.user, shared_corrections, usage).await {
-            Ok(()) => self.flush_pending(store).await,
+            Ok(()) if !write_behind => self.flush_pending(store).await,
+            Ok(()) => {}
             Err(e) => {
                 self.warn_store(&e);
-                if !delta.is_empty() && !self.pending.keep(&r.user, &day, delta) {
+                if usage.is_some() && !self.pending.keep(&r.user, &day, delta) {
                     tracing::warn!(user = %r.user, "usage buffer full; usage of this request is lost");
                 }
             }
@@ -327,15 +356,27 @@ impl Limiter {
         }
     }
 
-    /// Writes usage counted while Redis was unreachable.
+    /// Writes the usage and corrections kept in this process, one call per user (and
+    /// day). Usage that cannot be written stays kept; corrections are then dropped, as
+    /// when a single request's settlement fails.
     async fn flush_pending(&self, store: &RedisStore) {
-        if self.pending.is_empty() {
+        let mut corrections = self.pending_corrections.take();
+        if corrections.is_empty() && self.pending.is_empty() {
             return;
         }
         for ((user, day), delta) in self.pending.take() {
+            let fixes = corrections.remove(&user).unwrap_or_default();
             let usage = Some((day.as_str(), delta, self.retention_secs()));
-            if redis::settle(store, &user, &[], usage).await.is_err() {
-                self.pending.keep(&user, &day, delta);
+            if let Err(e) = redis::settle(store, &user, &fixes, usage).await {
+                self.warn_store(&e);
+                if !self.pending.keep(&user, &day, delta) {
+                    tracing::warn!(user = %user, "usage buffer full; usage is lost");
+                }
+            }
+        }
+        for (owner, fixes) in corrections {
+            if let Err(e) = redis::settle(store, &owner, &fixes, None).await {
+                self.warn_store(&e);
             }
         }
     }
@@ -360,6 +401,57 @@ impl Limiter {
             };
             tracing::warn!(error = %e, policy, "rate limit store unreachable");
         }
+    }
+}
+
+/// Writes the usage counted in this process, and the token-bucket corrections of
+/// settled calls, to Redis every `rate_limits.usage_write_interval`: one call per user
+/// instead of one per request. Refunds of unused reservations thus arrive up to one
+/// interval late (and extra charges too). On shutdown it writes what is left and turns
+/// batching off, so requests still finishing during the graceful shutdown write their
+/// usage directly. A killed process loses at most one interval of usage counts.
+pub struct UsageWriter {
+    limiter: Arc<Limiter>,
+}
+
+impl UsageWriter {
+    pub fn new(limiter: Arc<Limiter>) -> Self {
+        UsageWriter { limiter }
+    }
+
+    /// Whether batching applies: usage goes to Redis, and an interval is set.
+    pub fn is_needed(&self) -> bool {
+        self.limiter.redis.is_some() && !self.limiter.settings.usage_write_interval.is_zero()
+    }
+
+    /// Batches usage until `shutdown` resolves, then writes the rest.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+        let limiter = &self.limiter;
+        let Some(store) = &limiter.redis else {
+            return;
+        };
+        let interval = limiter.settings.usage_write_interval;
+        limiter.write_behind.store(true, Ordering::Relaxed);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(interval) => limiter.flush_pending(store).await,
+            }
+        }
+        limiter.write_behind.store(false, Ordering::Relaxed);
+        limiter.flush_pending(store).await;
+    }
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for UsageWriter {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        self.run(async move {
+            // An error means the sender is gone: shutting down either way.
+            let _ = shutdown.changed().await;
+        })
+        .await;
     }
 }
 

@@ -1,9 +1,11 @@
 //! Usage accounting types: tokens and requests per user per UTC day, the day names used
-//! in Redis keys, and the buffer that keeps counts made while Redis was unreachable
-//! until they can be written.
+//! in Redis keys, and the buffers that keep counts and token-bucket corrections until
+//! they are written (in batches, or once an unreachable Redis is back).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+
+use super::gcra::Rate;
 
 /// Counts added to one user's day.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -82,9 +84,76 @@ impl PendingUsage {
     }
 }
 
+/// Token-bucket corrections not written yet, summed per (owner, bucket). Bounded like
+/// [`PendingUsage`]; `keep` refuses what does not fit and the caller writes it at once.
+#[derive(Debug, Default)]
+pub struct PendingCorrections {
+    entries: Mutex<HashMap<(String, String), (Rate, i64)>>,
+}
+
+impl PendingCorrections {
+    /// Adds one settlement's corrections for `owner`; false (and nothing kept) when the
+    /// buffer is full.
+    pub fn keep(&self, owner: &str, corrections: &[(String, Rate, i64)]) -> bool {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() + corrections.len() > MAX_PENDING {
+            return false;
+        }
+        for (bucket, rate, delta) in corrections {
+            let entry = entries
+                .entry((owner.to_string(), bucket.clone()))
+                .or_insert((*rate, 0));
+            entry.1 = entry.1.saturating_add(*delta);
+        }
+        true
+    }
+
+    /// Takes everything kept so far, grouped by owner (sums of zero left out).
+    pub fn take(&self) -> HashMap<String, Vec<(String, Rate, i64)>> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_owner: HashMap<String, Vec<(String, Rate, i64)>> = HashMap::new();
+        for ((owner, bucket), (rate, delta)) in entries.drain() {
+            if delta != 0 {
+                by_owner
+                    .entry(owner)
+                    .or_default()
+                    .push((bucket, rate, delta));
+            }
+        }
+        by_owner
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn corrections_add_up_per_owner_and_bucket() {
+        let p = PendingCorrections::default();
+        let rate = Rate {
+            limit: 1000,
+            period: Duration::from_secs(60),
+        };
+        assert!(p.keep(
+            "alice",
+            &[("tpm:*".into(), rate, -300), ("tpd:*".into(), rate, -300)]
+        ));
+        assert!(p.keep(
+            "alice",
+            &[("tpm:*".into(), rate, 100), ("tpd:*".into(), rate, 300)]
+        ));
+        assert!(p.keep("bob", &[("tpm:*".into(), rate, 5)]));
+        let mut all = p.take();
+        assert_eq!(all.len(), 2);
+        assert_eq!(
+            all.remove("alice"),
+            Some(vec![("tpm:*".into(), rate, -200)])
+        );
+        assert_eq!(all.remove("bob"), Some(vec![("tpm:*".into(), rate, 5)]));
+        assert!(p.take().is_empty());
+    }
 
     #[test]
     fn day_names() {
