@@ -100,7 +100,8 @@ async fn stream_reply(
     // Counted in chatgate_active_streams until dropped, on every way out.
     let mut active = ActiveStream::start(&settings.path);
     ctx.status = 200;
-    let mut out = BytesMut::with_capacity(4096);
+    // Small: it lives as long as the stream, and grows for large events.
+    let mut out = BytesMut::with_capacity(1024);
     let mut transcoder = StreamTranscoder::new(settings.data_format, MAX_UPSTREAM_EVENT_BYTES);
     transcoder.start(&mut out);
     let started = async {

@@ -27,7 +27,9 @@ pub(super) async fn admit(
     let authorization = session
         .get_header(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes().to_vec());
-    let caller = auth.authorize(authorization.as_deref()).await?;
+    // Boxed, like the reservation below: Redis calls' future state would
+    // otherwise stay reserved in the request's future while a stream is open.
+    let caller = Box::pin(auth.authorize(authorization.as_deref())).await?;
     ctx.user_id = Some(caller.user_id);
     let settings = &route.settings;
     match body::read_limited(session, settings.max_body_bytes, settings.body_timeout).await {
@@ -51,14 +53,13 @@ pub(super) async fn reserve(
 ) -> Result<(), ApiError> {
     let settings = &route.settings;
     let estimate = estimate_tokens(body_bytes, settings.completion_estimate);
-    let reservation = limiter
-        .reserve(
-            &caller.username,
-            &settings.path,
-            &settings.rate_limits,
-            estimate,
-        )
-        .await?;
+    let reservation = Box::pin(limiter.reserve(
+        &caller.username,
+        &settings.path,
+        &settings.rate_limits,
+        estimate,
+    ))
+    .await?;
     ctx.reservation = Some(reservation);
     Ok(())
 }
@@ -75,13 +76,16 @@ pub(super) async fn open_upstream(
     deadline: Instant,
 ) -> Result<Option<OpenResponse>, ApiError> {
     let upstream = &route.upstream;
+    // Boxed: connecting (TLS included) takes ~12 KB of future state, which would
+    // otherwise stay reserved inside the request's future for the whole reply,
+    // i.e. for every open stream.
     let opened = tokio::select! {
         biased;
         _ = session.downstream_session.read_body_or_idle(true) => {
             ctx.outcome = "cancelled";
             return Ok(None);
         }
-        opened = upstream.open(body, stream, deadline) => opened,
+        opened = Box::pin(upstream.open(body, stream, deadline)) => opened,
     };
     let open = opened.map_err(|e| upstream_failed(ctx, &e))?;
     ctx.attempts = open.attempts;
