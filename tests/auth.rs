@@ -538,9 +538,8 @@ async fn redis_outage_answers_503_quickly_and_recovers() {
         .contains("credential store unreachable"));
     s.redis.restart();
     s.gw.add_user("temporary_user", "default_password");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let resp = client()
+    let login_status = || async {
+        client()
             .post(s.gw.url("/auth"))
             .form(&[
                 ("username", "temporary_user"),
@@ -548,16 +547,17 @@ async fn redis_outage_answers_503_quickly_and_recovers() {
             ])
             .send()
             .await
-            .expect("auth");
-        if resp.status() == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "login did not recover after Redis came back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            .expect("auth")
+            .status()
+    };
+    let status = poll(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        login_status,
+        |status| *status == 200,
+    )
+    .await;
+    assert_eq!(status, 200, "login did not recover after Redis came back");
     let ready = client()
         .get(s.gw.admin_url("/readyz"))
         .send()

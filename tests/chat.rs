@@ -14,54 +14,10 @@ use serde_json::json;
 
 const SYSTEM_PROMPT: &str = "You are the openEuler community assistant, your name is XiaoZhi.";
 
-struct Setup {
-    _redis: Redis,
-    sims: Vec<Simulator>,
-    gw: Gateway,
-    token: String,
-}
-
-impl Setup {
-    fn sim(&self) -> &Simulator {
-        &self.sims[0]
-    }
-}
-
-async fn setup_custom(sims: Vec<Simulator>, upstreams: String, routes: String) -> Setup {
-    let redis = Redis::start();
-    let mut cfg = GatewayConfig::redis(&redis, &[]);
-    cfg.upstreams = upstreams;
-    cfg.routes = routes;
-    let gw = Gateway::start(cfg);
-    gw.add_user("temporary_user", "default_password");
-    let token = login(&gw, "temporary_user", "default_password").await;
-    Setup {
-        _redis: redis,
-        sims,
-        gw,
-        token,
-    }
-}
-
-async fn setup(sim_flags: &[&str]) -> Setup {
+async fn setup(sim_flags: &[&str]) -> Stack {
     let sim = Simulator::start(sim_flags);
     let upstreams = upstream_block("main", &[sim.addr()], "");
-    setup_custom(vec![sim], upstreams, seed_routes("main")).await
-}
-
-async fn post(s: &Setup, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
-    client()
-        .post(s.gw.url(path))
-        .header("authorization", format!("Bearer {}", s.token))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("chat request")
-}
-
-fn user(text: &str) -> String {
-    serde_json::to_string(&json!([{"role": "user", "content": text}])).expect("json")
+    Stack::start(vec![sim], upstreams, seed_routes("main"), "").await
 }
 
 /// The SSE body for these `data` texts in text mode, with the empty first and last events.
@@ -81,7 +37,7 @@ fn sse_text(parts: &[&str]) -> String {
 async fn chat_completion_echoes_with_system_prompt_and_case_insensitive_keys() {
     let s = setup(&[]).await;
     let body = r#"[{"Role":"user","Content":"What is your name."}]"#;
-    let resp = post(&s, "/chatCompletion", body).await;
+    let resp = s.post("/chatCompletion", body).await;
     let (status, reply) = json_reply(resp).await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply, json!({"message": "What is your name."}));
@@ -107,7 +63,7 @@ async fn chat_completion_echoes_with_system_prompt_and_case_insensitive_keys() {
     // A client system message replaces the route's prompt.
     let body =
         json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]);
-    let (status, _) = json_reply(post(&s, "/chatCompletion", body.to_string()).await).await;
+    let (status, _) = json_reply(s.post("/chatCompletion", body.to_string()).await).await;
     assert_eq!(status, 200);
     let seen = s.sim().requests().await;
     assert_eq!(seen.last().expect("request")["body"]["messages"], body);
@@ -142,7 +98,7 @@ async fn invalid_bodies_get_400_naming_index_and_field() {
     ];
     let before = s.sim().stats().await["chat_requests"].as_u64();
     for (body, expected) in cases {
-        let (status, reply) = json_reply(post(&s, "/chatCompletion", body).await).await;
+        let (status, reply) = json_reply(s.post("/chatCompletion", body).await).await;
         assert_eq!(status, 400, "{body}: {reply}");
         assert!(
             error_message(&reply).starts_with(expected),
@@ -167,7 +123,7 @@ async fn bodies_of_every_size_are_forwarded_intact_and_oversize_is_413() {
             {"role": "user", "content": "last question"}
         ]);
         let text = history.to_string();
-        let (status, reply) = json_reply(post(&s, "/chatCompletion", text.clone()).await).await;
+        let (status, reply) = json_reply(s.post("/chatCompletion", text.clone()).await).await;
         assert_eq!(status, 200, "size {size}: {reply}");
         assert_eq!(reply["message"], "last question");
         let seen = s.sim().requests().await;
@@ -179,7 +135,7 @@ async fn bodies_of_every_size_are_forwarded_intact_and_oversize_is_413() {
         assert_eq!(body["messages"].as_array().map(Vec::len), Some(4));
     }
     let big = user(&"x".repeat(2 << 20));
-    let (status, reply) = json_reply(post(&s, "/chatCompletion", big).await).await;
+    let (status, reply) = json_reply(s.post("/chatCompletion", big).await).await;
     assert_eq!(
         (status, error_message(&reply)),
         (413, "Invalid request: body exceeds 1048576 bytes")
@@ -189,12 +145,12 @@ async fn bodies_of_every_size_are_forwarded_intact_and_oversize_is_413() {
 #[tokio::test]
 async fn stream_framing_is_byte_exact() {
     let s = setup(&[]).await;
-    let resp = post(
-        &s,
-        "/chatCompletionStream",
-        user("#sim chunk_size=5\nHello, XiaoZhi."),
-    )
-    .await;
+    let resp = s
+        .post(
+            "/chatCompletionStream",
+            user("#sim chunk_size=5\nHello, XiaoZhi."),
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     let h = resp.headers();
     assert_eq!(
@@ -221,26 +177,26 @@ async fn stream_framing_is_byte_exact() {
 #[tokio::test]
 async fn stream_splits_line_breaks_and_keeps_multibyte_text() {
     let s = setup(&[]).await;
-    let text = post(
-        &s,
-        "/chatCompletionStream",
-        user("#sim chunks=1 reply=text:a\\nb\\r\\nc"),
-    )
-    .await
-    .text()
-    .await
-    .expect("body");
+    let text = s
+        .post(
+            "/chatCompletionStream",
+            user("#sim chunks=1 reply=text:a\\nb\\r\\nc"),
+        )
+        .await
+        .text()
+        .await
+        .expect("body");
     assert_eq!(text, "event: message\ndata: \n\nevent: message\ndata: a\ndata: b\ndata: c\n\nevent: message\ndata: \n\n");
 
-    let text = post(
-        &s,
-        "/chatCompletionStream",
-        user("#sim reply=multibyte chunk_size=1"),
-    )
-    .await
-    .text()
-    .await
-    .expect("body");
+    let text = s
+        .post(
+            "/chatCompletionStream",
+            user("#sim reply=multibyte chunk_size=1"),
+        )
+        .await
+        .text()
+        .await
+        .expect("body");
     let joined: String = text
         .split("\n\n")
         .filter_map(|ev| ev.strip_prefix("event: message\ndata: "))
@@ -254,8 +210,9 @@ async fn json_data_format_keeps_bare_newline_tokens() {
     let sim = Simulator::start(&[]);
     let upstreams = upstream_block("main", &[sim.addr()], "");
     let routes = "  - path: /chatCompletionStream\n    kind: chat_stream\n    upstream: main\n    model: m\n    data_format: json\n".to_string();
-    let s = setup_custom(vec![sim], upstreams, routes).await;
-    let text = post(&s, "/chatCompletionStream", user("#sim reply=newlines"))
+    let s = Stack::start(vec![sim], upstreams, routes, "").await;
+    let text = s
+        .post("/chatCompletionStream", user("#sim reply=newlines"))
         .await
         .text()
         .await
@@ -281,14 +238,17 @@ async fn json_data_format_keeps_bare_newline_tokens() {
 async fn upstream_failures_before_the_reply_are_500() {
     let s = setup(&[]).await;
     let (status, reply) =
-        json_reply(post(&s, "/chatCompletion", user("#sim status=400")).await).await;
+        json_reply(s.post("/chatCompletion", user("#sim status=400")).await).await;
     assert_eq!(status, 500);
     assert_eq!(
         error_message(&reply),
         "Failed with chatbot.ChatCompletion: upstream returned 400 Bad Request: simulated 400"
     );
-    let (status, reply) =
-        json_reply(post(&s, "/chatCompletionStream", user("#sim status=404")).await).await;
+    let (status, reply) = json_reply(
+        s.post("/chatCompletionStream", user("#sim status=404"))
+            .await,
+    )
+    .await;
     assert_eq!(status, 500);
     assert!(error_message(&reply)
         .starts_with("Failed with chatbot.ChatCompletion: upstream returned 404"));
@@ -296,8 +256,8 @@ async fn upstream_failures_before_the_reply_are_500() {
     // Nothing listens: connect error after the retries.
     let port = free_port();
     let upstreams = upstream_block("main", &[format!("127.0.0.1:{port}")], "    retries: 1\n");
-    let dead = setup_custom(Vec::new(), upstreams, seed_routes("main")).await;
-    let (status, reply) = json_reply(post(&dead, "/chatCompletion", user("hi")).await).await;
+    let dead = Stack::start(Vec::new(), upstreams, seed_routes("main"), "").await;
+    let (status, reply) = json_reply(dead.post("/chatCompletion", user("hi")).await).await;
     assert_eq!(status, 500);
     assert!(
         error_message(&reply)
@@ -319,15 +279,15 @@ async fn failures_after_the_first_event_end_with_an_error_event() {
             "upstream connection failed",
         ),
     ] {
-        let text = post(
-            &s,
-            "/chatCompletionStream",
-            user(&format!("{directive}\nabcdefgh")),
-        )
-        .await
-        .text()
-        .await
-        .expect("body");
+        let text = s
+            .post(
+                "/chatCompletionStream",
+                user(&format!("{directive}\nabcdefgh")),
+            )
+            .await
+            .text()
+            .await
+            .expect("body");
         let expected_start = "event: message\ndata: \n\nevent: message\ndata: ab\n\nevent: message\ndata: cd\n\nevent: error\ndata: {\"errorMessage\": \"Failed with chatbot.ChatCompletion: ";
         assert!(text.starts_with(expected_start), "{directive}: {text}");
         assert!(text.contains(cause), "{directive}: {text}");
@@ -346,18 +306,18 @@ async fn idle_upstream_times_out_and_silence_gets_keepalives() {
     let upstreams = upstream_block("main", &[sim.addr()], "")
         .replace("idle_timeout: 5s", "idle_timeout: 1500ms");
     let routes = "  - path: /chatCompletionStream\n    kind: chat_stream\n    upstream: main\n    model: m\n    keepalive_interval: 300ms\n".to_string();
-    let s = setup_custom(vec![sim], upstreams, routes).await;
+    let s = Stack::start(vec![sim], upstreams, routes, "").await;
 
     // Slow but alive: keep-alive comments between events, complete answer.
-    let text = post(
-        &s,
-        "/chatCompletionStream",
-        user("#sim chunk_size=3 chunk_delay_ms=700\nabcdef"),
-    )
-    .await
-    .text()
-    .await
-    .expect("body");
+    let text = s
+        .post(
+            "/chatCompletionStream",
+            user("#sim chunk_size=3 chunk_delay_ms=700\nabcdef"),
+        )
+        .await
+        .text()
+        .await
+        .expect("body");
     assert!(text.contains(": keep-alive\n\n"), "{text}");
     assert_eq!(
         text.replace(": keep-alive\n\n", ""),
@@ -366,15 +326,15 @@ async fn idle_upstream_times_out_and_silence_gets_keepalives() {
 
     // Stalled: an error event once the idle timeout passes.
     let started = Instant::now();
-    let text = post(
-        &s,
-        "/chatCompletionStream",
-        user("#sim chunk_size=3 stall_after=1\nabcdef"),
-    )
-    .await
-    .text()
-    .await
-    .expect("body");
+    let text = s
+        .post(
+            "/chatCompletionStream",
+            user("#sim chunk_size=3 stall_after=1\nabcdef"),
+        )
+        .await
+        .text()
+        .await
+        .expect("body");
     assert!(text.contains("event: error\n"), "{text}");
     assert!(text.contains("timed out"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -404,25 +364,25 @@ async fn client_disconnect_cancels_the_upstream_at_once() {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     drop(sock);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let stats = s.sim().stats().await;
-        if stats["streams_cancelled"].as_u64() == Some(1) {
-            let at = stats["last_cancel_unix_ms"].as_u64().unwrap_or(0);
-            assert!(
-                at.saturating_sub(closed_at) < 100,
-                "upstream cancelled {} ms after the client left",
-                at - closed_at
-            );
-            assert_eq!(stats["active_streams"], 0);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "upstream never cancelled: {stats}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let stats = poll(
+        Duration::from_secs(3),
+        Duration::from_millis(20),
+        || s.sim().stats(),
+        |stats| stats["streams_cancelled"].as_u64() == Some(1),
+    )
+    .await;
+    assert_eq!(
+        stats["streams_cancelled"].as_u64(),
+        Some(1),
+        "upstream never cancelled: {stats}"
+    );
+    let at = stats["last_cancel_unix_ms"].as_u64().unwrap_or(0);
+    assert!(
+        at.saturating_sub(closed_at) < 100,
+        "upstream cancelled {} ms after the client left",
+        at - closed_at
+    );
+    assert_eq!(stats["active_streams"], 0);
 }
 
 #[tokio::test]
@@ -436,16 +396,17 @@ async fn retries_move_to_the_next_endpoint_before_the_first_byte() {
         &[failing.addr(), refused, healthy.addr()],
         "    retries: 2\n",
     );
-    let s = setup_custom(vec![failing, healthy], upstreams, seed_routes("main")).await;
+    let s = Stack::start(vec![failing, healthy], upstreams, seed_routes("main"), "").await;
     for i in 0..6 {
         let (status, reply) =
-            json_reply(post(&s, "/chatCompletion", user(&format!("q{i}"))).await).await;
+            json_reply(s.post("/chatCompletion", user(&format!("q{i}"))).await).await;
         assert_eq!(
             (status, reply["message"].as_str()),
             (200, Some(format!("q{i}").as_str())),
             "{reply}"
         );
-        let text = post(&s, "/chatCompletionStream", user(&format!("s{i}")))
+        let text = s
+            .post("/chatCompletionStream", user(&format!("s{i}")))
             .await
             .text()
             .await
@@ -523,16 +484,16 @@ async fn no_retry_after_the_first_byte() {
         &[failing.addr(), healthy.addr()],
         "    retries: 2\n",
     );
-    let s = setup_custom(vec![failing, healthy], upstreams, seed_routes("main")).await;
-    let text = post(
-        &s,
-        "/chatCompletionStream",
-        user("#sim chunk_size=2 cut_after=1\nabcdef"),
-    )
-    .await
-    .text()
-    .await
-    .expect("body");
+    let s = Stack::start(vec![failing, healthy], upstreams, seed_routes("main"), "").await;
+    let text = s
+        .post(
+            "/chatCompletionStream",
+            user("#sim chunk_size=2 cut_after=1\nabcdef"),
+        )
+        .await
+        .text()
+        .await
+        .expect("body");
     assert!(text.contains("event: error"), "{text}");
     let total = s.sims[0].stats().await["chat_requests"]
         .as_u64()
@@ -549,12 +510,12 @@ async fn no_retry_after_the_first_byte() {
 #[tokio::test]
 async fn stream_events_arrive_as_they_are_produced() {
     let s = setup(&[]).await;
-    let resp = post(
-        &s,
-        "/chatCompletionStream",
-        user("#sim chunk_size=4 chunk_delay_ms=300\naaaabbbbcccc"),
-    )
-    .await;
+    let resp = s
+        .post(
+            "/chatCompletionStream",
+            user("#sim chunk_size=4 chunk_delay_ms=300\naaaabbbbcccc"),
+        )
+        .await;
     let started = Instant::now();
     let mut stream = resp.bytes_stream();
     let mut arrivals = Vec::new();

@@ -14,53 +14,19 @@ use serde_json::json;
 
 const OPENAI_ROUTE: &str = "  - path: /v1/chat/completions\n    kind: openai\n    upstream: main\n    models: [test-model, other-model]\n  - path: /forced/v1/chat/completions\n    kind: openai\n    upstream: main\n    model: house-model\n";
 
-struct Setup {
-    redis: Redis,
-    sims: Vec<Simulator>,
-    gw: Gateway,
-    token: String,
+/// The seed routes and the OpenAI routes in front of `sims`.
+async fn setup_with(sims: Vec<Simulator>, upstreams: String, extra: &str) -> Stack {
+    Stack::start(sims, upstreams, seed_routes("main") + OPENAI_ROUTE, extra).await
 }
 
-async fn setup_with(sims: Vec<Simulator>, upstreams: String, extra: &str) -> Setup {
-    let redis = Redis::start();
-    let mut cfg = GatewayConfig::redis(&redis, &[]);
-    cfg.upstreams = upstreams;
-    cfg.routes = seed_routes("main") + OPENAI_ROUTE;
-    cfg.extra = extra.to_string();
-    let gw = Gateway::start(cfg);
-    gw.add_user("temporary_user", "default_password");
-    let token = login(&gw, "temporary_user", "default_password").await;
-    Setup {
-        redis,
-        sims,
-        gw,
-        token,
-    }
-}
-
-async fn setup() -> Setup {
+async fn setup() -> Stack {
     let sim = Simulator::start(&[]);
     let upstreams = upstream_block("main", &[sim.addr()], "");
     setup_with(vec![sim], upstreams, "").await
 }
 
-fn user(text: &str) -> String {
-    serde_json::to_string(&json!([{"role": "user", "content": text}])).expect("json")
-}
-
-async fn post(s: &Setup, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
-    client()
-        .post(s.gw.url(path))
-        .header("authorization", format!("Bearer {}", s.token))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("request")
-}
-
 /// Opens a stream on a raw socket, reads until `until` shows up, then hangs up.
-fn start_and_abandon_stream(s: &Setup, body: &str, until: &str) {
+fn start_and_abandon_stream(s: &Stack, body: &str, until: &str) {
     let request = format!(
         "POST /chatCompletionStream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
         s.token,
@@ -82,14 +48,13 @@ fn start_and_abandon_stream(s: &Setup, body: &str, until: &str) {
 
 /// Scrapes until `ready` holds (the access-log hook runs just after a reply ends).
 async fn metrics_when(gw: &Gateway, ready: impl Fn(&Metrics) -> bool) -> Metrics {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let m = gw.metrics().await;
-        if ready(&m) || Instant::now() > deadline {
-            return m;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || gw.metrics(),
+        ready,
+    )
+    .await
 }
 
 fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -123,27 +88,24 @@ async fn metrics_count_known_traffic_exactly() {
 
     // Two answers, one complete stream, one the upstream cuts, one the client leaves.
     for q in ["one", "two"] {
-        assert_eq!(post(&s, "/chatCompletion", user(q)).await.status(), 200);
+        assert_eq!(s.post("/chatCompletion", user(q)).await.status(), 200);
     }
-    let full = post(
-        &s,
-        "/chatCompletionStream",
-        user("#sim chunk_size=2\nabcdefgh"),
-    )
-    .await
-    .text()
-    .await
-    .expect("stream");
+    let full = s
+        .post("/chatCompletionStream", user("#sim chunk_size=2\nabcdefgh"))
+        .await
+        .text()
+        .await
+        .expect("stream");
     assert!(full.ends_with("data: \n\n"), "{full}");
-    let cut = post(
-        &s,
-        "/chatCompletionStream",
-        user("#sim chunk_size=1 cut_after=2\nabcdef"),
-    )
-    .await
-    .text()
-    .await
-    .expect("stream");
+    let cut = s
+        .post(
+            "/chatCompletionStream",
+            user("#sim chunk_size=1 cut_after=2\nabcdef"),
+        )
+        .await
+        .text()
+        .await
+        .expect("stream");
     assert!(cut.contains("event: error"), "{cut}");
     start_and_abandon_stream(
         &s,
@@ -152,16 +114,16 @@ async fn metrics_count_known_traffic_exactly() {
     );
 
     // One OpenAI-format answer whose usage the client sees too.
-    let reply: serde_json::Value = post(
-        &s,
-        "/v1/chat/completions",
-        json!({"model": "test-model", "messages": [{"role": "user", "content": "count me"}]})
-            .to_string(),
-    )
-    .await
-    .json()
-    .await
-    .expect("openai reply");
+    let reply: serde_json::Value = s
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "test-model", "messages": [{"role": "user", "content": "count me"}]})
+                .to_string(),
+        )
+        .await
+        .json()
+        .await
+        .expect("openai reply");
     let prompt = reply["usage"]["prompt_tokens"].as_f64().expect("usage");
     let completion = reply["usage"]["completion_tokens"].as_f64().expect("usage");
     assert!(prompt > 0.0 && completion > 0.0, "{reply}");
@@ -284,39 +246,29 @@ async fn upstream_outcomes_and_retries_are_counted() {
     let flaky = Simulator::start(&["--fail-first", "1"]);
     let slow = Simulator::start(&["--first-byte-delay-ms", "1000"]);
     let refused = format!("127.0.0.1:{}", free_port());
-    let redis = Redis::start();
-    let mut cfg = GatewayConfig::redis(&redis, &[]);
-    cfg.upstreams = upstream_block("main", &[flaky.addr()], "    retries: 2\n")
+    let upstreams = upstream_block("main", &[flaky.addr()], "    retries: 2\n")
         + &upstream_block("dead", std::slice::from_ref(&refused), "    retries: 2\n")
         + "  slow:\n    endpoints: [\""
         + &slow.addr()
         + "\"]\n    first_byte_timeout: 200ms\n    retries: 0\n";
-    cfg.routes = seed_routes("main")
+    let routes = seed_routes("main")
         + "  - path: /dead\n    kind: chat\n    upstream: dead\n    model: m\n  - path: /slow\n    kind: chat\n    upstream: slow\n    model: m\n";
-    let gw = Gateway::start(cfg);
-    gw.add_user("temporary_user", "default_password");
-    let token = login(&gw, "temporary_user", "default_password").await;
-    let s = Setup {
-        redis,
-        sims: Vec::new(),
-        gw,
-        token,
-    };
+    let s = Stack::start(Vec::new(), upstreams, routes, "").await;
     let m0 = s.gw.metrics().await;
 
     // 503 once, then served: one http_5xx attempt, one retry, one ok.
-    assert_eq!(post(&s, "/chatCompletion", user("a")).await.status(), 200);
+    assert_eq!(s.post("/chatCompletion", user("a")).await.status(), 200);
     // A 400 from the upstream is not retried.
     assert_eq!(
-        post(&s, "/chatCompletion", user("#sim status=400\nb"))
+        s.post("/chatCompletion", user("#sim status=400\nb"))
             .await
             .status(),
         500
     );
     // Nobody listens: three connect errors (two retries).
-    assert_eq!(post(&s, "/dead", user("c")).await.status(), 500);
+    assert_eq!(s.post("/dead", user("c")).await.status(), 500);
     // No response header in time, no retry.
-    assert_eq!(post(&s, "/slow", user("d")).await.status(), 500);
+    assert_eq!(s.post("/slow", user("d")).await.status(), 500);
 
     let m1 = metrics_when(&s.gw, |m| {
         m.sum("chatgate_requests_total", &[("route", "/slow")]) >= 1.0
@@ -389,15 +341,13 @@ async fn health_and_readiness_follow_the_store_and_the_endpoints() {
 
     // The only endpoint stops answering its health check: not ready.
     s.sims[0].stop();
-    let wait = |want: u16| async move {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let (status, body) = get("/readyz").await;
-            if status == want || Instant::now() > deadline {
-                return (status, body);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let wait = |want: u16| {
+        poll(
+            Duration::from_secs(5),
+            Duration::from_millis(50),
+            move || get("/readyz"),
+            move |(status, _)| *status == want,
+        )
     };
     let (status, body) = wait(503).await;
     assert_eq!(status, 503, "{body}");
@@ -456,19 +406,22 @@ async fn access_log_has_every_field_and_no_secret() {
         .await
         .expect("chat");
 
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let access: Vec<serde_json::Value> = loop {
+    let access_lines = || {
         let lines: Vec<serde_json::Value> = gw
             .log()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["target"] == "access")
             .collect();
-        if lines.len() >= 5 || Instant::now() > deadline {
-            break lines;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        std::future::ready(lines)
     };
+    let access = poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        access_lines,
+        |lines| lines.len() >= 5,
+    )
+    .await;
     let log = gw.log();
     for secret in [api_key, password, &token, "cookie-secret-5531"] {
         assert!(!log.contains(secret), "the log holds a secret: {secret}");
@@ -559,25 +512,23 @@ async fn a_dead_endpoint_fails_no_request_and_gets_traffic_back() {
     assert!(total > 20, "too little load: {total}");
 
     // Traffic returns to the restarted endpoint.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        assert_eq!(
-            post(&s, "/chatCompletion", user("back?")).await.status(),
-            200
-        );
-        if s.sims[0].stats().await["chat_requests"]
-            .as_u64()
-            .unwrap_or(0)
-            > 0
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no traffic to the restarted endpoint"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let s = &s;
+    let restarted_requests = poll(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async move {
+            assert_eq!(s.post("/chatCompletion", user("back?")).await.status(), 200);
+            s.sims[0].stats().await["chat_requests"]
+                .as_u64()
+                .unwrap_or(0)
+        },
+        |n| *n > 0,
+    )
+    .await;
+    assert!(
+        restarted_requests > 0,
+        "no traffic to the restarted endpoint"
+    );
 }
 
 #[tokio::test]
@@ -718,7 +669,7 @@ async fn openai_route_passes_replies_through_byte_for_byte() {
         .bytes()
         .await
         .expect("direct body");
-    let resp = post(&s, "/v1/chat/completions", body.clone()).await;
+    let resp = s.post("/v1/chat/completions", body.clone()).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
         resp.headers()["content-type"].to_str().unwrap_or(""),
@@ -755,7 +706,8 @@ async fn openai_route_passes_replies_through_byte_for_byte() {
         .text()
         .await
         .expect("body");
-    let via = post(&s, "/v1/chat/completions", plain)
+    let via = s
+        .post("/v1/chat/completions", plain)
         .await
         .text()
         .await
@@ -764,8 +716,7 @@ async fn openai_route_passes_replies_through_byte_for_byte() {
 
     // The model policy: a model off the list is refused; a forced route overrides it.
     let (status, v) = json_reply(
-        post(
-            &s,
+        s.post(
             "/v1/chat/completions",
             json!({"model": "gpt-5", "messages": [{"role": "user", "content": "x"}]}).to_string(),
         )
@@ -777,12 +728,12 @@ async fn openai_route_passes_replies_through_byte_for_byte() {
         error_message(&v),
         "Invalid request: model \"gpt-5\" is not allowed on this route (allowed: test-model, other-model)"
     );
-    let forced = post(
-        &s,
-        "/forced/v1/chat/completions",
-        json!({"model": "gpt-5", "messages": [{"role": "user", "content": "x"}]}).to_string(),
-    )
-    .await;
+    let forced = s
+        .post(
+            "/forced/v1/chat/completions",
+            json!({"model": "gpt-5", "messages": [{"role": "user", "content": "x"}]}).to_string(),
+        )
+        .await;
     assert_eq!(forced.status(), 200);
     let v: serde_json::Value = forced.json().await.expect("json");
     assert_eq!(v["model"], "house-model");
@@ -805,7 +756,7 @@ async fn openai_route_cuts_the_client_when_the_upstream_breaks_off() {
         "stream": true
     })
     .to_string();
-    let resp = post(&s, "/v1/chat/completions", body).await;
+    let resp = s.post("/v1/chat/completions", body).await;
     assert_eq!(resp.status(), 200);
     // The chunked body never gets its last chunk: the client sees an error, not an end.
     let result = resp.bytes().await;

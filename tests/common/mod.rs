@@ -623,6 +623,84 @@ pub fn users_cli(config: &Path, args: &[&str], stdin: Option<&str>) -> std::proc
     child.wait_with_output().expect("users cli output")
 }
 
+/// A gateway on its own Redis in front of `sims`, with one user logged in.
+pub struct Stack {
+    pub redis: Redis,
+    pub sims: Vec<Simulator>,
+    pub gw: Gateway,
+    /// The logged-in user's token.
+    pub token: String,
+}
+
+impl Stack {
+    /// Starts the gateway with these upstreams, routes and extra top-level YAML, adds
+    /// `temporary_user` and logs it in.
+    pub async fn start(
+        sims: Vec<Simulator>,
+        upstreams: String,
+        routes: String,
+        extra: &str,
+    ) -> Stack {
+        let redis = Redis::start();
+        let mut cfg = GatewayConfig::redis(&redis, &[]);
+        cfg.upstreams = upstreams;
+        cfg.routes = routes;
+        cfg.extra = extra.to_string();
+        let gw = Gateway::start(cfg);
+        gw.add_user("temporary_user", "default_password");
+        let token = login(&gw, "temporary_user", "default_password").await;
+        Stack {
+            redis,
+            sims,
+            gw,
+            token,
+        }
+    }
+
+    /// The first simulator.
+    pub fn sim(&self) -> &Simulator {
+        &self.sims[0]
+    }
+
+    /// POSTs a JSON `body` to `path` with the user's token.
+    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        client()
+            .post(self.gw.url(path))
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request")
+    }
+}
+
+/// A chat body of one user message.
+pub fn user(text: &str) -> String {
+    serde_json::to_string(&serde_json::json!([{"role": "user", "content": text}])).expect("json")
+}
+
+/// Runs `probe` every `every` until `done` accepts its result or `within` has passed, and
+/// returns the last result, so the caller's assertion shows what was seen last.
+pub async fn poll<T, F>(
+    within: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T
+where
+    F: std::future::Future<Output = T>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = probe().await;
+        if done(&seen) || Instant::now() >= deadline {
+            return seen;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// A client with no connection reuse surprises and a sane timeout.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
