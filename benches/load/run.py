@@ -30,6 +30,9 @@ STREAM_CHUNKS = int(os.environ.get("STREAM_CHUNKS", "20"))
 RATES = [int(r) for r in os.environ.get("RATES", "500,2000").split(",") if r]
 ACCESS_LOG = os.environ.get("ACCESS_LOG", "both")  # warn | info | both
 STEPS = os.environ.get("STEPS", "closed,fixed,streams,flood").split(",")
+# on: per-user request and token limits are checked on every chat call (set far above the
+# load, so they cost their Redis calls but refuse nothing); off: no chat limits at all.
+LIMITS = os.environ.get("LIMITS", "on")
 JWT_SECRET = "bench-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -183,12 +186,9 @@ auth:
     redis:
       url: redis://127.0.0.1:{self.redis_port}/0
       key_prefix: "bench:"
-# Limits off: the harness measures the proxy path, and its /auth flood must
-# reach the password hash rather than the failed-login lockout.
+# The /auth flood must reach the password hash, not the failed-login lockout.
 rate_limits:
-  requests_per_minute: 0
-  tokens_per_minute: 0
-  tokens_per_day: 0
+{self.chat_limits()}
   auth:
     failures_per_username: 0
     failures_per_ip: 0
@@ -207,6 +207,13 @@ routes:
     model: bench-model
     system_prompt: "You are the openEuler community assistant, your name is XiaoZhi."
 """)
+
+    @staticmethod
+    def chat_limits():
+        if LIMITS == "on":
+            return ("  requests_per_minute: 100000000\n  tokens_per_minute: 100000000000\n"
+                    "  tokens_per_day: 100000000000")
+        return "  requests_per_minute: 0\n  tokens_per_minute: 0\n  tokens_per_day: 0"
 
     def start_gateway(self, sim_port, rust_log):
         port, admin = free_port(), free_port()
@@ -481,7 +488,8 @@ def machine():
 def main():
     work = tempfile.mkdtemp(prefix="chatgate-bench-")
     bench = Bench(work)
-    header = f"Run {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {machine()}.\n"
+    header = (f"Run {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {machine()}; "
+              f"chat limits {LIMITS} (LIMITS).\n")
     try:
         table = bench.run()
     finally:
