@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Whole-gateway load benchmark: starts a private redis-server, the simulator, chatgate and
-nginx (a plain proxy_pass baseline) on loopback, drives them with wrk and benches/load/loadgen,
+"""Whole-gateway load benchmark: starts a private redis-server, the simulator, chatgate,
+nginx (a plain proxy_pass baseline) and the floor (benches/load/floor.rs: a bare Pingora
+proxy_pass, the framework chatgate is built on doing none of chatgate's work) on loopback, drives them with wrk and benches/load/loadgen,
 and prints one markdown table. Run through benches/load/run.sh (it installs what is missing).
 
 Everything binds to 127.0.0.1; every load step is bounded in time and stops by itself.
@@ -130,6 +131,15 @@ def rss_mib(pid):
     return 0.0
 
 
+def stop(p):
+    p.send_signal(signal.SIGINT)
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
 def write(path, text):
     with open(path, "w") as f:
         f.write(text)
@@ -142,6 +152,7 @@ class Bench:
         self.procs = Procs()
         self.bin = os.environ.get("CHATGATE_BIN") or os.path.join(ROOT, "target", "release", "chatgate")
         self.loadgen_bin = os.environ["LOADGEN"]
+        self.floor_bin = os.environ["FLOOR"]
         self.rows = {}
 
     # ---- processes -------------------------------------------------------------------
@@ -278,6 +289,15 @@ http {{
         assert wait_port(port), "nginx did not start"
         return port, p
 
+    def start_floor(self, sim_port):
+        port = free_port()
+        p = self.procs.start("floor", [self.floor_bin, f"127.0.0.1:{port}", f"127.0.0.1:{sim_port}"],
+                             stdout=subprocess.DEVNULL,
+                             stderr=open(os.path.join(self.work, "floor.log"), "w"),
+                             env={**os.environ, "RUST_LOG": "warn"})
+        assert wait_port(port), "the floor proxy did not start"
+        return port, p
+
     # ---- load ------------------------------------------------------------------------
     def wrk(self, port, path, body, auth=None, seconds=DURATION, connections=CONNECTIONS,
             content_type="application/json"):
@@ -317,6 +337,7 @@ http {{
         self.start_redis()
         sim_port, sim = self.start_simulator()
         nginx_port, nginx = self.start_nginx(sim_port)
+        floor_port, floor = self.start_floor(sim_port)
         gw_port, gw, gw_cfg = self.start_gateway(sim_port, "warn")
         token = self.add_user_and_login(gw_port, gw_cfg)
         bearer = f"Bearer {token}"
@@ -328,22 +349,28 @@ http {{
         # Warm-up: connections, pools, caches.
         self.wrk(gw_port, "/chatCompletion", CHAT_BODY, bearer, seconds=2)
         self.wrk(nginx_port, oa, OPENAI_BODY, seconds=2)
+        self.wrk(floor_port, oa, OPENAI_BODY, seconds=2)
 
         res = {}
         if "closed" in STEPS:
-            self.closed_steps(res, sim_port, nginx_port, gw_port, bearer, sim_pids, nginx_pids, gw_pids)
+            self.closed_steps(res, sim_port, nginx_port, floor_port, gw_port, bearer, sim_pids,
+                              nginx_pids, lambda: [floor.pid], gw_pids)
         fixed, streams = {}, {}
         if "fixed" in STEPS:
-            self.fixed_steps(fixed, sim_port, gw_port, bearer)
+            self.fixed_steps(fixed, sim_port, floor_port, gw_port, bearer)
+        # Its idle upstream connections would count against the simulator's fds.
+        stop(floor)
         if "streams" in STEPS:
             self.stream_steps(streams, sim_port, gw_port, gw, bearer)
         flood = self.flood_step(gw_port, bearer) if "flood" in STEPS else None
         return self.table(res, fixed, streams, flood)
 
-    def closed_steps(self, res, sim_port, nginx_port, gw_port, bearer, sim_pids, nginx_pids, gw_pids):
+    def closed_steps(self, res, sim_port, nginx_port, floor_port, gw_port, bearer, sim_pids,
+                     nginx_pids, floor_pids, gw_pids):
         oa = "/v1/chat/completions"
         res["direct"] = self.closed_loop("direct", sim_port, oa, OPENAI_BODY, sim_pids)
         res["nginx"] = self.closed_loop("nginx", nginx_port, oa, OPENAI_BODY, nginx_pids)
+        res["floor"] = self.closed_loop("floor", floor_port, oa, OPENAI_BODY, floor_pids)
         res["chatgate"] = self.closed_loop("chatgate", gw_port, "/chatCompletion", CHAT_BODY, gw_pids,
                                            bearer)
         if ACCESS_LOG in ("info", "both"):
@@ -352,20 +379,20 @@ http {{
             res["chatgate_info"] = self.closed_loop("chatgate (RUST_LOG=info)", gw2_port,
                                                     "/chatCompletion", CHAT_BODY, lambda: [gw2.pid],
                                                     bearer)
-            gw2.send_signal(signal.SIGINT)
-            gw2.wait(timeout=10)
+            stop(gw2)
 
-    def fixed_steps(self, fixed, sim_port, gw_port, bearer):
+    def fixed_steps(self, fixed, sim_port, floor_port, gw_port, bearer):
         """Fixed rates, open loop."""
         oa = "/v1/chat/completions"
         chat_file = self.body_file("chat.json", CHAT_BODY)
         oa_file = self.body_file("openai.json", OPENAI_BODY)
         for rate in RATES:
             d = self.loadgen("fixed", f"127.0.0.1:{sim_port}", oa, oa_file, rate, DURATION, 64)
+            f = self.loadgen("fixed", f"127.0.0.1:{floor_port}", oa, oa_file, rate, DURATION, 64)
             g = self.loadgen("fixed", f"127.0.0.1:{gw_port}", "/chatCompletion", chat_file, rate,
                              DURATION, 64, f"Authorization: {bearer}")
-            log(f"fixed {rate}/s: direct {d} chatgate {g}")
-            fixed[rate] = (d, g)
+            log(f"fixed {rate}/s: direct {d} floor {f} chatgate {g}")
+            fixed[rate] = (d, f, g)
 
     def stream_steps(self, streams, sim_port, gw_port, gw, bearer):
         oa = "/v1/chat/completions"
@@ -381,13 +408,19 @@ http {{
                 log(f"{wanted} streams need {2 * wanted + 200} fds; the hard limit is {FD_LIMIT}: running {n}")
             ramp = max(1.0, n / 2000)
             d = self.loadgen("stream", f"127.0.0.1:{sim_port}", oa, soa_file, n, ramp, PACE_MS)
+            # A fresh floor per step: its peak RSS is this step's, and the idle upstream
+            # connections it keeps afterwards would take the simulator's fds from chatgate's.
+            floor_port, floor = self.start_floor(sim_port)
+            f = self.loadgen("stream", f"127.0.0.1:{floor_port}", oa, soa_file, n, ramp, PACE_MS)
+            f["peak_rss_mib"] = peak_rss_mib(floor.pid)
+            stop(floor)
             rss_before = rss_mib(gw.pid)
             g = self.loadgen("stream", f"127.0.0.1:{gw_port}", "/chatCompletionStream", sfile, n,
                              ramp, PACE_MS, f"Authorization: {bearer}")
             g["peak_rss_mib"] = peak_rss_mib(gw.pid)
             g["rss_before_mib"] = rss_before
-            log(f"streams {n}: direct {d} chatgate {g}")
-            streams[wanted] = (n, d, g)
+            log(f"streams {n}: direct {d} floor {f} chatgate {g}")
+            streams[wanted] = (n, d, f, g)
 
     def flood_step(self, gw_port, bearer):
         """Chat p99 while /auth is flooded (wrong passwords: each costs a full hash)."""
@@ -432,7 +465,7 @@ http {{
         lines.append("| target | req/s | p50 ms | p99 ms | errors | CPU s / 1,000 req |")
         lines.append("|---|---:|---:|---:|---:|---:|")
         names = [("direct", "direct to simulator"), ("nginx", "nginx proxy_pass"),
-                 ("chatgate", "chatgate (RUST_LOG=warn)"), ("chatgate_info", "chatgate (RUST_LOG=info, access log)")]
+                 ("floor", "floor: bare Pingora proxy_pass"), ("chatgate", "chatgate (RUST_LOG=warn)"), ("chatgate_info", "chatgate (RUST_LOG=info, access log)")]
         for key, name in names:
             if key not in res:
                 continue
@@ -440,30 +473,35 @@ http {{
             cpu = f"{r['cpu_per_1k']:.3f}" + (" (simulator)" if key == "direct" else "")
             lines.append(f"| {name} | {r['rps']:.0f} | {ms(r['p50_us'])} | {ms(r['p99_us'])} | "
                          f"{r['errors'] + r['non2xx']} | {cpu} |")
-        ratio = res["chatgate"]["cpu_per_1k"] / max(res["nginx"]["cpu_per_1k"], 1e-9)
-        lines.append(f"\nCPU per request, chatgate / nginx: **{ratio:.2f}×** (target ≤ 1.5×)\n")
+        cpu = lambda key: max(res[key]["cpu_per_1k"], 1e-9)
+        lines.append(f"\nCPU per request, chatgate / nginx: **{cpu('chatgate') / cpu('nginx'):.2f}×** "
+                     f"(target ≤ 1.5×); floor / nginx: {cpu('floor') / cpu('nginx'):.2f}×; "
+                     f"chatgate / floor: {cpu('chatgate') / cpu('floor'):.2f}×\n")
 
     def fixed_table(self, lines, fixed):
         ms = lambda us: f"{us / 1000:.2f}"
 
         lines.append("### Added latency at fixed rates (open loop, 64 connections; a request late for its slot counts from the slot)\n")
-        lines.append("| rate | direct p50 / p99 ms | chatgate p50 / p99 ms | added p50 ms | added p99 ms | errors |")
-        lines.append("|---:|---:|---:|---:|---:|---:|")
-        for rate, (d, g) in fixed.items():
+        lines.append("| rate | direct p50 / p99 ms | chatgate p50 / p99 ms | added p50 ms | added p99 ms | floor added p50 / p99 ms | errors |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|")
+        for rate, (d, f, g) in fixed.items():
             lines.append(f"| {rate}/s | {ms(d['p50_us'])} / {ms(d['p99_us'])} | {ms(g['p50_us'])} / {ms(g['p99_us'])} | "
-                         f"{ms(g['p50_us'] - d['p50_us'])} | {ms(g['p99_us'] - d['p99_us'])} | {d['errors'] + g['errors']} |")
+                         f"{ms(g['p50_us'] - d['p50_us'])} | {ms(g['p99_us'] - d['p99_us'])} | "
+                         f"{ms(f['p50_us'] - d['p50_us'])} / {ms(f['p99_us'] - d['p99_us'])} | "
+                         f"{d['errors'] + f['errors'] + g['errors']} |")
 
     def stream_table(self, lines, streams):
         ms = lambda us: f"{us / 1000:.2f}"
         lines.append(f"\n### Streaming through chatgate ({STREAM_CHUNKS} chunks, {PACE_MS} ms apart)\n")
-        lines.append("| streams | errors | peak concurrent | TTFE p50 / p99 ms (direct) | TTFE p50 / p99 ms (chatgate) | added gap p50 ms | added gap p99 ms | gateway peak RSS MiB |")
-        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for wanted, (n, d, g) in streams.items():
+        lines.append("| streams | errors | peak concurrent | TTFE p50 / p99 ms (direct) | TTFE p50 / p99 ms (chatgate) | added gap p50 ms | added gap p99 ms | gateway peak RSS MiB | floor: errors, added gap p99 ms, peak RSS MiB |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for wanted, (n, d, f, g) in streams.items():
             shown = f"{n}" if n == wanted else f"{n} ({wanted} asked; fd limit {FD_LIMIT})"
             lines.append(f"| {shown} | {g['errors']} (direct {d['errors']}) | {g['peak_concurrent']} | "
                          f"{ms(d['ttfe_p50_us'])} / {ms(d['ttfe_p99_us'])} | {ms(g['ttfe_p50_us'])} / {ms(g['ttfe_p99_us'])} | "
                          f"{ms(g['gap_p50_us'] - d['gap_p50_us'])} | {ms(g['gap_p99_us'] - d['gap_p99_us'])} | "
-                         f"{g['peak_rss_mib']:.0f} |")
+                         f"{g['peak_rss_mib']:.0f} | {f['errors']}, {ms(f['gap_p99_us'] - d['gap_p99_us'])}, "
+                         f"{f['peak_rss_mib']:.0f} |")
 
     def flood_table(self, lines, flood_rate, quiet, flooded, flood_stats):
         ms = lambda us: f"{us / 1000:.2f}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Whole-gateway load benchmark, one command: installs wrk, nginx and python3 when missing
-# (Debian), builds chatgate and the load client in release mode, raises the fd limit and
-# runs benches/load/run.py, which prints one markdown table. Knobs (environment):
+# (Debian), builds chatgate, the load client and the floor (a bare Pingora proxy_pass) in
+# release mode, raises the fd limit and runs benches/load/run.py, which prints one markdown
+# table. Knobs (environment):
 # DURATION=10 CONNECTIONS=32 RATES=500,2000 STREAMS=1000,10000 PACE_MS=500 STREAM_CHUNKS=20
 # ACCESS_LOG=both|warn, LIMITS=on|off, CHATGATE_BIN=path (another build to compare). Everything listens on 127.0.0.1.
 set -euo pipefail
@@ -19,10 +20,16 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 cargo build --release --locked --bin chatgate >&2
-LOADGEN=$(cargo bench --locked --bench loadgen --no-run --message-format=json 2>/dev/null \
-  | grep -o '"executable":"[^"]*loadgen[^"]*"' | tail -1 | cut -d'"' -f4)
+# The load client and the floor (a bare Pingora proxy_pass) are bench targets.
+bench_bin() {
+  cargo bench --locked --bench "$1" --no-run --message-format=json 2>/dev/null \
+    | grep -o "\"executable\":\"[^\"]*$1[^\"]*\"" | tail -1 | cut -d'"' -f4
+}
+LOADGEN=$(bench_bin loadgen)
+FLOOR=$(bench_bin floor)
 [ -x "$LOADGEN" ] || { echo "cannot build the load client" >&2; exit 1; }
-export LOADGEN
+[ -x "$FLOOR" ] || { echo "cannot build the bare Pingora proxy" >&2; exit 1; }
+export LOADGEN FLOOR
 
 # 10,000 streams hold ~30,000 sockets across client, gateway and simulator; where the hard
 # limit cannot be raised (containers), run.py runs as many streams as it allows and says so.
