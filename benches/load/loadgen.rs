@@ -286,6 +286,8 @@ struct StreamSample {
     first_event_us: Option<u64>,
     /// Gaps between consecutive events at least half the pace apart, in µs.
     gaps_us: Vec<u64>,
+    /// Those of them that ended after the ramp, when no stream was being opened.
+    steady_gaps_us: Vec<u64>,
     error: bool,
 }
 
@@ -306,6 +308,7 @@ async fn streams(args: &[String]) -> Result<String, String> {
     ));
     let paced = Duration::from_millis(pace_ms) / 2;
     let start = Instant::now();
+    let ramp_end = start + Duration::from_secs_f64(ramp);
     let live = Arc::new(AtomicUsize::new(0));
     let peak_live = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::with_capacity(count);
@@ -349,6 +352,9 @@ async fn streams(args: &[String]) -> Result<String, String> {
                                 let gap = now.duration_since(t);
                                 if gap >= paced {
                                     sample.gaps_us.push(gap.as_micros() as u64);
+                                    if now > ramp_end {
+                                        sample.steady_gaps_us.push(gap.as_micros() as u64);
+                                    }
                                 }
                             }
                         }
@@ -369,6 +375,7 @@ async fn streams(args: &[String]) -> Result<String, String> {
     }
     let mut ttfe = Vec::with_capacity(count);
     let mut gaps = Vec::new();
+    let mut steady_gaps = Vec::new();
     let mut errors = 0;
     for t in tasks {
         match t.await {
@@ -378,20 +385,24 @@ async fn streams(args: &[String]) -> Result<String, String> {
                 }
                 ttfe.extend(s.first_event_us);
                 gaps.extend(s.gaps_us);
+                steady_gaps.extend(s.steady_gaps_us);
             }
             Err(_) => errors += 1,
         }
     }
     ttfe.sort_unstable();
     gaps.sort_unstable();
+    steady_gaps.sort_unstable();
     Ok(format!(
-        "{{\"streams\":{count},\"errors\":{errors},\"peak_concurrent\":{},\"seconds\":{:.1},\"ttfe_p50_us\":{},\"ttfe_p99_us\":{},\"gap_p50_us\":{},\"gap_p99_us\":{},\"gaps\":{}}}",
+        "{{\"streams\":{count},\"errors\":{errors},\"peak_concurrent\":{},\"seconds\":{:.1},\"ttfe_p50_us\":{},\"ttfe_p99_us\":{},\"gap_p50_us\":{},\"gap_p99_us\":{},\"gaps\":{},\"steady_gap_p99_us\":{},\"steady_gaps\":{}}}",
         peak_live.load(Ordering::Relaxed),
         start.elapsed().as_secs_f64(),
         pct(&ttfe, 50.0),
         pct(&ttfe, 99.0),
         pct(&gaps, 50.0),
         pct(&gaps, 99.0),
-        gaps.len()
+        gaps.len(),
+        pct(&steady_gaps, 99.0),
+        steady_gaps.len()
     ))
 }
