@@ -15,6 +15,7 @@ use crate::auth::store::CredentialStore;
 use crate::auth::{open_store_shared, Authenticator};
 use crate::config::Config;
 use crate::gateway::admin::AdminApp;
+use crate::gateway::client_ip::TrustedProxies;
 use crate::gateway::drain::{DrainWatch, Draining};
 use crate::gateway::{ChatRoute, Gateway};
 use crate::limits::{Limiter, UsageWriter};
@@ -110,6 +111,7 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
         config.cors.clone(),
         draining,
         limiter,
+        TrustedProxies::new(config.trusted_proxies.clone()),
     );
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "chatgate");

@@ -301,6 +301,67 @@ async fn failed_logins_lock_out_the_name_and_the_address_on_every_gateway() {
     assert_eq!(status, 401);
 }
 
+/// A failed login carrying `X-Forwarded-For`, as a proxy on loopback would send it.
+async fn auth_via_proxy(gw: &Gateway, user: &str, forwarded_for: &str) -> reqwest::Response {
+    client()
+        .post(gw.url("/auth"))
+        .header("x-forwarded-for", forwarded_for)
+        .form(&[("username", user), ("password", "wrong")])
+        .send()
+        .await
+        .expect("auth")
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_address_limit_counts_forwarded_clients() {
+    let redis = Redis::start();
+    let sim = Simulator::start(&[]);
+    let limits = "rate_limits:\n  auth:\n    failures_per_username: 0\n    failures_per_ip: 2\n    window: 1m\n";
+    // The tests talk from 127.0.0.1: here that is a trusted proxy (and 10.0.0.0/8 its peers).
+    let behind = gateway_on(
+        &redis,
+        &sim,
+        &format!("{limits}trusted_proxies: [127.0.0.1, 10.0.0.0/8]\n"),
+        "",
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            auth_via_proxy(&behind, "x", "198.51.100.1").await.status(),
+            401
+        );
+    }
+    assert_429(auth_via_proxy(&behind, "x", "198.51.100.1").await, 60).await;
+    // Another client behind the same proxy has its own allowance; what a client wrote into
+    // the header itself (left of the address the proxies saw) changes nothing.
+    assert_eq!(
+        auth_via_proxy(&behind, "x", "198.51.100.1, 198.51.100.2, 10.1.2.3")
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        auth_via_proxy(&behind, "x", "198.51.100.2").await.status(),
+        401
+    );
+    assert_429(
+        auth_via_proxy(&behind, "x", "6.6.6.6, 198.51.100.2").await,
+        60,
+    )
+    .await;
+
+    // Without trusted proxies the header is ignored: every "client" is 127.0.0.1.
+    let direct = gateway_on(&redis, &sim, limits, "");
+    assert_eq!(
+        auth_via_proxy(&direct, "x", "192.0.2.1").await.status(),
+        401
+    );
+    assert_eq!(
+        auth_via_proxy(&direct, "x", "192.0.2.2").await.status(),
+        401
+    );
+    assert_429(auth_via_proxy(&direct, "x", "192.0.2.3").await, 60).await;
+}
+
 #[tokio::test]
 async fn revocation_disable_and_remove_take_effect_within_the_cache_bound() {
     let redis = Redis::start();

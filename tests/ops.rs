@@ -385,6 +385,8 @@ async fn access_log_has_every_field_and_no_secret() {
             .header("authorization", format!("Bearer {token}"))
             .header("cookie", cookie)
             .header("x-request-id", "req-ops-1")
+            // No trusted proxies are configured: a claimed address is ignored.
+            .header("x-forwarded-for", "203.0.113.9")
             .body(user("hello log"))
             .send()
             .await
@@ -433,6 +435,7 @@ async fn access_log_has_every_field_and_no_secret() {
     assert!(stream_line["timestamp"].is_string(), "{stream_line}");
     let f = &stream_line["fields"];
     assert_eq!(f["request_id"], "req-ops-1");
+    assert_eq!(f["client_ip"], "127.0.0.1");
     assert_eq!(f["method"], "POST");
     assert_eq!(f["status"], 200);
     assert!(f["user_id"].as_u64().is_some(), "{f}");

@@ -112,6 +112,7 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
         },
         rate_limits: crate::limits::LimitSettings::default(),
         limits: Limits::default(),
+        trusted_proxies: Vec::new(),
         auth: AuthSettings {
             token_ttl: std::time::Duration::from_secs(7 * 86400),
             algorithm: crate::auth::token::TokenAlgorithm::HS256,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use pingora::server::configuration::ServerConf;
 
 pub use duration::{parse_duration, ConfigDuration};
@@ -20,6 +21,7 @@ use crate::auth::store::redis::RedisSettings;
 use crate::auth::token::TokenAlgorithm;
 use crate::breaker::BreakerSettings;
 use crate::chat::DataFormat;
+use crate::gateway::client_ip::parse_trusted;
 use crate::limits::{ChatLimits, LimitSettings, OnStoreError, Rate};
 use raw::{RawBackend, RawConfig, RawEndpoint, RawRouteKind, RawUpstream};
 
@@ -97,6 +99,8 @@ pub struct Config {
     pub routes: Vec<RouteSettings>,
     /// Cross-origin rules of the public listener; `None`: no CORS headers.
     pub cors: Option<CorsSettings>,
+    /// Proxies whose `X-Forwarded-For` names the client; empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 /// Which browser origins may call the public listener.
@@ -684,8 +688,14 @@ impl Validator<'_> {
             ));
         }
         let cors = raw.cors.map(|c| self.cors(c)).transpose()?;
+        let trusted_proxies = raw
+            .trusted_proxies
+            .iter()
+            .map(|entry| parse_trusted(entry).map_err(|m| self.error("trusted_proxies", entry, m)))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             cors,
+            trusted_proxies,
             source: self.file.to_string(),
             listen: raw.listen,
             admin_listen: raw.admin_listen,

@@ -165,12 +165,12 @@ fn unknown_upstream_is_an_error_with_its_line() {
         e.message.contains("routes[0].upstream") && e.message.contains("\"mian\""),
         "{e}"
     );
-    assert_eq!(
-        e.line,
-        text.lines()
-            .position(|l| l.contains("upstream: mian"))
-            .map(|i| i + 1)
-    );
+    assert_eq!(e.line, line_of(&text, "upstream: mian"));
+}
+
+/// The 1-based number of the first line of `text` containing `needle`.
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
 }
 
 #[test]
@@ -276,4 +276,27 @@ fn rate_limits_defaults_overrides_and_errors() {
     let e = parse(&bad).unwrap_err();
     assert_eq!(e.line, Some(11), "{e}");
     assert!(e.message.contains("on_store_error"), "{e}");
+}
+
+#[test]
+fn trusted_proxies_are_networks_or_addresses() {
+    set_secret("CG_TEST_SECRET_TP", &"s".repeat(40));
+    let base = sample("CG_TEST_SECRET_TP");
+    assert!(parse(&base).expect("valid").trusted_proxies.is_empty());
+    let ok = format!("{base}trusted_proxies: [10.0.0.0/8, \"::1\", 192.168.1.7]\n");
+    let nets: Vec<String> = parse(&ok)
+        .expect("valid")
+        .trusted_proxies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "::1/128", "192.168.1.7/32"]);
+    let bad = format!("{base}trusted_proxies: [10.0.0.0/8, lb.internal]\n");
+    let e = parse(&bad).expect_err("a host name");
+    assert!(
+        e.message.contains("trusted_proxies")
+            && e.message.contains("\"lb.internal\" is not an IP address"),
+        "{e}"
+    );
+    assert_eq!(e.line, line_of(&bad, "lb.internal"));
 }

@@ -2,6 +2,8 @@
 //! they came, and answer `{"accessToken": ...}` or CONTRACT's error; failed
 //! logins count against the name's and the address's brute-force limits.
 
+use std::net::IpAddr;
+
 use pingora::proxy::Session;
 
 use super::{body, reply, RequestCtx};
@@ -16,6 +18,7 @@ pub(super) async fn handle(
     auth: &Authenticator,
     limiter: &Limiter,
     limits: &Limits,
+    client_ip: Option<IpAddr>,
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(), ApiError> {
@@ -37,10 +40,6 @@ pub(super) async fn handle(
     let query = req.uri.query().map(str::to_string);
     let credentials = extract_credentials(content_type.as_deref(), body, query.as_deref()).await;
     let username = credentials.as_ref().map(|c| c.username.clone());
-    let client_ip = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip());
     let token = limiter
         .guard_login(username.as_deref(), client_ip, auth.login(credentials))
         .await?;

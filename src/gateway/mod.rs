@@ -30,6 +30,7 @@
 pub mod admin;
 mod body;
 mod chat_route;
+pub mod client_ip;
 mod cors;
 pub mod drain;
 mod exchange;
@@ -51,6 +52,7 @@ use crate::error::ApiError;
 use crate::limits::{Limiter, Reservation};
 use crate::metrics::{self, AuthOutcome};
 use crate::upstream::Upstream;
+use client_ip::TrustedProxies;
 
 /// A chat route resolved against its upstream.
 pub struct ChatRoute {
@@ -70,9 +72,20 @@ pub struct Gateway {
     limiter: Arc<Limiter>,
     cors: Option<CorsSettings>,
     draining: drain::Draining,
+    trusted_proxies: TrustedProxies,
 }
 
 impl Gateway {
+    /// The address the request came from (see [`client_ip`]).
+    fn client_ip(&self, session: &Session) -> Option<std::net::IpAddr> {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        self.trusted_proxies
+            .client_ip(peer, &session.req_header().headers)
+    }
+
     /// A gateway over these routes.
     pub fn new(
         auth: Arc<Authenticator>,
@@ -81,8 +94,10 @@ impl Gateway {
         cors: Option<CorsSettings>,
         draining: drain::Draining,
         limiter: Arc<Limiter>,
+        trusted_proxies: TrustedProxies,
     ) -> Self {
         Gateway {
+            trusted_proxies,
             limiter,
             auth,
             routes: routes
@@ -209,9 +224,16 @@ impl ProxyHttp for Gateway {
         let result = if path == "/auth" {
             ctx.route = "/auth".into();
             if is_post {
-                let result =
-                    login_route::handle(&self.auth, &self.limiter, &self.limits, session, ctx)
-                        .await;
+                let client_ip = self.client_ip(session);
+                let result = login_route::handle(
+                    &self.auth,
+                    &self.limiter,
+                    &self.limits,
+                    client_ip,
+                    session,
+                    ctx,
+                )
+                .await;
                 if let Some(outcome) = login_outcome(&result, ctx.outcome) {
                     metrics::auth_attempt(outcome);
                 }
@@ -307,6 +329,7 @@ impl ProxyHttp for Gateway {
         tracing::info!(
             target: "access",
             request_id = %ctx.request_id,
+            client_ip = self.client_ip(session).map(tracing::field::display),
             route = %ctx.route,
             method = %req.method,
             status = ctx.status,
