@@ -1,6 +1,8 @@
 //! YAML file credential store for a single node and the demo. Writes replace the file
 //! atomically; reads notice changes made by another process (the CLI) through a cheap
 //! metadata check and reload, keeping the last good copy if the new file does not parse.
+//! Writers in different processes take turns through an advisory lock on `<file>.lock`,
+//! so that one never replaces the file with a copy missing the other's change.
 //!
 //! Format:
 //!
@@ -16,6 +18,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -122,11 +125,13 @@ impl FileStore {
     }
 
     /// Applies `change` to a fresh copy of the users and persists it; memory is only
-    /// updated when the write succeeded.
+    /// updated when the write succeeded. The file is re-read under the write lock, so the
+    /// change applies to what other processes wrote before.
     fn modify<T>(
         &self,
         change: impl FnOnce(&mut Vec<UserRecord>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        let _turn = self.path.as_deref().map(WriteLock::take).transpose()?;
         let mut state = self.current();
         let mut users = state.users.clone();
         let result = change(&mut users)?;
@@ -337,6 +342,40 @@ fn render(users: &[UserRecord]) -> Result<String, StoreError> {
         .map_err(|_| StoreError::Corrupt("cannot serialize the users".to_string()))
 }
 
+/// An exclusive advisory lock (`flock`) on `<users file>.lock`, held from re-reading the
+/// users to replacing the file. The lock file itself is never replaced or removed, so
+/// every process locks the same inode; closing it releases the lock, also when a process
+/// dies holding it. Waiting blocks the thread: writes are rare and take milliseconds.
+struct WriteLock {
+    /// Held only to be closed on drop, which releases the lock.
+    _file: File,
+}
+
+impl WriteLock {
+    fn take(path: &Path) -> Result<Self, StoreError> {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".lock");
+        let lock_path = PathBuf::from(name);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| io_error(&lock_path, "cannot open", &e))?;
+        loop {
+            // SAFETY: flock takes a descriptor owned by `file`, open for this call, and a flag.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(WriteLock { _file: file });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(io_error(&lock_path, "cannot lock", &e));
+            }
+        }
+    }
+}
+
 /// Replaces the file atomically: a private temp file in the same directory, fsync, rename,
 /// fsync of the directory. Returns the stamp of the new file.
 fn save(path: &Path, users: &[UserRecord]) -> Result<FileStamp, StoreError> {
@@ -426,11 +465,15 @@ mod tests {
         assert!(path.exists());
         let mode = std::fs::metadata(&path).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        // No temp file is left; the writers' lock file stays (empty, owner only).
+        let mut left: Vec<_> = std::fs::read_dir(path.parent().unwrap())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(leftovers, vec![std::ffi::OsString::from("users.yaml")]);
+        left.sort();
+        assert_eq!(left, ["users.yaml", "users.yaml.lock"]);
+        let lock = std::fs::metadata(path.with_extension("yaml.lock")).unwrap();
+        assert_eq!((lock.len(), lock.mode() & 0o777), (0, 0o600));
     }
 
     #[tokio::test]
@@ -504,6 +547,46 @@ mod tests {
             .map(|u| u.username)
             .collect();
         assert_eq!(names, vec!["alice", "bob", "carol"]);
+    }
+
+    /// Two stores on one file stand for the gateway and the CLI (separate processes:
+    /// each opens the lock file itself, and flock locks of separate opens exclude each
+    /// other even within one process). Writing at the same time, neither loses the other's
+    /// users.
+    #[test]
+    fn writers_on_one_file_take_turns() {
+        let (_dir, path, _store) = new_store();
+        const EACH: usize = 40;
+        let writers: Vec<_> = ["gw", "cli"]
+            .into_iter()
+            .map(|who| {
+                let store = FileStore::open(&path).unwrap();
+                std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    for i in 0..EACH {
+                        runtime
+                            .block_on(store.create_user(&format!("{who}{i}"), HASH))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        let users = FileStore::open(&path)
+            .unwrap()
+            .state
+            .into_inner()
+            .unwrap()
+            .users;
+        assert_eq!(users.len(), 2 * EACH);
+        let mut ids: Vec<u64> = users.iter().map(|u| u.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 2 * EACH, "two users got the same id");
     }
 
     #[tokio::test]
