@@ -176,7 +176,9 @@ thread_local! {
 }
 
 /// Runs `argon2` over `password` and `salt` into `out`, in this thread's kept memory.
-/// A stored hash costlier than `configured` gets memory for that one call only.
+/// A stored hash costlier than `configured` gets memory of its own for that call, freed
+/// after it: growing the kept block and shrinking it back would leave the old block
+/// resident in the thread's arena, hash after hash.
 fn argon2_into(
     argon2: &Argon2<'_>,
     cost: &Params,
@@ -186,19 +188,18 @@ fn argon2_into(
     out: &mut [u8],
 ) -> argon2::Result<()> {
     let blocks = cost.block_count();
-    let keep = configured.block_count();
+    if blocks > configured.block_count() {
+        let mut own = vec![Block::default(); blocks];
+        return argon2.hash_password_into_with_memory(password, salt, out, &mut own);
+    }
     MEMORY.with_borrow_mut(|memory| {
         if memory.len() < blocks {
-            memory.resize(blocks, Block::default());
+            // Exactly the configured size from the first configured-cost hash on.
+            memory.reserve_exact(configured.block_count() - memory.len());
+            memory.resize(configured.block_count(), Block::default());
         }
         // Every block is written before it is read, so what an earlier hash left is harmless.
-        let result =
-            argon2.hash_password_into_with_memory(password, salt, out, &mut memory[..blocks]);
-        if memory.len() > keep {
-            memory.truncate(keep);
-            memory.shrink_to_fit();
-        }
-        result
+        argon2.hash_password_into_with_memory(password, salt, out, &mut memory[..blocks])
     })
 }
 
@@ -392,9 +393,31 @@ mod tests {
             );
             assert!(Argon2::default().verify_password(b"ourz", &parsed).is_err());
         }
-        // A costlier stored hash got memory for its own call only.
-        let kept = MEMORY.with_borrow(Vec::len);
-        assert_eq!(kept, configured.block_count());
+        // A costlier stored hash gets memory for its own call only; the kept block is
+        // exactly the configured size.
+        release_memory();
+        let kept = || MEMORY.with_borrow(|m| (m.len(), m.capacity()));
+        let stored = |cost: &Params| {
+            Argon2::new(Algorithm::Argon2id, Version::V0x13, cost.clone())
+                .hash_password(b"pw", &salt)
+                .expect("hash")
+                .to_string()
+        };
+        let costly = stored(&Params::new(256, 1, 1, None).expect("cost"));
+        let normal = stored(&configured);
+        let valid = |hash: &str| {
+            matches!(
+                verify_argon2(&configured, "pw", hash),
+                Some(Verification::Valid { .. })
+            )
+        };
+        assert!(valid(&costly));
+        assert_eq!(kept(), (0, 0));
+        let configured_size = (configured.block_count(), configured.block_count());
+        for hash in [&normal, &costly, &normal] {
+            assert!(valid(hash));
+            assert_eq!(kept(), configured_size);
+        }
     }
 
     #[test]

@@ -4,11 +4,16 @@
 //!
 //! The header is read from the right, the way proxies append to it: addresses of trusted
 //! proxies are skipped, and the first other address is the client. Anything to its left was
-//! written by the client itself and proves nothing. An entry that is not an IP address ends
-//! the walk at the last trusted hop, so garbage can only make a request count against its
-//! proxy, never against an address of the sender's choosing.
+//! written by the client itself and proves nothing. Entries with a port (`1.2.3.4:5678`,
+//! `[2001:db8::1]:443`, as some cloud load balancers write them) count as the address. An
+//! entry that is not an address ends the walk at the last trusted hop, so garbage can only
+//! make a request count against its proxy, never against an address of the sender's
+//! choosing.
+//!
+//! Every host inside a trusted network can name any client address: list the proxies'
+//! own addresses, not the networks their clients live in.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::HeaderMap;
 use ipnet::IpNet;
@@ -66,23 +71,36 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// One `X-Forwarded-For` entry: an address, optionally with blanks around it.
+/// One `X-Forwarded-For` entry: an address, or an address with a port, optionally with
+/// blanks around it.
 fn parse_entry(entry: &[u8]) -> Option<IpAddr> {
     let text = std::str::from_utf8(entry).ok()?.trim();
-    text.parse().ok().map(canonical)
+    let ip = text
+        .parse::<IpAddr>()
+        .or_else(|_| text.parse::<SocketAddr>().map(|s| s.ip()))
+        .ok()?;
+    Some(canonical(ip))
 }
 
-/// Parses one `trusted_proxies` entry: a network (`10.0.0.0/8`, `fd00::/8`) or a single
-/// address.
+/// Parses one `trusted_proxies` entry: a single address or a network (`10.0.0.0/24`,
+/// `fd00::/64`). IPv4-mapped IPv6 entries become the IPv4 ones they stand for, as peers do.
 pub fn parse_trusted(entry: &str) -> Result<IpNet, String> {
     let entry = entry.trim();
-    if let Ok(net) = entry.parse::<IpNet>() {
-        return Ok(net.trunc());
-    }
-    entry
-        .parse::<IpAddr>()
-        .map(|ip| IpNet::from(canonical(ip)))
-        .map_err(|_| format!("{entry:?} is not an IP address or network (like 10.0.0.0/8)"))
+    let net = match entry.parse::<IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(_) => entry.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+            format!("{entry:?} is not an IP address or network (like 192.168.1.7 or 10.0.0.0/24)")
+        })?,
+    };
+    Ok(match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => {
+                IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).map_err(|e| e.to_string())?
+            }
+            None => net,
+        },
+        _ => net,
+    })
 }
 
 #[cfg(test)]
@@ -147,7 +165,14 @@ mod tests {
     #[test]
     fn garbage_ends_the_walk_at_the_last_trusted_hop() {
         let p = proxies(&["10.0.0.0/8"]);
-        for bad in ["unknown", "1.2.3.4:80", "", " ", "1.2.3.4 5.6.7.8"] {
+        for bad in [
+            "unknown",
+            "1.2.3.4:x",
+            "",
+            " ",
+            "1.2.3.4 5.6.7.8",
+            "[1.2.3.4]:80",
+        ] {
             let line = format!("6.6.6.6, {bad}");
             assert_eq!(client(&p, "10.0.0.1", &[&line]), ip("10.0.0.1"), "{line:?}");
         }
@@ -167,11 +192,29 @@ mod tests {
     }
 
     #[test]
+    fn entries_with_ports_count_as_their_address() {
+        let p = proxies(&["10.0.0.0/8"]);
+        assert_eq!(client(&p, "10.0.0.1", &["1.2.3.4:5678"]), ip("1.2.3.4"));
+        assert_eq!(
+            client(&p, "10.0.0.1", &["6.6.6.6, [2001:db8::7]:443, 10.0.0.2:80"]),
+            ip("2001:db8::7")
+        );
+    }
+
+    #[test]
     fn ipv4_mapped_addresses_count_as_ipv4() {
         let p = proxies(&["127.0.0.1"]);
         assert_eq!(
             client(&p, "::ffff:127.0.0.1", &["::ffff:1.2.3.4"]),
             ip("1.2.3.4")
+        );
+        // Mapped entries in the list mean their IPv4 addresses.
+        let mapped = proxies(&["::ffff:10.0.0.0/104", "::ffff:192.0.2.9"]);
+        assert_eq!(client(&mapped, "10.3.3.3", &["1.2.3.4"]), ip("1.2.3.4"));
+        assert_eq!(client(&mapped, "192.0.2.9", &["1.2.3.5"]), ip("1.2.3.5"));
+        assert_eq!(
+            parse_trusted("::ffff:10.0.0.0/104").unwrap().to_string(),
+            "10.0.0.0/8"
         );
     }
 
