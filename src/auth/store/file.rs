@@ -124,17 +124,29 @@ impl FileStore {
         state
     }
 
-    /// Applies `change` to a fresh copy of the users and persists it; memory is only
-    /// updated when the write succeeded. The file is re-read under the write lock, so the
-    /// change applies to what other processes wrote before.
+    /// Applies `change` to the users and persists them; memory is only updated when the
+    /// write succeeded. Under the write lock the file is read afresh, so the change applies
+    /// to what other processes (or an editor) wrote before; a file that does not parse is
+    /// an error and is never overwritten, and a change that changes nothing writes nothing.
     fn modify<T>(
         &self,
         change: impl FnOnce(&mut Vec<UserRecord>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let _turn = self.path.as_deref().map(WriteLock::take).transpose()?;
-        let mut state = self.current();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(path) = &self.path {
+            let stamp = stamp_of(path).map_err(|e| io_error(path, "cannot check", &e))?;
+            state.users = match stamp {
+                Some(_) => load(path)?,
+                None => Vec::new(),
+            };
+            state.seen = stamp;
+        }
         let mut users = state.users.clone();
         let result = change(&mut users)?;
+        if users == state.users {
+            return Ok(result);
+        }
         if let Some(path) = &self.path {
             state.seen = Some(save(path, &users)?);
         }
@@ -259,9 +271,8 @@ impl CredentialStore for FileStore {
 
 /// Reloads `state` if the file changed; on any failure keeps the users it has.
 fn refresh(path: &Path, state: &mut State) {
-    let stamp = match std::fs::metadata(path) {
-        Ok(meta) => Some(FileStamp::of(&meta)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+    let stamp = match stamp_of(path) {
+        Ok(stamp) => stamp,
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "cannot check credential file; keeping the users loaded before");
             return;
@@ -282,6 +293,15 @@ fn refresh(path: &Path, state: &mut State) {
     }
     // Remember the stamp even after a failure, so a broken file is reported once.
     state.seen = stamp;
+}
+
+/// The file's stamp; `None` when it does not exist.
+fn stamp_of(path: &Path) -> std::io::Result<Option<FileStamp>> {
+    match std::fs::metadata(path) {
+        Ok(meta) => Ok(Some(FileStamp::of(&meta))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads and checks the file.
@@ -345,33 +365,53 @@ fn render(users: &[UserRecord]) -> Result<String, StoreError> {
 /// An exclusive advisory lock (`flock`) on `<users file>.lock`, held from re-reading the
 /// users to replacing the file. The lock file itself is never replaced or removed, so
 /// every process locks the same inode; closing it releases the lock, also when a process
-/// dies holding it. Waiting blocks the thread: writes are rare and take milliseconds.
+/// dies holding it. It is opened read-only when it exists (a lock needs no more), so one
+/// created by another account still works for everyone who can read it.
 struct WriteLock {
     /// Held only to be closed on drop, which releases the lock.
     _file: File,
 }
+
+/// How long a writer waits for another process's turn before giving up. Writes take
+/// milliseconds; a holder stopped in a terminal (Ctrl-Z) must not stall the gateway's
+/// thread for longer than this.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl WriteLock {
     fn take(path: &Path) -> Result<Self, StoreError> {
         let mut name = path.as_os_str().to_owned();
         name.push(".lock");
         let lock_path = PathBuf::from(name);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
+        let file = File::open(&lock_path)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .mode(0o600)
+                    .open(&lock_path),
+                _ => Err(e),
+            })
             .map_err(|e| io_error(&lock_path, "cannot open", &e))?;
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
         loop {
-            // SAFETY: flock takes a descriptor owned by `file`, open for this call, and a flag.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            // SAFETY: flock takes a descriptor owned by `file`, open for this call, and flags.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
                 return Ok(WriteLock { _file: file });
             }
             let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
+            let busy = e.kind() == std::io::ErrorKind::WouldBlock;
+            if !busy && e.kind() != std::io::ErrorKind::Interrupted {
                 return Err(io_error(&lock_path, "cannot lock", &e));
             }
+            if busy && std::time::Instant::now() >= deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "{} is held by another writer for more than {} s",
+                    lock_path.display(),
+                    LOCK_WAIT.as_secs()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
 }
@@ -587,6 +627,48 @@ mod tests {
         ids.sort_unstable();
         ids.dedup();
         assert_eq!(ids.len(), 2 * EACH, "two users got the same id");
+    }
+
+    /// A hand edit that does not parse is never overwritten by a write from the copy in
+    /// memory, and a write that changes nothing (a compare-and-set miss) leaves the file
+    /// as it is.
+    #[tokio::test]
+    async fn writes_start_from_the_file_on_disk_and_never_clobber_it() {
+        let (_dir, path, store) = new_store();
+        store.create_user("alice", HASH).await.unwrap();
+        let broken = "users: [{id: 1, username: alice, disabled: true, bogus: 1}]\n";
+        std::fs::write(&path, broken).unwrap();
+        let e = store.create_user("bob", HASH).await.unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt(_)), "{e:?}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), broken);
+
+        let edited =
+            "users:\n  - id: 1\n    username: alice\n    password_hash: h\n    disabled: true\n";
+        std::fs::write(&path, edited).unwrap();
+        assert_eq!(
+            store.replace_password_hash("alice", "not-h", "new").await,
+            Ok(false)
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), edited);
+        store.create_user("bob", HASH).await.unwrap();
+        let alice = store.find_user("alice").await.unwrap().unwrap();
+        assert!(alice.disabled && alice.password_hash == "h");
+    }
+
+    /// A writer that keeps the lock (a CLI stopped with Ctrl-Z) stalls the others for at
+    /// most `LOCK_WAIT`, after which they fail instead of waiting on.
+    #[tokio::test]
+    async fn a_held_lock_is_waited_for_a_bounded_time() {
+        let (_dir, path, store) = new_store();
+        store.create_user("alice", HASH).await.unwrap();
+        let holder = WriteLock::take(&path).unwrap();
+        let started = std::time::Instant::now();
+        let e = store.create_user("bob", HASH).await.unwrap_err();
+        let waited = started.elapsed();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+        assert!(waited >= LOCK_WAIT && waited < LOCK_WAIT * 3, "{waited:?}");
+        drop(holder);
+        store.create_user("bob", HASH).await.unwrap();
     }
 
     #[tokio::test]
