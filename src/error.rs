@@ -25,6 +25,9 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     /// A rate limit was hit; the client may retry after this long.
     TooManyRequests { retry_after: Duration },
+    /// `/auth` found every password hashing thread busy for the whole queue timeout
+    /// (a login flood); answered like a rate limit.
+    HashersBusy { retry_after: Duration },
     /// The credential store (Redis, users file) could not be reached.
     CredentialStoreUnavailable,
     /// The upstream LLM call failed before any answer byte was sent.
@@ -47,7 +50,7 @@ impl ApiError {
             | ApiError::TokenRejected => 401,
             ApiError::InvalidRequest(_) => 400,
             ApiError::BodyTooLarge { .. } => 413,
-            ApiError::TooManyRequests { .. } => 429,
+            ApiError::TooManyRequests { .. } | ApiError::HashersBusy { .. } => 429,
             ApiError::CredentialStoreUnavailable => 503,
             ApiError::Upstream(_) | ApiError::Internal(_) => 500,
             ApiError::NotImplemented => 501,
@@ -72,10 +75,12 @@ impl ApiError {
             ApiError::BodyTooLarge { limit } => {
                 format!("Invalid request: body exceeds {limit} bytes")
             }
-            ApiError::TooManyRequests { retry_after } => format!(
-                "Too many requests: retry after {} seconds.",
-                retry_after_secs(*retry_after)
-            ),
+            ApiError::TooManyRequests { retry_after } | ApiError::HashersBusy { retry_after } => {
+                format!(
+                    "Too many requests: retry after {} seconds.",
+                    retry_after_secs(*retry_after)
+                )
+            }
             ApiError::CredentialStoreUnavailable => {
                 "Service unavailable: credential store unreachable.".into()
             }
@@ -89,7 +94,7 @@ impl ApiError {
     pub fn extra_headers(&self) -> Vec<(&'static str, String)> {
         match self {
             ApiError::MethodNotAllowed { allow } => vec![("Allow", (*allow).to_string())],
-            ApiError::TooManyRequests { retry_after } => {
+            ApiError::TooManyRequests { retry_after } | ApiError::HashersBusy { retry_after } => {
                 vec![("Retry-After", retry_after_secs(*retry_after).to_string())]
             }
             _ => Vec::new(),
@@ -162,6 +167,19 @@ mod tests {
             retry_after: Duration::ZERO,
         };
         assert_eq!(e.extra_headers(), vec![("Retry-After", "1".to_string())]);
+    }
+
+    #[test]
+    fn busy_hashers_are_answered_like_a_rate_limit() {
+        let busy = ApiError::HashersBusy {
+            retry_after: Duration::from_millis(250),
+        };
+        let limited = ApiError::TooManyRequests {
+            retry_after: Duration::from_millis(250),
+        };
+        assert_eq!(busy.status(), 429);
+        assert_eq!(busy.body(), limited.body());
+        assert_eq!(busy.extra_headers(), vec![("Retry-After", "1".to_string())]);
     }
 
     #[test]

@@ -100,7 +100,7 @@ static TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 static AUTH_ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "chatgate_auth_attempts_total",
-        "Login attempts on /auth by outcome: ok, missing, bad_credentials, rate_limited, store_error.",
+        "Login attempts on /auth by outcome: ok, missing, bad_credentials, rate_limited, store_error, busy.",
         &["outcome"],
     )
 });
@@ -250,15 +250,18 @@ pub enum AuthOutcome {
     RateLimited,
     /// The credential store could not be reached.
     StoreError,
+    /// Every password hashing thread stayed busy for the queue timeout (a login flood).
+    Busy,
 }
 
 impl AuthOutcome {
-    const ALL: [AuthOutcome; 5] = [
+    const ALL: [AuthOutcome; 6] = [
         AuthOutcome::Ok,
         AuthOutcome::Missing,
         AuthOutcome::BadCredentials,
         AuthOutcome::RateLimited,
         AuthOutcome::StoreError,
+        AuthOutcome::Busy,
     ];
 
     /// The `outcome` label value.
@@ -269,6 +272,7 @@ impl AuthOutcome {
             AuthOutcome::BadCredentials => "bad_credentials",
             AuthOutcome::RateLimited => "rate_limited",
             AuthOutcome::StoreError => "store_error",
+            AuthOutcome::Busy => "busy",
         }
     }
 }

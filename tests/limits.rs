@@ -301,6 +301,73 @@ async fn failed_logins_lock_out_the_name_and_the_address_on_every_gateway() {
     assert_eq!(status, 401);
 }
 
+/// More logins at once than the hash threads can take within the queue timeout: the rest are
+/// turned away at once with CONTRACT's 429 instead of queueing without end, counted as `busy`,
+/// and not as failed logins. (A login takes its unit of the failed-login buckets before the
+/// hash and gets it back unless the password was wrong, so the limits here fit the burst.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_flood_beyond_the_hash_threads_is_turned_away_and_not_counted_as_failures() {
+    let redis = Redis::start();
+    let sim = Simulator::start(&[]);
+    // One hash thread; each hash (32 MiB, 2 passes: ~0.1 s in a release build, ~0.7 s in the
+    // tests' debug build) takes far longer than the 20 ms wait.
+    let gw = gateway_on(
+        &redis,
+        &sim,
+        "rate_limits:\n  auth:\n    failures_per_username: 7\n    failures_per_ip: 7\n    window: 1m\n",
+        "  password_hash:\n    memory_kib: 32768\n    iterations: 2\n    max_concurrent: 1\n    queue_timeout: 20ms\n",
+    );
+    gw.add_user("alice", "right-pw");
+    let before = gw.metrics().await;
+    let burst: Vec<_> = (0..6)
+        .map(|_| {
+            let gw_url = gw.url("/auth");
+            tokio::spawn(async move {
+                client()
+                    .post(gw_url)
+                    .form(&[("username", "alice"), ("password", "right-pw")])
+                    .send()
+                    .await
+                    .expect("auth")
+            })
+        })
+        .collect();
+    let (mut ok, mut busy) = (0, 0);
+    for resp in burst {
+        let resp = resp.await.expect("task");
+        match resp.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                assert_eq!(assert_429(resp, 1).await, 1);
+                busy += 1;
+            }
+            other => panic!("status {other}"),
+        }
+    }
+    assert!(ok >= 1 && busy >= 1, "ok {ok}, busy {busy}");
+    // The busy answers were no failed logins: after two real ones the address has 5 of its 7
+    // left, and would have none if the busy answers had counted.
+    assert_eq!(auth(&gw, "nobody", "wrong").await.status(), 401);
+    assert_eq!(auth(&gw, "nobody", "wrong").await.status(), 401);
+    assert_eq!(auth(&gw, "alice", "right-pw").await.status(), 200);
+    // The logging hook counts a request just after its reply: wait for all 9.
+    let counted = |m: &Metrics, outcome: &str| {
+        m.sum("chatgate_auth_attempts_total", &[("outcome", outcome)])
+            - before.sum("chatgate_auth_attempts_total", &[("outcome", outcome)])
+    };
+    let after = poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || gw.metrics(),
+        |m| counted(m, "ok") + counted(m, "busy") + counted(m, "bad_credentials") >= 9.0,
+    )
+    .await;
+    assert_eq!(counted(&after, "bad_credentials"), 2.0);
+    assert_eq!(counted(&after, "busy"), f64::from(busy));
+    assert_eq!(counted(&after, "ok"), f64::from(ok + 1));
+    assert_eq!(counted(&after, "rate_limited"), 0.0);
+}
+
 /// A failed login carrying `X-Forwarded-For`, as a proxy on loopback would send it.
 async fn auth_via_proxy(gw: &Gateway, user: &str, forwarded_for: &str) -> reqwest::Response {
     client()

@@ -166,6 +166,7 @@ async fn metrics_count_known_traffic_exactly() {
         ("missing", 1.0),
         ("rate_limited", 0.0),
         ("store_error", 0.0),
+        ("busy", 0.0),
     ] {
         assert_eq!(
             d("chatgate_auth_attempts_total", &[("outcome", outcome)]),

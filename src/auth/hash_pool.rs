@@ -7,7 +7,8 @@
 //! thread at once, while a nice +10 thread could keep the core for a scheduler slice
 //! (chat p99 under an `/auth` flood: 1.25-1.66× quiet with `SCHED_IDLE`, 2.85-10.5×
 //! with nice +10, in alternating runs; benches/RESULTS.md). The price: on a machine
-//! whose cores are kept busy by other work, logins wait for it.
+//! whose cores are kept busy by other work, logins wait for it (a login waits for a
+//! free thread no longer than `auth.password_hash.queue_timeout`, see `password`).
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};

@@ -64,7 +64,8 @@ impl Authenticator {
     /// Builds the authenticator from validated settings and an opened store.
     pub fn new(settings: &AuthSettings, store: Arc<dyn CredentialStore>) -> Result<Self, String> {
         let passwords = Passwords::new(settings.password, settings.hash_concurrency)
-            .map_err(|e| format!("password hashing: {e}"))?;
+            .map_err(|e| format!("password hashing: {e}"))?
+            .with_queue_timeout(settings.hash_queue_timeout);
         let previous: Vec<Vec<u8>> = settings
             .previous_secrets
             .iter()
@@ -110,10 +111,24 @@ impl Authenticator {
             }
         };
         let stored_hash = user.as_ref().map(|u| u.password_hash.as_str());
-        let verdict = self
+        let verdict = match self
             .passwords
             .verify(&credentials.password, stored_hash)
-            .await;
+            .await
+        {
+            Ok(verdict) => verdict,
+            Err(busy) => {
+                // Not the client's failure: the login limits refund it. Debug level: a
+                // flood would write one line per request; `outcome="busy"` counts them.
+                tracing::debug!(
+                    waited_ms = busy.waited.as_millis() as u64,
+                    "login turned away: every password hashing thread stayed busy"
+                );
+                return Err(ApiError::HashersBusy {
+                    retry_after: busy.waited,
+                });
+            }
+        };
         let (user, needs_rehash) = match (user, verdict) {
             (Some(user), Verification::Valid { needs_rehash }) if !user.disabled => {
                 (user, needs_rehash)

@@ -1,10 +1,12 @@
 //! Password hashing and verification: argon2id PHC strings for new hashes, bcrypt accepted for
 //! migrated users. Every hash runs on a few dedicated low-priority threads behind a semaphore, so a
 //! login flood neither stalls the I/O threads nor takes CPU from chat traffic, nor runs more than
-//! `max_concurrent` hashes at once.
+//! `max_concurrent` hashes at once. A hash waits for a free thread no longer than the queue timeout:
+//! past it the login is turned away ([`HashersBusy`], a 429) rather than held open behind a flood.
 
 use std::cell::RefCell;
 use std::sync::Arc;
+use std::time::Duration;
 
 use argon2::password_hash::{Output, ParamsString, PasswordHash, Salt, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
@@ -17,6 +19,10 @@ use super::hash_pool::HashPool;
 /// gigabytes or spin for minutes.
 const MAX_STORED_MEMORY_KIB: u32 = 256 * 1024;
 const MAX_STORED_ITERATIONS: u32 = 64;
+
+/// How long a hash waits for a free hashing thread unless configured otherwise
+/// (`auth.password_hash.queue_timeout`).
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The argon2id cost parameters used for new hashes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +69,18 @@ pub enum PasswordError {
     /// The blocking hashing task did not complete.
     #[error("password hashing task failed")]
     TaskFailed,
+    /// Every hashing thread stayed busy for the whole queue timeout.
+    #[error(transparent)]
+    Busy(#[from] HashersBusy),
+}
+
+/// Every hashing thread stayed busy for the whole queue timeout: the login is turned away
+/// instead of waiting without end behind a flood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("every password hashing thread stayed busy for {waited:?}")]
+pub struct HashersBusy {
+    /// How long the hash waited for a thread.
+    pub waited: Duration,
 }
 
 /// The outcome of checking a password against a stored hash.
@@ -82,6 +100,8 @@ pub enum Verification {
 pub struct Passwords {
     params: Params,
     permits: Arc<Semaphore>,
+    /// How long a hash waits for a permit.
+    queue_timeout: Duration,
     /// Low-priority threads the hashes run on, one per permit.
     pool: HashPool,
     /// An argon2id hash of a random password with the configured cost, verified against when
@@ -115,9 +135,17 @@ impl Passwords {
         Ok(Passwords {
             params: argon2_params,
             permits: Arc::new(Semaphore::new(max_concurrent)),
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
             pool,
             dummy_hash: dummy_hash.into(),
         })
+    }
+
+    /// Sets how long a hash waits for a free hashing thread before it gives up with
+    /// [`HashersBusy`] (a zero timeout is taken as the shortest wait tokio's timer has).
+    pub fn with_queue_timeout(mut self, queue_timeout: Duration) -> Self {
+        self.queue_timeout = queue_timeout;
+        self
     }
 
     /// Hashes `password` into an argon2id PHC string with a fresh random salt.
@@ -125,7 +153,7 @@ impl Passwords {
         let params = self.params.clone();
         let password = password.to_owned();
         self.run_blocking(move || hash_with(&params, password.as_bytes()))
-            .await
+            .await?
             .unwrap_or(Err(PasswordError::TaskFailed))
     }
 
@@ -138,30 +166,48 @@ impl Passwords {
 
     /// Checks `password` against `stored`; `None` (unknown user) and unusable hashes are
     /// verified against the dummy hash so they cost the same as a wrong password.
-    pub async fn verify(&self, password: &str, stored: Option<&str>) -> Verification {
+    /// Fails only when no hashing thread came free within the queue timeout.
+    pub async fn verify(
+        &self,
+        password: &str,
+        stored: Option<&str>,
+    ) -> Result<Verification, HashersBusy> {
         let params = self.params.clone();
         let password = password.to_owned();
         let stored = stored.map(str::to_owned);
         let dummy_hash = Arc::clone(&self.dummy_hash);
-        self.run_blocking(move || verify_stored(&params, &password, stored.as_deref(), &dummy_hash))
-            .await
-            .unwrap_or(Verification::Invalid)
+        let verdict = self
+            .run_blocking(move || verify_stored(&params, &password, stored.as_deref(), &dummy_hash))
+            .await?;
+        Ok(verdict.unwrap_or(Verification::Invalid))
     }
 
-    /// Runs `work` on the low-priority hash threads while holding a permit. The permit moves into the
-    /// task, so a cancelled caller does not free a slot while its hash is still running.
+    /// Runs `work` on the low-priority hash threads while holding a permit; `Ok(None)` if the
+    /// work panicked. The wait for a permit is bounded by the queue timeout; the permit moves
+    /// into the task, so a cancelled caller does not free a slot while its hash is still running.
     async fn run_blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
-    ) -> Option<T> {
-        let permit = Arc::clone(&self.permits).acquire_owned().await.ok()?;
-        self.pool
+    ) -> Result<Option<T>, HashersBusy> {
+        let busy = HashersBusy {
+            waited: self.queue_timeout,
+        };
+        let permit = tokio::time::timeout(
+            self.queue_timeout,
+            Arc::clone(&self.permits).acquire_owned(),
+        )
+        .await
+        .map_err(|_| busy)?;
+        // The semaphore is never closed.
+        let Ok(permit) = permit else { return Ok(None) };
+        Ok(self
+            .pool
             .run(move || {
                 let result = work();
                 drop(permit);
                 result
             })
-            .await
+            .await)
     }
 }
 
@@ -334,6 +380,7 @@ mod tests {
 
     fn block_on<F: std::future::Future>(future: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .expect("test runtime")
             .block_on(future)
@@ -346,13 +393,19 @@ mod tests {
             let hash = passwords.hash("correct horse").await.expect("hash");
             assert!(hash.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{hash}");
             assert_eq!(
-                passwords.verify("correct horse", Some(&hash)).await,
+                passwords
+                    .verify("correct horse", Some(&hash))
+                    .await
+                    .expect("a hash thread"),
                 Verification::Valid {
                     needs_rehash: false
                 }
             );
             assert_eq!(
-                passwords.verify("correct horsf", Some(&hash)).await,
+                passwords
+                    .verify("correct horsf", Some(&hash))
+                    .await
+                    .expect("a hash thread"),
                 Verification::Invalid
             );
         });
@@ -453,7 +506,7 @@ mod tests {
     fn blocking_hash_verifies_with_the_async_hasher() {
         let hash = Passwords::hash_blocking(&TEST_PARAMS, "from the cli").expect("hash");
         assert_eq!(
-            block_on(passwords().verify("from the cli", Some(&hash))),
+            block_on(passwords().verify("from the cli", Some(&hash))).expect("a hash thread"),
             Verification::Valid {
                 needs_rehash: false
             }
@@ -469,7 +522,7 @@ mod tests {
         let hash = Passwords::hash_blocking(&stronger, "pw").expect("hash");
         let passwords = passwords();
         assert_eq!(
-            block_on(passwords.verify("pw", Some(&hash))),
+            block_on(passwords.verify("pw", Some(&hash))).expect("a hash thread"),
             Verification::Valid { needs_rehash: true }
         );
 
@@ -483,11 +536,11 @@ mod tests {
         .to_string();
         assert!(argon2i.starts_with("$argon2i$"), "{argon2i}");
         assert_eq!(
-            block_on(passwords.verify("pw", Some(&argon2i))),
+            block_on(passwords.verify("pw", Some(&argon2i))).expect("a hash thread"),
             Verification::Valid { needs_rehash: true }
         );
         assert_eq!(
-            block_on(passwords.verify("wrong", Some(&argon2i))),
+            block_on(passwords.verify("wrong", Some(&argon2i))).expect("a hash thread"),
             Verification::Invalid
         );
     }
@@ -501,12 +554,12 @@ mod tests {
         let hash_2y = hash_2b.replacen("$2b$", "$2y$", 1);
         for hash in [&hash_2b, &hash_2a, &hash_2y] {
             assert_eq!(
-                block_on(passwords.verify("legacy pw", Some(hash))),
+                block_on(passwords.verify("legacy pw", Some(hash))).expect("a hash thread"),
                 Verification::Valid { needs_rehash: true },
                 "{hash}"
             );
             assert_eq!(
-                block_on(passwords.verify("legacy pX", Some(hash))),
+                block_on(passwords.verify("legacy pX", Some(hash))).expect("a hash thread"),
                 Verification::Invalid
             );
         }
@@ -515,9 +568,12 @@ mod tests {
     #[test]
     fn unknown_user_is_invalid_even_with_the_dummy_password() {
         let passwords = passwords();
-        assert_eq!(block_on(passwords.verify("", None)), Verification::Invalid);
         assert_eq!(
-            block_on(passwords.verify("anything", None)),
+            block_on(passwords.verify("", None)).expect("a hash thread"),
+            Verification::Invalid
+        );
+        assert_eq!(
+            block_on(passwords.verify("anything", None)).expect("a hash thread"),
             Verification::Invalid
         );
     }
@@ -545,11 +601,43 @@ mod tests {
             "$2b$04$ééééééééééééééééééééééééééééé",
         ] {
             assert_eq!(
-                block_on(passwords.verify("pw", Some(stored))),
+                block_on(passwords.verify("pw", Some(stored))).expect("a hash thread"),
                 Verification::Invalid,
                 "{stored:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_login_waits_for_a_hash_thread_no_longer_than_the_queue_timeout() {
+        let wait = Duration::from_millis(50);
+        let passwords = Passwords::new(TEST_PARAMS, 1)
+            .expect("valid test params")
+            .with_queue_timeout(wait);
+        block_on(async {
+            // Another hash holds the only thread.
+            let held = Arc::clone(&passwords.permits)
+                .acquire_owned()
+                .await
+                .expect("permit");
+            let started = std::time::Instant::now();
+            assert_eq!(
+                passwords.verify("pw", None).await,
+                Err(HashersBusy { waited: wait })
+            );
+            assert!(started.elapsed() >= wait);
+            assert!(matches!(
+                passwords.hash("pw").await,
+                Err(PasswordError::Busy(HashersBusy { .. }))
+            ));
+            // Free again: the next login is served.
+            drop(held);
+            assert_eq!(
+                passwords.verify("pw", None).await,
+                Ok(Verification::Invalid)
+            );
+            assert!(passwords.hash("pw").await.is_ok());
+        });
     }
 
     #[test]

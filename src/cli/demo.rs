@@ -120,6 +120,7 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
             previous_secrets: Vec::new(),
             password,
             hash_concurrency: 1,
+            hash_queue_timeout: crate::auth::password::DEFAULT_QUEUE_TIMEOUT,
             user_cache_ttl: std::time::Duration::from_secs(5),
             credentials: CredentialSettings::Memory,
         },

@@ -16,7 +16,7 @@ use pingora::server::configuration::ServerConf;
 
 pub use duration::{parse_duration, ConfigDuration};
 
-use crate::auth::password::PasswordParams;
+use crate::auth::password::{PasswordParams, DEFAULT_QUEUE_TIMEOUT};
 use crate::auth::store::redis::RedisSettings;
 use crate::auth::token::TokenAlgorithm;
 use crate::breaker::BreakerSettings;
@@ -228,6 +228,8 @@ pub struct AuthSettings {
     pub password: PasswordParams,
     /// How many password hashes may run at once.
     pub hash_concurrency: usize,
+    /// How long a login waits for a free hashing thread before it is answered 429.
+    pub hash_queue_timeout: Duration,
     /// How long the chat path trusts a cached "user exists and is enabled".
     pub user_cache_ttl: Duration,
     /// Where users live.
@@ -863,6 +865,14 @@ impl Validator<'_> {
         }
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let hash_concurrency = ph.max_concurrent.unwrap_or((cores / 2).max(1)).max(1);
+        let hash_queue_timeout = ph.queue_timeout.map_or(DEFAULT_QUEUE_TIMEOUT, |d| d.0);
+        if hash_queue_timeout.is_zero() {
+            return Err(self.error(
+                "auth.password_hash.queue_timeout",
+                "queue_timeout",
+                "must be greater than 0",
+            ));
+        }
         let token_ttl = a.token_ttl.map_or(Duration::from_secs(7 * 86400), |d| d.0);
         if token_ttl.is_zero() {
             return Err(self.error("auth.token_ttl", "token_ttl", "must be greater than 0"));
@@ -875,6 +885,7 @@ impl Validator<'_> {
             previous_secrets,
             password,
             hash_concurrency,
+            hash_queue_timeout,
             user_cache_ttl: a.user_cache_ttl.map_or(Duration::from_secs(5), |d| d.0),
             credentials,
         })

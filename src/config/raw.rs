@@ -132,6 +132,7 @@ pub(super) struct RawPasswordHash {
     pub iterations: Option<u32>,
     pub parallelism: Option<u32>,
     pub max_concurrent: Option<usize>,
+    pub queue_timeout: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -300,3 +300,23 @@ fn trusted_proxies_are_networks_or_addresses() {
     );
     assert_eq!(e.line, line_of(&bad, "lb.internal"));
 }
+
+#[test]
+fn password_hash_queue_timeout_defaults_overrides_and_errors() {
+    set_secret("CG_TEST_SECRET_HQ", &"s".repeat(40));
+    let c = parse(&sample("CG_TEST_SECRET_HQ")).unwrap();
+    assert_eq!(c.auth.hash_queue_timeout, DEFAULT_QUEUE_TIMEOUT);
+    let with = |value: &str| {
+        sample("CG_TEST_SECRET_HQ").replace(
+            "parallelism: 1 }",
+            &format!("parallelism: 1, queue_timeout: {value} }}"),
+        )
+    };
+    let c = parse(&with("250ms")).unwrap();
+    assert_eq!(c.auth.hash_queue_timeout, Duration::from_millis(250));
+    let e = parse(&with("0s")).expect_err("zero wait").to_string();
+    assert!(
+        e.contains("auth.password_hash.queue_timeout: must be greater than 0"),
+        "{e}"
+    );
+}

@@ -159,6 +159,7 @@ fn login_outcome(result: &Result<(), ApiError>, outcome: &str) -> Option<AuthOut
         Err(ApiError::CredentialsMissing) => Some(AuthOutcome::Missing),
         Err(ApiError::CredentialsRejected) => Some(AuthOutcome::BadCredentials),
         Err(ApiError::TooManyRequests { .. }) => Some(AuthOutcome::RateLimited),
+        Err(ApiError::HashersBusy { .. }) => Some(AuthOutcome::Busy),
         Err(ApiError::CredentialStoreUnavailable) => Some(AuthOutcome::StoreError),
         Err(_) => None,
     }

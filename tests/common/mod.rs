@@ -276,6 +276,10 @@ pub fn write_config(dir: &Path, port: u16, admin_port: u16, cfg: &GatewayConfig)
 const UNLIMITED_CHAT: &str =
     "rate_limits:\n  requests_per_minute: 0\n  tokens_per_minute: 0\n  tokens_per_day: 0\n";
 
+/// Cheap password hashes, so that tests log in fast, unless a test writes its own
+/// `password_hash:` into `auth_extra`.
+const CHEAP_HASHES: &str = "  password_hash: { memory_kib: 1024, iterations: 1, parallelism: 1 }\n";
+
 /// [`write_config`] with Pingora's grace period and shutdown timeout set.
 pub fn write_config_with_grace(
     dir: &Path,
@@ -287,7 +291,12 @@ pub fn write_config_with_grace(
 ) -> PathBuf {
     let d = dir.display();
     let yaml = format!(
-        "listen: [\"127.0.0.1:{port}\"]\nadmin_listen: \"127.0.0.1:{admin_port}\"\npingora:\n  threads: 2\n  grace_period_seconds: {grace_period_seconds}\n  graceful_shutdown_timeout_seconds: {graceful_shutdown_timeout_seconds}\n  upgrade_sock: {d}/upgrade.sock\n  pid_file: {d}/chatgate.pid\nauth:\n  token_ttl: 7d\n  jwt:\n    secret_env: CHATGATE_JWT_SECRET\n    previous_secrets_env: CHATGATE_JWT_PREVIOUS_SECRETS\n  password_hash: {{ memory_kib: 1024, iterations: 1, parallelism: 1 }}\n{}  credentials:\n{}{}{}{}",
+        "listen: [\"127.0.0.1:{port}\"]\nadmin_listen: \"127.0.0.1:{admin_port}\"\npingora:\n  threads: 2\n  grace_period_seconds: {grace_period_seconds}\n  graceful_shutdown_timeout_seconds: {graceful_shutdown_timeout_seconds}\n  upgrade_sock: {d}/upgrade.sock\n  pid_file: {d}/chatgate.pid\nauth:\n  token_ttl: 7d\n  jwt:\n    secret_env: CHATGATE_JWT_SECRET\n    previous_secrets_env: CHATGATE_JWT_PREVIOUS_SECRETS\n{}{}  credentials:\n{}{}{}{}",
+        if cfg.auth_extra.lines().any(|l| l.starts_with("  password_hash:")) {
+            ""
+        } else {
+            CHEAP_HASHES
+        },
         cfg.auth_extra,
         cfg.credentials,
         if cfg.upstreams.is_empty() { String::new() } else { format!("upstreams:\n{}", cfg.upstreams) },
