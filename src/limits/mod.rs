@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::StreamExt;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
@@ -357,28 +358,45 @@ impl Limiter {
     }
 
     /// Writes the usage and corrections kept in this process, one call per user (and
-    /// day). Usage that cannot be written stays kept; corrections are then dropped, as
-    /// when a single request's settlement fails.
+    /// day), up to [`FLUSH_CONCURRENCY`] calls in flight. Usage that cannot be written
+    /// stays kept; corrections are then dropped, as when a single request's settlement
+    /// fails.
     async fn flush_pending(&self, store: &RedisStore) {
         let mut corrections = self.pending_corrections.take();
         if corrections.is_empty() && self.pending.is_empty() {
             return;
         }
-        for ((user, day), delta) in self.pending.take() {
-            let fixes = corrections.remove(&user).unwrap_or_default();
-            let usage = Some((day.as_str(), delta, self.retention_secs()));
-            if let Err(e) = redis::settle(store, &user, &fixes, usage).await {
+        let with_usage: Vec<_> = self
+            .pending
+            .take()
+            .into_iter()
+            .map(|((user, day), delta)| {
+                let fixes = corrections.remove(&user).unwrap_or_default();
+                (user, Some((day, delta)), fixes)
+            })
+            .collect();
+        let calls = with_usage.into_iter().chain(
+            corrections
+                .into_iter()
+                .map(|(owner, fixes)| (owner, None, fixes)),
+        );
+        let retention = self.retention_secs();
+        futures::stream::iter(calls)
+            .for_each_concurrent(FLUSH_CONCURRENCY, |(owner, usage, fixes)| async move {
+                let written = usage
+                    .as_ref()
+                    .map(|(day, delta)| (day.as_str(), *delta, retention));
+                let Err(e) = redis::settle(store, &owner, &fixes, written).await else {
+                    return;
+                };
                 self.warn_store(&e);
-                if !self.pending.keep(&user, &day, delta) {
-                    tracing::warn!(user = %user, "usage buffer full; usage is lost");
+                if let Some((day, delta)) = usage {
+                    if !self.pending.keep(&owner, &day, delta) {
+                        tracing::warn!(user = %owner, "usage buffer full; usage is lost");
+                    }
                 }
-            }
-        }
-        for (owner, fixes) in corrections {
-            if let Err(e) = redis::settle(store, &owner, &fixes, None).await {
-                self.warn_store(&e);
-            }
-        }
+            })
+            .await;
     }
 
     fn retention_secs(&self) -> u64 {
@@ -403,6 +421,10 @@ impl Limiter {
         }
     }
 }
+
+/// Settle calls one flush keeps in flight: they share the multiplexed Redis connection,
+/// so a flush for many users is pipelined instead of paying one round trip per user in turn.
+const FLUSH_CONCURRENCY: usize = 64;
 
 /// Writes the usage counted in this process, and the token-bucket corrections of
 /// settled calls, to Redis every `rate_limits.usage_write_interval`: one call per user
@@ -505,6 +527,43 @@ mod tests {
             login_per_ip: Some(Rate::per_minute(3)),
             ..LimitSettings::default()
         }
+    }
+
+    /// One flush writes the batched usage of many users (more than it keeps in flight at
+    /// once), each to its own key; what a flush cannot write stays for the next one.
+    #[tokio::test]
+    async fn a_flush_writes_every_users_usage_and_keeps_what_failed() {
+        let mut server = crate::auth::store::redis::tests::RedisServer::start();
+        let store = Arc::new(server.store());
+        let limiter = Limiter::new(LimitSettings::default(), Some(Arc::clone(&store)));
+        let day = day_name(unix_secs());
+        let users: Vec<String> = (0..3 * FLUSH_CONCURRENCY)
+            .map(|i| format!("u{i}"))
+            .collect();
+        let delta = |i: usize| UsageDelta {
+            prompt_tokens: i as u64,
+            completion_tokens: 2 * i as u64,
+            requests: 1,
+        };
+        for (i, user) in users.iter().enumerate() {
+            assert!(limiter.pending.keep(user, &day, delta(i)));
+        }
+        limiter.flush_pending(&store).await;
+        assert!(limiter.pending.is_empty());
+        for (i, user) in users.iter().enumerate() {
+            let written = redis::read_usage(&store, user, std::slice::from_ref(&day))
+                .await
+                .expect("usage");
+            assert_eq!(written, vec![delta(i)], "{user}");
+        }
+
+        server.stop();
+        assert!(limiter.pending.keep("late", &day, delta(7)));
+        limiter.flush_pending(&store).await;
+        assert_eq!(
+            limiter.pending.take(),
+            vec![(("late".into(), day), delta(7))]
+        );
     }
 
     #[test]

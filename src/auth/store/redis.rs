@@ -551,7 +551,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::net::TcpStream;
     use std::process::{Child, Command, Stdio};
@@ -564,8 +564,8 @@ mod tests {
     /// seen to miss 500 ms on a fresh server, and those tests are not about timing.
     const ROOMY: Duration = Duration::from_secs(10);
 
-    /// A private redis-server on a free port, killed on drop.
-    struct RedisServer {
+    /// A private redis-server on a free port, killed on drop (also for the limiter's tests).
+    pub(crate) struct RedisServer {
         port: u16,
         dir: tempfile::TempDir,
         cluster: bool,
@@ -573,7 +573,7 @@ mod tests {
     }
 
     impl RedisServer {
-        fn start() -> Self {
+        pub(crate) fn start() -> Self {
             Self::start_with(false)
         }
 
@@ -613,7 +613,7 @@ mod tests {
             }
         }
 
-        fn stop(&mut self) {
+        pub(crate) fn stop(&mut self) {
             if let Some(mut child) = self.child.take() {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -630,7 +630,7 @@ mod tests {
             format!("redis://127.0.0.1:{}/0", self.port)
         }
 
-        fn store(&self) -> RedisStore {
+        pub(crate) fn store(&self) -> RedisStore {
             RedisStore::new(RedisSettings {
                 timeout: ROOMY,
                 ..settings(&self.url())
