@@ -503,6 +503,15 @@ impl Validator<'_> {
         }
     }
 
+    /// `d` itself, or the error `<key>: must be greater than 0` at the line of `near`.
+    fn positive(&self, key: &str, near: &str, d: Duration) -> Result<Duration, ConfigError> {
+        if d.is_zero() {
+            Err(self.error(key, near, "must be greater than 0"))
+        } else {
+            Ok(d)
+        }
+    }
+
     /// The first line that contains `needle`, to point the operator at it.
     fn locate(&self, needle: &str) -> Option<usize> {
         if needle.is_empty() {
@@ -573,13 +582,7 @@ impl Validator<'_> {
         if limits.max_body_bytes == 0 || limits.max_auth_body_bytes == 0 {
             return Err(self.error("limits", "limits:", "body limits must be greater than 0"));
         }
-        if limits.body_timeout.is_zero() {
-            return Err(self.error(
-                "limits.body_timeout",
-                "body_timeout",
-                "must be greater than 0",
-            ));
-        }
+        self.positive("limits.body_timeout", "body_timeout", limits.body_timeout)?;
         let auth = self.auth(raw.auth)?;
         let rate_limits = self.rate_limits(raw.rate_limits)?;
 
@@ -713,14 +716,11 @@ impl Validator<'_> {
     fn rate_limits(&self, r: raw::RawRateLimits) -> Result<LimitSettings, ConfigError> {
         let d = LimitSettings::default();
         let or = |v: Option<u64>, default: Option<u64>| v.map_or(default, |n| (n > 0).then_some(n));
-        let window = r.auth.window.map_or(Duration::from_secs(900), |w| w.0);
-        if window.is_zero() {
-            return Err(self.error(
-                "rate_limits.auth.window",
-                "window",
-                "must be greater than 0",
-            ));
-        }
+        let window = self.positive(
+            "rate_limits.auth.window",
+            "window",
+            r.auth.window.map_or(Duration::from_secs(900), |w| w.0),
+        )?;
         let login = |v: Option<u64>, default: Option<Rate>| {
             or(v, default.map(|r| r.limit)).map(|limit| Rate {
                 limit,
@@ -865,18 +865,16 @@ impl Validator<'_> {
         }
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let hash_concurrency = ph.max_concurrent.unwrap_or((cores / 2).max(1)).max(1);
-        let hash_queue_timeout = ph.queue_timeout.map_or(DEFAULT_QUEUE_TIMEOUT, |d| d.0);
-        if hash_queue_timeout.is_zero() {
-            return Err(self.error(
-                "auth.password_hash.queue_timeout",
-                "queue_timeout",
-                "must be greater than 0",
-            ));
-        }
-        let token_ttl = a.token_ttl.map_or(Duration::from_secs(7 * 86400), |d| d.0);
-        if token_ttl.is_zero() {
-            return Err(self.error("auth.token_ttl", "token_ttl", "must be greater than 0"));
-        }
+        let hash_queue_timeout = self.positive(
+            "auth.password_hash.queue_timeout",
+            "queue_timeout",
+            ph.queue_timeout.map_or(DEFAULT_QUEUE_TIMEOUT, |d| d.0),
+        )?;
+        let token_ttl = self.positive(
+            "auth.token_ttl",
+            "token_ttl",
+            a.token_ttl.map_or(Duration::from_secs(7 * 86400), |d| d.0),
+        )?;
         let credentials = self.credentials(a.credentials)?;
         Ok(AuthSettings {
             token_ttl,
@@ -962,26 +960,21 @@ impl Validator<'_> {
                         ));
                     }
                 }
-                let timeout = r.timeout.map_or(Duration::from_millis(500), |d| d.0);
-                if timeout.is_zero() {
-                    return Err(self.error(
-                        &format!("{key}.timeout"),
-                        "timeout",
-                        "must be greater than 0",
-                    ));
-                }
+                let timeout = self.positive(
+                    &format!("{key}.timeout"),
+                    "timeout",
+                    r.timeout.map_or(Duration::from_millis(500), |d| d.0),
+                )?;
                 let mut breaker = BreakerSettings::default();
                 if let Some(b) = r.circuit_breaker {
                     breaker.failures = b.failures.unwrap_or(breaker.failures);
                     breaker.open_for = b.open_for.map_or(breaker.open_for, |d| d.0);
                 }
-                if breaker.open_for.is_zero() {
-                    return Err(self.error(
-                        &format!("{key}.circuit_breaker.open_for"),
-                        "open_for",
-                        "must be greater than 0",
-                    ));
-                }
+                self.positive(
+                    &format!("{key}.circuit_breaker.open_for"),
+                    "open_for",
+                    breaker.open_for,
+                )?;
                 Ok(CredentialSettings::Redis(RedisSettings {
                     url,
                     cluster,
@@ -1131,9 +1124,7 @@ impl Validator<'_> {
             ("total_timeout", s.total_timeout),
             ("dns_refresh", s.dns_refresh),
         ] {
-            if d.is_zero() {
-                return Err(self.error(&format!("{key}.{field}"), field, "must be greater than 0"));
-            }
+            self.positive(&format!("{key}.{field}"), field, d)?;
         }
         if s.retries > 10 {
             return Err(self.error(&format!("{key}.retries"), "retries", "at most 10"));
