@@ -12,6 +12,7 @@ pub mod error;
 pub mod gateway;
 pub mod limits;
 pub mod metrics;
+pub mod redact;
 pub mod server;
 pub mod simulator;
 pub mod upstream;

@@ -674,3 +674,44 @@ fn check_reports_config_errors_with_file_line_and_key() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 32"));
 }
+
+#[test]
+fn check_never_prints_a_redis_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let urls = [
+        "redis://S3cretPw9@127.0.0.1:1/0",
+        "redis://user:S3cretPw9@127.0.0.1:1/0",
+        "redis://:S3cretPw9@127.0.0.1:1/0",
+        "redis://127.0.0.1:1/0?password=S3cretPw9",
+        "redis://user:S3cr/etPw9@127.0.0.1:1/0",
+        "redis://user:S3cr@etPw9@127.0.0.1:1/0",
+        // Not a redis:// URL: the error names it, masked.
+        "http://user:S3cretPw9@127.0.0.1:1/0",
+    ];
+    for url in urls {
+        let cfg = GatewayConfig {
+            credentials: format!("    backend: redis\n    redis:\n      url: \"{url}\"\n"),
+            upstreams: upstream_block("main", &["127.0.0.1:9".to_string()], ""),
+            routes: seed_routes("main"),
+            auth_extra: String::new(),
+            extra: String::new(),
+            env: Vec::new(),
+        };
+        let path = write_config(dir.path(), 1, 2, &cfg);
+        let out = std::process::Command::new(chatgate_bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .env("CHATGATE_JWT_SECRET", JWT_SECRET)
+            .output()
+            .expect("check");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("127.0.0.1:1"), "{url}: {text}");
+        for piece in ["S3cr", "etPw9"] {
+            assert!(!text.contains(piece), "{url} printed {piece}: {text}");
+        }
+    }
+}

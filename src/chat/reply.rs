@@ -1,12 +1,10 @@
 //! Upstream non-streaming reply: pulls the answer text and token usage out of an OpenAI
-//! chat-completions body, and turns upstream error bodies into short causes fit for a
-//! client (`Failed with chatbot.ChatCompletion: <cause>`).
+//! chat-completions body, and finds the message in upstream error bodies. That message
+//! is the upstream's own text and may quote its API key: it reaches a client or a log
+//! only through `Upstream::redact`.
 
 use serde::Deserialize;
 use serde_json::Value;
-
-/// Longest upstream error text passed on to a client, in characters.
-const MAX_ERROR_CHARS: usize = 300;
 
 /// Token counts an upstream reports for one completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -39,7 +37,7 @@ pub enum ReplyError {
     /// `choices[0].message.content` is missing or not a string.
     #[error("upstream reply has no message content")]
     NoContent,
-    /// The upstream answered with an `error` object; the text is already cleaned.
+    /// The upstream answered with an `error` object; the upstream's own text (redact before showing it).
     #[error("upstream error: {0}")]
     Upstream(String),
 }
@@ -68,7 +66,7 @@ pub fn parse_completion(body: &[u8]) -> Result<Completion, ReplyError> {
     }
 }
 
-/// Extracts a cleaned error text from an upstream error body: `{"error":{"message":..}}`
+/// Extracts the error text, trimmed, from an upstream error body: `{"error":{"message":..}}`
 /// (OpenAI), `{"error":"text"}` or `{"message":"text"}`. `None` when there is none.
 pub fn upstream_error_message(body: &[u8]) -> Option<String> {
     let value: Value = serde_json::from_slice(body).ok()?;
@@ -77,34 +75,20 @@ pub fn upstream_error_message(body: &[u8]) -> Option<String> {
         Some(Value::Object(error)) => error.get("message")?.as_str()?,
         _ => value.get("message")?.as_str()?,
     };
-    let cleaned = clean_error_text(text);
-    (!cleaned.is_empty()).then_some(cleaned)
+    let trimmed = text.trim();
+    (!trimmed.is_empty()).then(|| trimmed.to_owned())
 }
 
-/// The message of an `error` member (object with `message`, or plain string), cleaned.
+/// The message of an `error` member (object with `message`, or plain string), trimmed.
 pub(crate) fn error_value_message(error: &Value) -> String {
     let text = match error {
         Value::String(text) => Some(text.as_str()),
         Value::Object(error) => error.get("message").and_then(Value::as_str),
         _ => None,
     };
-    match text.map(clean_error_text) {
-        Some(cleaned) if !cleaned.is_empty() => cleaned,
+    match text.map(str::trim) {
+        Some(trimmed) if !trimmed.is_empty() => trimmed.to_owned(),
         _ => "no error message given".to_owned(),
-    }
-}
-
-/// Makes upstream text safe to embed in a one-line error: control characters become
-/// spaces, outer whitespace goes, and the text is cut to [`MAX_ERROR_CHARS`] characters.
-pub(crate) fn clean_error_text(text: &str) -> String {
-    let replaced: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    let trimmed = replaced.trim();
-    match trimmed.char_indices().nth(MAX_ERROR_CHARS) {
-        Some((cut, _)) => format!("{}…", trimmed[..cut].trim_end()),
-        None => trimmed.to_owned(),
     }
 }
 
@@ -163,7 +147,8 @@ mod tests {
             ),
             (
                 br#"{"error":{"message":"Rate limit\nreached","type":"x"}}"#,
-                ReplyError::Upstream("Rate limit reached".to_owned()),
+                // The raw text: redaction and one-line cleaning are the upstream's.
+                ReplyError::Upstream("Rate limit\nreached".to_owned()),
             ),
             (
                 br#"{"error":"overloaded","choices":[{"message":{"content":"a"}}]}"#,
@@ -215,16 +200,5 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
-    }
-
-    #[test]
-    fn cleaning_replaces_controls_and_cuts_on_char_boundary() {
-        assert_eq!(clean_error_text("a\u{0}b\u{7f}c\td"), "a b c d");
-        let exact = "é".repeat(MAX_ERROR_CHARS);
-        assert_eq!(clean_error_text(&exact), exact);
-        let long = "你".repeat(MAX_ERROR_CHARS + 1);
-        let cleaned = clean_error_text(&long);
-        assert_eq!(cleaned, format!("{}…", "你".repeat(MAX_ERROR_CHARS)));
-        assert_eq!(cleaned.chars().count(), MAX_ERROR_CHARS + 1);
     }
 }

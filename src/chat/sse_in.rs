@@ -1127,7 +1127,7 @@ mod tests {
             parse(&[object.as_bytes()]),
             (
                 vec![UpstreamEvent::Error(
-                    "The server had an error while processing".to_owned()
+                    "The server had an error\nwhile processing".to_owned()
                 )],
                 None
             )

@@ -261,31 +261,13 @@ impl CredentialSettings {
             CredentialSettings::Redis(r) => {
                 format!(
                     "redis {}, prefix {:?}",
-                    mask_url_password(&r.url),
+                    crate::redact::redact_url(&r.url),
                     r.key_prefix
                 )
             }
             CredentialSettings::File(p) => format!("file {}", p.display()),
             CredentialSettings::Memory => "in-memory (demo)".into(),
         }
-    }
-}
-
-/// `redis://user:pass@host/0` → `redis://user:***@host/0`.
-pub fn mask_url_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
-        Some(at) => {
-            let userinfo = &authority[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}://{}:***{}", &url[..scheme_end], user, &rest[at..])
-        }
-        None => url.to_string(),
     }
 }
 
@@ -956,7 +938,7 @@ impl Validator<'_> {
                         return Err(self.error(
                             key,
                             "url",
-                            format!("{} is not a redis:// URL", mask_url_password(u)),
+                            format!("{} is not a redis:// URL", crate::redact::redact_url(u)),
                         ));
                     }
                 }

@@ -65,7 +65,8 @@ pub(super) async fn handle(
     let Some((body, _)) = exchange::read_reply(route, session, ctx, open, deadline).await? else {
         return Ok(());
     };
-    let completion = parse_completion(&body).map_err(|e| ApiError::Upstream(e.to_string()))?;
+    let completion = parse_completion(&body)
+        .map_err(|e| ApiError::Upstream(route.upstream.redact(&e.to_string())))?;
     ctx.tokens = completion
         .usage
         .map(|u| (u.prompt_tokens, u.completion_tokens));
@@ -191,6 +192,8 @@ async fn stream_reply(
             }
         }
         StreamEnd::Failed(cause) => {
+            // The cause may hold the upstream's own error text, which may quote its key.
+            let cause = upstream.redact(&cause);
             ctx.outcome = "upstream_error";
             write_error_event(&upstream_failure_message(&cause), &mut out);
             let _ = session

@@ -8,7 +8,7 @@ use super::reply::ReplySpec;
 use super::SimOptions;
 
 /// Knob names accepted in headers (`x-sim-<name>`, `-` or `_`) and directive lines.
-pub const KNOB_NAMES: [&str; 13] = [
+pub const KNOB_NAMES: [&str; 14] = [
     "chunk_size",
     "chunks",
     "first_byte_delay_ms",
@@ -22,6 +22,7 @@ pub const KNOB_NAMES: [&str; 13] = [
     "stall_after",
     "stall_ms",
     "reply",
+    "quote_key",
 ];
 
 /// Largest `status` value accepted besides 200: the simulator only fakes errors.
@@ -74,6 +75,50 @@ pub struct Knobs {
     pub stall: Duration,
     /// Which text to answer with.
     pub reply: ReplySpec,
+    /// Whether error texts quote the API key the request came with (headers and
+    /// directives only; no process flag).
+    pub quote_key: QuoteKey,
+    /// The text of this request's errors when it is not the default `simulated <status>`:
+    /// set by the service from `quote_key` and the request's key, not a knob of its own.
+    pub error_message: Option<String>,
+}
+
+/// How a simulated error quotes the key it was sent, as OpenAI (masked) and some
+/// compatible servers (whole) do: the case a gateway must never pass on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuoteKey {
+    /// Errors say `simulated <status>`.
+    #[default]
+    Off,
+    /// The key as sent.
+    Whole,
+    /// OpenAI's form: the first characters, `****`, the last four.
+    Masked,
+}
+
+impl QuoteKey {
+    /// OpenAI's 401 text quoting `key`; `None` when off or no key came.
+    pub fn message(self, key: Option<&str>) -> Option<String> {
+        let key = key?;
+        let shown = match self {
+            QuoteKey::Off => return None,
+            QuoteKey::Whole => key.to_string(),
+            QuoteKey::Masked => {
+                let chars: Vec<char> = key.chars().collect();
+                let n = chars.len();
+                if n < 12 {
+                    "****".to_string()
+                } else {
+                    let head: String = chars[..(n / 3).min(12)].iter().collect();
+                    let tail: String = chars[n - 4..].iter().collect();
+                    format!("{head}****{tail}")
+                }
+            }
+        };
+        Some(format!(
+            "Incorrect API key provided: {shown}. You can find your API key at https://platform.openai.com/account/api-keys."
+        ))
+    }
 }
 
 impl Knobs {
@@ -93,6 +138,8 @@ impl Knobs {
             stall_after: options.stall_after,
             stall: Duration::from_millis(options.stall_ms),
             reply: options.reply.clone(),
+            quote_key: QuoteKey::Off,
+            error_message: None,
         }
     }
 
@@ -128,6 +175,14 @@ impl Knobs {
                     value: value.to_string(),
                     expected: ReplySpec::EXPECTED,
                 })?;
+            }
+            "quote_key" => {
+                self.quote_key = match value.to_ascii_lowercase().as_str() {
+                    "off" | "none" => QuoteKey::Off,
+                    "whole" => QuoteKey::Whole,
+                    "masked" => QuoteKey::Masked,
+                    _ => return Err(bad("quote_key", value, "off, whole or masked")),
+                };
             }
             _ => return Err(KnobError::Unknown(key)),
         }
@@ -310,6 +365,7 @@ mod tests {
         k.set("stall_after", "1").unwrap();
         k.set("stall_ms", "1500").unwrap();
         k.set("reply", "lorem:12").unwrap();
+        k.set("Quote-Key", "Masked").unwrap();
         assert_eq!(
             k,
             Knobs {
@@ -326,7 +382,23 @@ mod tests {
                 stall_after: Some(1),
                 stall: Duration::from_millis(1500),
                 reply: ReplySpec::Lorem(12),
+                quote_key: QuoteKey::Masked,
+                error_message: None,
             }
+        );
+        assert!(k.set("quote_key", "half").is_err());
+    }
+
+    #[test]
+    fn quoted_keys_look_like_openai_texts() {
+        let key = "sk-proj-abcdefghijklmnopqrstuvwxyz";
+        assert_eq!(QuoteKey::Off.message(Some(key)), None);
+        assert_eq!(QuoteKey::Whole.message(None), None);
+        assert!(QuoteKey::Whole.message(Some(key)).unwrap().contains(key));
+        let masked = QuoteKey::Masked.message(Some(key)).unwrap();
+        assert!(
+            masked.starts_with("Incorrect API key provided: sk-proj-abc****wxyz."),
+            "{masked}"
         );
     }
 

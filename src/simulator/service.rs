@@ -140,11 +140,12 @@ impl Simulator {
             Ok(request) => request,
             Err(e) => return self.send_error(session, 400, &e.to_string(), None).await,
         };
-        let (knobs, echo) = match self.resolve_knobs(session.req_header(), &request.last_user) {
+        let (mut knobs, echo) = match self.resolve_knobs(session.req_header(), &request.last_user) {
             Ok(resolved) => resolved,
             Err(e) => return self.send_error(session, 400, &e.to_string(), None).await,
         };
 
+        knobs.error_message = knobs.quote_key.message(bearer_token(session.req_header()));
         let outcome = self.outcome(&knobs, request.stream);
         let guard = matches!(outcome, Outcome::Stream).then(|| self.stats.start_stream());
         if !knobs.first_byte_delay.is_zero() {
@@ -264,7 +265,12 @@ impl Simulator {
         if let Some(status) = knobs.status {
             return Outcome::Error {
                 status,
-                message: Cow::Owned(format!("simulated {status}")),
+                message: Cow::Owned(
+                    knobs
+                        .error_message
+                        .clone()
+                        .unwrap_or_else(|| format!("simulated {status}")),
+                ),
                 retry_after: knobs.retry_after,
             };
         }

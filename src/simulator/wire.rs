@@ -218,7 +218,15 @@ pub fn plan_stream(
             plan.pause(knobs.stall);
         }
         if at(knobs.error_after, k) {
-            plan.pending.extend_from_slice(MID_STREAM_ERROR_EVENT);
+            match &knobs.error_message {
+                Some(message) => {
+                    let event =
+                        serde_json::json!({"error": {"message": message, "type": "server_error"}});
+                    plan.pending
+                        .extend_from_slice(format!("data: {event}\n\n").as_bytes());
+                }
+                None => plan.pending.extend_from_slice(MID_STREAM_ERROR_EVENT),
+            }
             return plan.finish();
         }
         if at(knobs.cut_after, k) {

@@ -62,10 +62,19 @@ impl fmt::Display for UpstreamError {
                     .ok()
                     .and_then(|s| s.canonical_reason())
                     .unwrap_or("");
-                write!(f, "upstream returned {status}")?;
-                if !reason.is_empty() {
-                    write!(f, " {reason}")?;
+                let status_line = if reason.is_empty() {
+                    status.to_string()
+                } else {
+                    format!("{status} {reason}")
+                };
+                if matches!(status, 401 | 403) {
+                    // What a backend says about a rejected key is about the key: fixed wording.
+                    return write!(
+                        f,
+                        "upstream rejected the gateway's credentials ({status_line})"
+                    );
                 }
+                write!(f, "upstream returned {status_line}")?;
                 if let Some(m) = message {
                     write!(f, ": {m}")?;
                 }
@@ -444,9 +453,11 @@ impl Upstream {
         let idle = Duration::from_secs(5).min(s.first_byte_timeout);
         let message = match open.read_all(ERROR_BODY_LIMIT, idle, deadline).await {
             Ok(body) => {
-                let message = upstream_error_message(&body);
                 self.release(open).await;
-                message
+                // 401/403 are told in fixed words; other messages lose every key first.
+                upstream_error_message(&body)
+                    .filter(|_| !matches!(status, 401 | 403))
+                    .map(|m| self.redact(&m))
             }
             Err(_) => None,
         };
@@ -529,7 +540,9 @@ fn connect_cause(e: &pingora::Error) -> String {
     }
 }
 
-/// Exponential backoff with full jitter, at least `Retry-After` (capped).
+/// Exponential backoff with equal jitter (a random wait between half the step and the
+/// whole step), at least `Retry-After` (capped). Not full jitter: a retry after a 429
+/// or 5xx should never come at once, and half the step still spreads the callers.
 fn backoff(base: Duration, max: Duration, attempt: u32, retry_after: Option<Duration>) -> Duration {
     let exp = base.saturating_mul(1u32 << (attempt - 1).min(16)).min(max);
     let jittered = if exp.is_zero() {
@@ -559,6 +572,21 @@ mod tests {
             message: None,
         };
         assert_eq!(e.to_string(), "upstream returned 503 Service Unavailable");
+        for status in [401, 403] {
+            let e = UpstreamError::Status {
+                status,
+                message: Some("Incorrect API key provided: sk-abc".into()),
+            };
+            let reason = if status == 401 {
+                "Unauthorized"
+            } else {
+                "Forbidden"
+            };
+            assert_eq!(
+                e.to_string(),
+                format!("upstream rejected the gateway's credentials ({status} {reason})")
+            );
+        }
     }
 
     #[test]

@@ -139,6 +139,20 @@ impl Upstream {
         upstream
     }
 
+    /// An upstream error text fit for a client or a log line: this upstream's keys,
+    /// pieces of them and anything credential-shaped removed, cut short
+    /// ([`crate::redact::upstream_text`]).
+    pub fn redact(&self, text: &str) -> String {
+        let keys: Vec<String> = self
+            .settings
+            .api_keys
+            .iter()
+            .map(|k| k.expose_str())
+            .collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        crate::redact::upstream_text(text, &keys)
+    }
+
     /// The upstream's name.
     pub fn name(&self) -> &str {
         &self.settings.name

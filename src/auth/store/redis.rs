@@ -40,6 +40,7 @@ use tokio::sync::OnceCell;
 
 use super::{unix_now, CredentialStore, StoreError, UserRecord};
 use crate::breaker::{Admission, Breaker, BreakerSettings};
+use crate::redact::redact_url;
 
 /// Connection settings, resolved from the config file.
 #[derive(Clone)]
@@ -520,34 +521,6 @@ fn record_from_fields(
         created_at: number("created_at")?.unwrap_or(0),
         tokens_valid_after: number("tokens_valid_after")?.unwrap_or(0),
     })
-}
-
-/// Masks the password (or a lone user-info part, which Redis may treat as a password) in a
-/// URL and drops its query string, so the result can be logged.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        // Not a URL we understand: show nothing that could be a secret.
-        return "<unparsable URL>".to_string();
-    };
-    let (scheme, rest) = url.split_at(scheme_end + 3);
-    let (rest, had_query) = match rest.find(['?', '#']) {
-        Some(pos) => (&rest[..pos], true),
-        None => (rest, false),
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let authority = match authority.rfind('@') {
-        Some(at) => {
-            let (user_info, host) = authority.split_at(at);
-            match user_info.find(':') {
-                Some(colon) => format!("{}:***{host}", &user_info[..colon]),
-                None => format!("***{host}"),
-            }
-        }
-        None => authority.to_string(),
-    };
-    let query = if had_query { "?..." } else { "" };
-    format!("{scheme}{authority}{path}{query}")
 }
 
 #[cfg(test)]
@@ -1064,32 +1037,6 @@ pub(crate) mod tests {
                 server.port
             )
         );
-    }
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("redis://:s3cret@host:6380/0"),
-            "redis://:***@host:6380/0"
-        );
-        assert_eq!(
-            redact_url("rediss://user:s3cret@host/2"),
-            "rediss://user:***@host/2"
-        );
-        assert_eq!(redact_url("redis://s3cret@host"), "redis://***@host");
-        assert_eq!(
-            redact_url("redis://u:p@ss@host:1/0?password=x"),
-            "redis://u:***@host:1/0?..."
-        );
-        assert_eq!(
-            redact_url("redis+unix:///run/redis.sock?pass=x"),
-            "redis+unix:///run/redis.sock?..."
-        );
-        assert_eq!(
-            redact_url("redis://127.0.0.1:6380/0"),
-            "redis://127.0.0.1:6380/0"
-        );
-        assert_eq!(redact_url("s3cret"), "<unparsable URL>");
     }
 
     #[test]
