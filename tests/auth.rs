@@ -316,7 +316,8 @@ async fn token_table_rows() {
             sign(
                 Algorithm::HS256,
                 Some(&kid),
-                &with(json!({"iat": t - 100, "nbf": t - 100, "exp": t - 10})),
+                // Past the default 60 s clock-skew leeway.
+                &with(json!({"iat": t - 200, "nbf": t - 200, "exp": t - 120})),
                 secret,
             ),
         ),
@@ -326,6 +327,15 @@ async fn token_table_rows() {
                 Algorithm::HS256,
                 Some(&kid),
                 &with(json!({"nbf": t + 3600})),
+                secret,
+            ),
+        ),
+        (
+            "issued beyond the clock skew",
+            sign(
+                Algorithm::HS256,
+                Some(&kid),
+                &with(json!({"iat": t + 120, "nbf": t})),
                 secret,
             ),
         ),
@@ -349,6 +359,17 @@ async fn token_table_rows() {
             .0,
         200
     );
+    // Clock skew between instances: minted by a neighbour whose clock runs 30 s ahead,
+    // or expired 30 s ago by this one's clock, the token still works.
+    for (name, patch) in [
+        ("minted ahead", json!({"iat": t + 30, "nbf": t + 30})),
+        // Only `exp` moves: an `iat` before the user was created would be revoked.
+        ("expired within the skew", json!({"exp": t - 30})),
+    ] {
+        let skewed = sign(Algorithm::HS256, Some(&kid), &with(patch), secret);
+        let (status, body) = chat_with_auth(&s.gw, Some(&format!("Bearer {skewed}"))).await;
+        assert_eq!(status, 200, "{name}: {body}");
+    }
 }
 
 #[tokio::test]

@@ -77,7 +77,8 @@ impl Authenticator {
             &previous,
             settings.token_ttl,
         )
-        .map_err(|e| format!("JWT settings: {e}"))?;
+        .map_err(|e| format!("JWT settings: {e}"))?
+        .with_leeway(settings.jwt_leeway);
         Ok(Authenticator {
             store,
             passwords,

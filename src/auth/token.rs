@@ -1,4 +1,4 @@
-//! Access tokens: HMAC-signed JWTs (RFC 7519) with the claims CONTRACT.md lists, plus the
+//! Access tokens: HMAC-signed JWTs (RFC 7519) with the claims the API promises, plus the
 //! `Authorization: Bearer` header parser. Each secret has a `kid` derived from it, so tokens
 //! signed with a previous secret keep working during a rotation and the key is found directly.
 
@@ -12,6 +12,10 @@ use sha2::{Digest, Sha256};
 /// Shortest accepted HMAC secret: RFC 7518 §3.2 asks for a key at least as long as the
 /// hash output; 32 bytes is that for HS256 and a sane floor for the others.
 pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Clock skew forgiven by default: instances behind one balancer never agree to the
+/// millisecond, and a token minted on one must work on its neighbour at once.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);
 
 /// Domain separation for key ids, so a kid is not a plain hash of the secret.
 const KID_LABEL: &[u8] = b"chatgate jwt kid v1\0";
@@ -142,6 +146,8 @@ pub struct TokenService {
     verifying_keys: Vec<VerifyingKey>,
     validation: Validation,
     ttl_secs: u64,
+    /// Clock skew forgiven on `iat`, `nbf` and `exp`, in seconds.
+    leeway_secs: u64,
 }
 
 impl std::fmt::Debug for TokenService {
@@ -151,6 +157,7 @@ impl std::fmt::Debug for TokenService {
             .field("algorithm", &self.algorithm)
             .field("kids", &kids)
             .field("ttl_secs", &self.ttl_secs)
+            .field("leeway_secs", &self.leeway_secs)
             .finish_non_exhaustive()
     }
 }
@@ -193,7 +200,7 @@ impl TokenService {
         }
 
         let mut validation = Validation::new(algorithm);
-        validation.leeway = 0;
+        validation.leeway = DEFAULT_LEEWAY.as_secs();
         validation.validate_exp = true;
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "nbf", "sub"]);
@@ -205,7 +212,17 @@ impl TokenService {
             verifying_keys,
             validation,
             ttl_secs: ttl.as_secs(),
+            leeway_secs: DEFAULT_LEEWAY.as_secs(),
         })
+    }
+
+    /// Forgives this much clock skew between instances (default [`DEFAULT_LEEWAY`]): a
+    /// token whose `iat`/`nbf` lies up to `leeway` in the future, or whose `exp` passed up
+    /// to `leeway` ago, is accepted. Whole seconds, as the claims are.
+    pub fn with_leeway(mut self, leeway: Duration) -> Self {
+        self.leeway_secs = leeway.as_secs();
+        self.validation.leeway = self.leeway_secs;
+        self
     }
 
     /// Issues a token for a user, valid from now for the configured lifetime.
@@ -226,9 +243,19 @@ impl TokenService {
         jsonwebtoken::encode(&self.header, &claims, &self.signing_key).map_err(TokenIssueError)
     }
 
-    /// Verifies a token's algorithm, key id, signature, `exp` and `nbf` (no leeway) and
-    /// returns its claims.
+    /// Verifies a token's algorithm, key id, signature, `exp`, `nbf` and `iat` (within the
+    /// leeway) and returns its claims.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenRejected> {
+        let claims = self.verify_signed(token)?;
+        // jsonwebtoken checks `exp` and `nbf`; a token issued in the future beyond the
+        // skew is as fake as one not yet valid.
+        if claims.iat > unix_now().saturating_add(self.leeway_secs) {
+            return Err(RejectReason::NotYetValid.into());
+        }
+        Ok(claims)
+    }
+
+    fn verify_signed(&self, token: &str) -> Result<Claims, TokenRejected> {
         if let [only] = self.verifying_keys.as_slice() {
             // One key (no rotation in progress): `decode` reads the header itself, so skip
             // our own read of it. A failure takes the general path, which names the reason.
@@ -425,18 +452,60 @@ mod tests {
     }
 
     #[test]
-    fn expired_token_is_rejected() {
+    fn expired_token_is_rejected_past_the_leeway() {
         let tokens = service(SECRET_A, &[]);
-        let issued = unix_now() - WEEK.as_secs() - 2;
+        let leeway = DEFAULT_LEEWAY.as_secs();
+        let issued = unix_now() - WEEK.as_secs() - leeway - 2;
         let token = tokens.issue_at(1, "alice", issued).expect("issue");
         assert_eq!(reason(tokens.verify(&token)), RejectReason::Expired);
+        // Expired a little less than the leeway ago: a neighbour's clock may be behind.
+        let issued = unix_now() - WEEK.as_secs() - leeway + 5;
+        let token = tokens.issue_at(1, "alice", issued).expect("issue");
+        assert!(tokens.verify(&token).is_ok());
     }
 
     #[test]
-    fn token_from_the_future_is_rejected() {
+    fn token_from_the_future_is_accepted_within_the_leeway_only() {
         let tokens = service(SECRET_A, &[]);
-        let token = tokens.issue_at(1, "alice", unix_now() + 60).expect("issue");
+        let leeway = DEFAULT_LEEWAY.as_secs();
+        // Minted on an instance whose clock runs ahead.
+        for ahead in [1, leeway - 5] {
+            let token = tokens
+                .issue_at(1, "alice", unix_now() + ahead)
+                .expect("issue");
+            assert!(tokens.verify(&token).is_ok(), "{ahead} s ahead");
+        }
+        let token = tokens
+            .issue_at(1, "alice", unix_now() + leeway + 5)
+            .expect("issue");
         assert_eq!(reason(tokens.verify(&token)), RejectReason::NotYetValid);
+        // `iat` beyond the skew with an innocent `nbf` is as fake.
+        let now = unix_now();
+        let claims = Claims {
+            identity: 1,
+            sub: "alice".into(),
+            iat: now + leeway + 5,
+            nbf: now,
+            exp: now + 600,
+            jti: "j".into(),
+        };
+        let token =
+            jsonwebtoken::encode(&tokens.header, &claims, &tokens.signing_key).expect("sign");
+        assert_eq!(reason(tokens.verify(&token)), RejectReason::NotYetValid);
+    }
+
+    #[test]
+    fn leeway_is_configurable_down_to_none() {
+        let tokens = service(SECRET_A, &[]).with_leeway(Duration::ZERO);
+        let token = tokens.issue_at(1, "alice", unix_now() + 3).expect("issue");
+        assert_eq!(reason(tokens.verify(&token)), RejectReason::NotYetValid);
+        let strict_expired = tokens
+            .issue_at(1, "alice", unix_now() - WEEK.as_secs() - 3)
+            .expect("issue");
+        assert_eq!(
+            reason(tokens.verify(&strict_expired)),
+            RejectReason::Expired
+        );
     }
 
     #[test]

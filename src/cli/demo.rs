@@ -118,6 +118,7 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
             algorithm: crate::auth::token::TokenAlgorithm::HS256,
             secret: Secret::new(secret),
             previous_secrets: Vec::new(),
+            jwt_leeway: crate::auth::token::DEFAULT_LEEWAY,
             password,
             hash_concurrency: 1,
             hash_queue_timeout: crate::auth::password::DEFAULT_QUEUE_TIMEOUT,

@@ -18,12 +18,15 @@ pub use duration::{parse_duration, ConfigDuration};
 
 use crate::auth::password::{PasswordParams, DEFAULT_QUEUE_TIMEOUT};
 use crate::auth::store::redis::RedisSettings;
-use crate::auth::token::TokenAlgorithm;
+use crate::auth::token::{TokenAlgorithm, DEFAULT_LEEWAY};
 use crate::breaker::BreakerSettings;
 use crate::chat::DataFormat;
 use crate::gateway::client_ip::parse_trusted;
 use crate::limits::{ChatLimits, LimitSettings, OnStoreError, Rate};
 use raw::{RawBackend, RawConfig, RawEndpoint, RawRouteKind, RawUpstream};
+
+/// Longest accepted `auth.jwt.leeway`.
+const MAX_JWT_LEEWAY: Duration = Duration::from_secs(3600);
 
 /// The shortest JWT secret start-up accepts (RFC 7518 §3.2 asks for at least
 /// the hash size for HS256).
@@ -224,6 +227,8 @@ pub struct AuthSettings {
     pub secret: Secret,
     /// Older secrets that still verify tokens during a rotation.
     pub previous_secrets: Vec<Secret>,
+    /// Clock skew forgiven on a token's `iat`/`nbf` (future) and `exp` (past).
+    pub jwt_leeway: Duration,
     /// argon2id parameters for new hashes.
     pub password: PasswordParams,
     /// How many password hashes may run at once.
@@ -857,8 +862,17 @@ impl Validator<'_> {
             "token_ttl",
             a.token_ttl.map_or(Duration::from_secs(7 * 86400), |d| d.0),
         )?;
+        let jwt_leeway = jwt.leeway.map_or(DEFAULT_LEEWAY, |d| d.0);
+        if jwt_leeway > MAX_JWT_LEEWAY {
+            return Err(self.error(
+                "auth.jwt.leeway",
+                "leeway",
+                "must be at most 1h: a longer one keeps expired tokens working",
+            ));
+        }
         let credentials = self.credentials(a.credentials)?;
         Ok(AuthSettings {
+            jwt_leeway,
             token_ttl,
             algorithm: jwt.algorithm.unwrap_or(TokenAlgorithm::HS256),
             secret,

@@ -123,6 +123,7 @@ pub(super) struct RawJwt {
     pub secret_file: Option<PathBuf>,
     pub previous_secrets_env: Option<String>,
     pub previous_secrets_file: Option<PathBuf>,
+    pub leeway: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -307,3 +307,29 @@ fn password_hash_queue_timeout_defaults_overrides_and_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn jwt_leeway_defaults_overrides_and_errors() {
+    set_secret("CG_TEST_SECRET_LW", &"s".repeat(40));
+    let base = sample("CG_TEST_SECRET_LW");
+    let c = parse(&base).unwrap();
+    assert_eq!(c.auth.jwt_leeway, Duration::from_secs(60));
+    let with = |value: &str| {
+        base.replace(
+            "    secret_env: CG_TEST_SECRET_LW\n",
+            &format!("    secret_env: CG_TEST_SECRET_LW\n    leeway: {value}\n"),
+        )
+    };
+    assert_eq!(
+        parse(&with("5s")).unwrap().auth.jwt_leeway,
+        Duration::from_secs(5)
+    );
+    assert_eq!(parse(&with("0s")).unwrap().auth.jwt_leeway, Duration::ZERO);
+    let text = with("2h");
+    let e = parse(&text).expect_err("too long").to_string();
+    let line = text.lines().position(|l| l.contains("leeway:")).unwrap() + 1;
+    assert!(
+        e.contains(&format!(":{line}: auth.jwt.leeway: must be at most 1h")),
+        "{e}"
+    );
+}
