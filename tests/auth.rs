@@ -736,3 +736,45 @@ fn check_never_prints_a_redis_password() {
         }
     }
 }
+
+#[tokio::test]
+async fn on_store_error_decides_for_tokens_of_users_not_cached() {
+    let mut s = setup();
+    let token = login(&s.gw, "temporary_user", "default_password").await;
+    // Neighbours on the same Redis that have never seen the user: nothing cached.
+    let start = |mode: &str| {
+        let mut cfg = GatewayConfig::redis(&s.redis, &[s._sim.addr()]);
+        cfg.auth_extra = format!("  on_store_error: {mode}\n");
+        Gateway::start(cfg)
+    };
+    let allow = start("allow");
+    let deny = start("deny");
+    s.redis.stop();
+    let bearer = format!("Bearer {token}");
+    let (status, body) = chat_with_auth(&allow, Some(&bearer)).await;
+    assert_eq!(status, 200, "allow trusts the signature: {body}");
+    let started = Instant::now();
+    let (status, body) = chat_with_auth(&deny, Some(&bearer)).await;
+    assert_eq!(
+        (status, error_message(&body)),
+        (503, "Service unavailable: credential store unreachable.")
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The gateway that logged the user in knows its status and keeps serving it.
+    assert_eq!(chat_with_auth(&s.gw, Some(&bearer)).await.0, 200);
+    // The test Redis keeps nothing across a restart: the user comes back as a new one.
+    s.redis.restart();
+    s.gw.add_user("temporary_user", "default_password");
+    let bearer = format!(
+        "Bearer {}",
+        login(&s.gw, "temporary_user", "default_password").await
+    );
+    let (status, body) = poll(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || chat_with_auth(&deny, Some(&bearer)),
+        |(status, _)| *status == 200,
+    )
+    .await;
+    assert_eq!(status, 200, "deny recovers with the store: {body}");
+}

@@ -928,3 +928,47 @@ async fn upgrade_hands_over_the_listeners_without_failing_a_request() {
     assert!(new.is_running(), "new process died:\n{}", new.log());
     assert!(new.log().contains("chatgate starting"), "{}", new.log());
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_reply_is_499_in_log_and_metrics() {
+    let s = setup().await;
+    let body = user("#sim first_byte_delay_ms=3000\nslow");
+    let request = format!(
+        "POST /chatCompletion HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nX-Request-Id: leaves-early-1\r\nContent-Length: {}\r\n\r\n{}",
+        s.token,
+        body.len(),
+        body
+    );
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", s.gw.port)).expect("connect");
+    sock.write_all(request.as_bytes()).expect("send");
+    // Gone before the upstream answers.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(sock);
+    let line = poll(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let found = s
+                .gw
+                .log()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["target"] == "access" && v["fields"]["request_id"] == "leaves-early-1");
+            std::future::ready(found)
+        },
+        Option::is_some,
+    )
+    .await
+    .unwrap_or_else(|| panic!("no access line:\n{}", s.gw.log()));
+    assert_eq!(line["fields"]["status"], 499, "{line}");
+    let m = s.gw.metrics().await;
+    assert_eq!(
+        m.sum(
+            "chatgate_requests_total",
+            &[("route", "/chatCompletion"), ("status", "499")]
+        ),
+        1.0,
+        "{}",
+        m.text
+    );
+}

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{AuthSettings, CredentialSettings};
 use crate::error::ApiError;
+use crate::limits::OnStoreError;
 use login::Credentials;
 use password::{Passwords, Verification};
 use store::{CredentialStore, StoreError, UserRecord};
@@ -58,6 +59,7 @@ pub struct Authenticator {
     passwords: Passwords,
     tokens: TokenService,
     user_cache: UserCache,
+    on_store_error: OnStoreError,
 }
 
 impl Authenticator {
@@ -84,6 +86,7 @@ impl Authenticator {
             passwords,
             tokens,
             user_cache: UserCache::new(settings.user_cache_ttl),
+            on_store_error: settings.on_store_error,
         })
     }
 
@@ -196,11 +199,15 @@ impl Authenticator {
                 Err(e) => {
                     // A signed, unexpired token is still good evidence; keep chat
                     // working through a store outage on the last known status.
-                    match self.user_cache.get_stale(&claims.sub) {
-                        Some(status) => status,
-                        None => {
+                    match (self.user_cache.get_stale(&claims.sub), self.on_store_error) {
+                        (Some(status), _) => status,
+                        (None, OnStoreError::Allow) => {
                             tracing::warn!(error = %e, "credential store unreachable; accepting a valid token without a status check");
                             return Ok(());
+                        }
+                        (None, OnStoreError::Deny) => {
+                            tracing::warn!(error = %e, "credential store unreachable; refusing a token whose user status is unknown");
+                            return Err(ApiError::CredentialStoreUnavailable);
                         }
                     }
                 }

@@ -123,6 +123,7 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
             hash_concurrency: 1,
             hash_queue_timeout: crate::auth::password::DEFAULT_QUEUE_TIMEOUT,
             user_cache_ttl: std::time::Duration::from_secs(5),
+            on_store_error: crate::limits::OnStoreError::Allow,
             credentials: CredentialSettings::Memory,
         },
         upstreams: vec![Arc::new(upstream)],

@@ -25,6 +25,15 @@ use crate::gateway::client_ip::parse_trusted;
 use crate::limits::{ChatLimits, LimitSettings, OnStoreError, Rate};
 use raw::{RawBackend, RawConfig, RawEndpoint, RawRouteKind, RawUpstream};
 
+impl From<raw::RawOnStoreError> for OnStoreError {
+    fn from(raw: raw::RawOnStoreError) -> Self {
+        match raw {
+            raw::RawOnStoreError::Allow => OnStoreError::Allow,
+            raw::RawOnStoreError::Deny => OnStoreError::Deny,
+        }
+    }
+}
+
 /// Longest accepted `auth.jwt.leeway`.
 const MAX_JWT_LEEWAY: Duration = Duration::from_secs(3600);
 
@@ -237,6 +246,9 @@ pub struct AuthSettings {
     pub hash_queue_timeout: Duration,
     /// How long the chat path trusts a cached "user exists and is enabled".
     pub user_cache_ttl: Duration,
+    /// A valid token whose user's status cannot be read (store down, user not cached):
+    /// `Allow` trusts the signature, `Deny` answers 503.
+    pub on_store_error: OnStoreError,
     /// Where users live.
     pub credentials: CredentialSettings,
 }
@@ -715,11 +727,9 @@ impl Validator<'_> {
             })
         };
         Ok(LimitSettings {
-            on_store_error: match r.on_store_error {
-                None => d.on_store_error,
-                Some(raw::RawOnStoreError::Allow) => OnStoreError::Allow,
-                Some(raw::RawOnStoreError::Deny) => OnStoreError::Deny,
-            },
+            on_store_error: r
+                .on_store_error
+                .map_or(d.on_store_error, OnStoreError::from),
             chat: ChatLimits {
                 requests_per_minute: or(r.requests_per_minute, d.chat.requests_per_minute),
                 tokens_per_minute: or(r.tokens_per_minute, d.chat.tokens_per_minute),
@@ -881,6 +891,9 @@ impl Validator<'_> {
             hash_concurrency,
             hash_queue_timeout,
             user_cache_ttl: a.user_cache_ttl.map_or(Duration::from_secs(5), |d| d.0),
+            on_store_error: a
+                .on_store_error
+                .map_or(OnStoreError::Allow, OnStoreError::from),
             credentials,
         })
     }

@@ -112,6 +112,7 @@ pub(super) struct RawAuth {
     #[serde(default)]
     pub password_hash: RawPasswordHash,
     pub user_cache_ttl: Option<ConfigDuration>,
+    pub on_store_error: Option<RawOnStoreError>,
     pub credentials: RawCredentials,
 }
 

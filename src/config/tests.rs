@@ -333,3 +333,26 @@ fn jwt_leeway_defaults_overrides_and_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn auth_on_store_error_defaults_to_allow() {
+    set_secret("CG_TEST_SECRET_OSE", &"s".repeat(40));
+    let base = sample("CG_TEST_SECRET_OSE");
+    assert_eq!(
+        parse(&base).unwrap().auth.on_store_error,
+        OnStoreError::Allow
+    );
+    let deny = base.replace(
+        "  token_ttl: 7d\n",
+        "  token_ttl: 7d\n  on_store_error: deny\n",
+    );
+    assert_eq!(
+        parse(&deny).unwrap().auth.on_store_error,
+        OnStoreError::Deny
+    );
+    let bad = base.replace(
+        "  token_ttl: 7d\n",
+        "  token_ttl: 7d\n  on_store_error: maybe\n",
+    );
+    assert!(parse(&bad).is_err());
+}

@@ -333,7 +333,7 @@ impl ProxyHttp for Gateway {
             client_ip = self.client_ip(session).map(tracing::field::display),
             route = %ctx.route,
             method = %req.method,
-            status = ctx.status,
+            status,
             outcome = ctx.outcome,
             user_id = ctx.user_id,
             upstream_endpoint = ctx.upstream_endpoint.as_deref(),
