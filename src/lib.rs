@@ -14,6 +14,7 @@ pub mod limits;
 pub mod metrics;
 pub mod server;
 pub mod simulator;
+pub mod tls;
 pub mod upstream;
 
 #[cfg(test)]
