@@ -194,7 +194,8 @@ fn tls_entry(port: u16, dir: &Path) -> String {
 fn start_tls_gateway(dir: &Path) -> TlsGateway {
     let sim = Simulator::start(&[]);
     let redis = Redis::start();
-    let cfg = GatewayConfig::redis(&redis, &[sim.addr()]);
+    let mut cfg = GatewayConfig::redis(&redis, &[sim.addr()]);
+    cfg.routes += "  - path: /v1/chat/completions\n    kind: openai\n    upstream: main\n    model: test-model\n";
     let tls_port = free_port();
     let gw = Gateway::start_with_listeners(cfg, &[tls_entry(tls_port, dir)], &[tls_port]);
     gw.add_user("u", "p");
@@ -331,6 +332,39 @@ async fn tls_listener_logs_in_and_streams_over_http1_and_http2() {
             headers.contains("transfer-encoding: chunked"),
             version == "1.1",
             "{headers}"
+        );
+
+        // The OpenAI pass-through stream too.
+        let openai = curl(
+            flag,
+            &ca,
+            t.tls_port,
+            "/v1/chat/completions",
+            &[
+                "-H",
+                &format!("authorization: Bearer {token}"),
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                r##"{"messages":[{"role":"user","content":"#sim chunk_size=3\npassed through"}],"stream":true}"##,
+            ],
+        );
+        let text = String::from_utf8_lossy(&openai.body);
+        assert_eq!(
+            (openai.status, openai.version.as_str()),
+            (200, version),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"content\":\"pas\"") && text.ends_with("data: [DONE]\n\n"),
+            "{text}"
+        );
+        assert_eq!(
+            openai
+                .headers
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            version == "1.1"
         );
     }
 }
