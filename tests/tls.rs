@@ -180,7 +180,7 @@ struct TlsGateway {
     gw: Gateway,
     tls_port: u16,
     _redis: Redis,
-    _sim: Simulator,
+    sim: Simulator,
 }
 
 fn tls_entry(port: u16, dir: &Path) -> String {
@@ -203,7 +203,7 @@ fn start_tls_gateway(dir: &Path) -> TlsGateway {
         gw,
         tls_port,
         _redis: redis,
-        _sim: sim,
+        sim,
     }
 }
 
@@ -370,7 +370,7 @@ async fn tls_listener_logs_in_and_streams_over_http1_and_http2() {
 }
 
 #[tokio::test]
-async fn http2_streams_event_by_event() {
+async fn http2_streams_event_by_event_and_cancels_when_the_client_leaves() {
     let dir = tempfile::tempdir().expect("tempdir");
     make_certificates(dir.path());
     let ca = dir.path().join("ca.pem");
@@ -416,6 +416,16 @@ async fn http2_streams_event_by_event() {
         !seen.contains("event: error"),
         "the first event waited for the end of the stream: {seen}"
     );
+    // The client left (curl killed): the upstream call is cancelled at once, well
+    // before the idle timeout would have ended it.
+    let stats = poll(
+        Duration::from_secs(2),
+        Duration::from_millis(20),
+        || t.sim.stats(),
+        |stats| stats["streams_cancelled"].as_u64() == Some(1),
+    )
+    .await;
+    assert_eq!(stats["streams_cancelled"].as_u64(), Some(1), "{stats}");
 }
 
 #[tokio::test]
