@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod redact;
 pub mod server;
 pub mod simulator;
+pub mod tls;
 pub mod upstream;
 
 #[cfg(test)]

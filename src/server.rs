@@ -48,7 +48,8 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
     if !flags.upgrade {
         // Pingora reports a busy port only inside a service task and keeps
         // running without the listener; refuse to start instead.
-        for addr in config.listen.iter().chain(config.admin_listen.iter()) {
+        let public = config.listen.iter().map(|l| &l.address);
+        for addr in public.chain(config.admin_listen.iter()) {
             std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         }
@@ -115,13 +116,20 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
     );
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "chatgate");
-    for addr in &config.listen {
+    for listener in &config.listen {
         // No L4 read buffer: Pingora's default is a 64 KiB zero-filled buffer per client
         // connection (measured ~90 KB RSS per open stream), while the HTTP/1 session already
-        // reads headers and bodies into buffers of its own.
-        proxy.add_listener(
-            ListenerConfig::tcp(addr.as_str()).l4_buffer(L4BufferSettings::default().read(0)),
-        );
+        // reads headers and bodies into buffers of its own (and rustls into its own).
+        let mut endpoint = ListenerConfig::tcp(listener.address.as_str())
+            .l4_buffer(L4BufferSettings::default().read(0));
+        if let Some(tls) = &listener.tls {
+            let cert = tls
+                .cert
+                .as_ref()
+                .ok_or_else(|| format!("listener {}: certificate not loaded", listener.address))?;
+            endpoint = endpoint.tls(cert.tls_settings()?);
+        }
+        proxy.add_listener(endpoint);
     }
     server.add_service(proxy);
 
@@ -144,6 +152,7 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
     for service in extras.services {
         server.add_boxed_service(service);
     }
-    tracing::info!(listen = ?config.listen, admin = ?config.admin_listen, routes = config.routes.len(), "chatgate starting");
+    let listen: Vec<String> = config.listen.iter().map(|l| l.to_string()).collect();
+    tracing::info!(listen = ?listen, admin = ?config.admin_listen, routes = config.routes.len(), "chatgate starting");
     server.run_forever();
 }

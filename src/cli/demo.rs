@@ -11,8 +11,8 @@ use crate::auth::store::file::FileStore;
 use crate::auth::store::CredentialStore;
 use crate::chat::DataFormat;
 use crate::config::{
-    parse_host_port, AuthSettings, Config, CredentialSettings, EndpointSettings, Limits, RouteKind,
-    RouteSettings, Secret, ServerSettings, UpstreamSettings,
+    parse_host_port, AuthSettings, Config, CredentialSettings, EndpointSettings, Limits, Listener,
+    RouteKind, RouteSettings, Secret, ServerSettings, UpstreamSettings,
 };
 use crate::server::{self, Extras, ProcessFlags};
 use crate::simulator::{simulator_service, SimOptions, SimTls};
@@ -100,7 +100,7 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
     let password = PasswordParams::default();
     Ok(Config {
         source: "<demo>".into(),
-        listen: vec![args.listen.clone()],
+        listen: vec![Listener::plain(args.listen.as_str())],
         admin_listen: Some(args.admin_listen.clone()),
         server: ServerSettings {
             threads: 2,

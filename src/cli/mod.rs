@@ -148,7 +148,8 @@ fn init_logging() {
 /// What `chatgate check` prints.
 pub fn summary(c: &Config) -> String {
     let mut out = format!("config {} is valid\n", c.source);
-    out += &format!("listen: {}\n", c.listen.join(", "));
+    let listen: Vec<String> = c.listen.iter().map(|l| l.to_string()).collect();
+    out += &format!("listen: {}\n", listen.join(", "));
     out += &format!(
         "admin listen: {}\n",
         c.admin_listen.as_deref().unwrap_or("(none)")

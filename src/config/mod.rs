@@ -23,7 +23,8 @@ use crate::breaker::BreakerSettings;
 use crate::chat::DataFormat;
 use crate::gateway::client_ip::parse_trusted;
 use crate::limits::{ChatLimits, LimitSettings, OnStoreError, Rate};
-use raw::{RawBackend, RawConfig, RawEndpoint, RawRouteKind, RawUpstream};
+use crate::tls::{CertFile, ListenerCert};
+use raw::{RawBackend, RawConfig, RawEndpoint, RawListen, RawRouteKind, RawUpstream};
 
 impl From<raw::RawOnStoreError> for OnStoreError {
     fn from(raw: raw::RawOnStoreError) -> Self {
@@ -93,8 +94,8 @@ impl fmt::Debug for Secret {
 pub struct Config {
     /// Where it came from (a path, or `<demo>`), for messages.
     pub source: String,
-    /// Addresses the public listener binds.
-    pub listen: Vec<String>,
+    /// The public listeners, plain or TLS.
+    pub listen: Vec<Listener>,
     /// Address of the operations listener (`/healthz`, `/readyz`, `/metrics`).
     pub admin_listen: Option<String>,
     /// Settings handed to Pingora's `ServerConf`.
@@ -113,6 +114,50 @@ pub struct Config {
     pub cors: Option<CorsSettings>,
     /// Proxies whose `X-Forwarded-For` names the client; empty: the TCP peer is the client.
     pub trusted_proxies: Vec<IpNet>,
+}
+
+/// One address of the public listener.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// `IP:port` it binds.
+    pub address: String,
+    /// TLS, with HTTP/2 offered by ALPN; `None`: plain HTTP/1.1.
+    pub tls: Option<ListenerTls>,
+}
+
+impl Listener {
+    /// A plain HTTP/1.1 listener on `address`.
+    pub fn plain(address: impl Into<String>) -> Self {
+        Listener {
+            address: address.into(),
+            tls: None,
+        }
+    }
+}
+
+impl fmt::Display for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.tls {
+            None => write!(f, "{}", self.address),
+            Some(tls) => write!(
+                f,
+                "{} (TLS, h2 + http/1.1, certificate {})",
+                self.address,
+                tls.cert_file.display()
+            ),
+        }
+    }
+}
+
+/// The certificate of a TLS listener.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    /// PEM certificate chain, leaf first (absolute).
+    pub cert_file: PathBuf,
+    /// PEM private key of the leaf (absolute).
+    pub key_file: PathBuf,
+    /// Both as read and checked at load; `None` when secrets were not read.
+    pub cert: Option<ListenerCert>,
 }
 
 /// Which browser origins may call the public listener.
@@ -522,6 +567,14 @@ impl Validator<'_> {
             .map(|i| i + 1)
     }
 
+    /// The first line that contains every one of `needles`.
+    fn locate_all(&self, needles: &[&str]) -> Option<usize> {
+        self.text
+            .lines()
+            .position(|l| needles.iter().all(|n| l.contains(n)))
+            .map(|i| i + 1)
+    }
+
     fn resolve_path(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
             p.to_path_buf()
@@ -534,7 +587,9 @@ impl Validator<'_> {
         if raw.listen.is_empty() {
             return Err(self.error("listen", "listen:", "at least one address is required"));
         }
-        for addr in raw.listen.iter().chain(raw.admin_listen.iter()) {
+        let addresses = raw.listen.iter().map(|l| &l.address);
+        let mut bound = HashSet::new();
+        for addr in addresses.chain(raw.admin_listen.iter()) {
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 return Err(self.error(
                     "listen",
@@ -542,7 +597,16 @@ impl Validator<'_> {
                     format!("{addr:?} is not an IP:port address"),
                 ));
             }
+            if !bound.insert(addr) {
+                return Err(self.error("listen", addr, format!("{addr} is listed twice")));
+            }
         }
+        let listen = raw
+            .listen
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| self.listener(i, l))
+            .collect::<Result<Vec<_>, _>>()?;
         let defaults = ServerSettings::default();
         let p = raw.pingora;
         let server = ServerSettings {
@@ -701,7 +765,7 @@ impl Validator<'_> {
             cors,
             trusted_proxies,
             source: self.file.to_string(),
-            listen: raw.listen,
+            listen,
             admin_listen: raw.admin_listen,
             server,
             limits,
@@ -709,6 +773,43 @@ impl Validator<'_> {
             auth,
             upstreams,
             routes,
+        })
+    }
+
+    /// `listen[i]`: a plain address, or one with TLS whose certificate and key
+    /// are read and checked now (unless secrets are skipped).
+    fn listener(&self, i: usize, l: RawListen) -> Result<Listener, ConfigError> {
+        let Some(tls) = l.tls else {
+            return Ok(Listener::plain(l.address));
+        };
+        let cert_file = self.resolve_path(&tls.cert_file);
+        let key_file = self.resolve_path(&tls.key_file);
+        let cert = match self.secrets {
+            SecretsPolicy::Skip => None,
+            SecretsPolicy::Required => Some(ListenerCert::load(&cert_file, &key_file).map_err(
+                |problem| {
+                    let (name, written) = match problem.file {
+                        CertFile::Chain => ("cert_file", &tls.cert_file),
+                        CertFile::Key => ("key_file", &tls.key_file),
+                    };
+                    let written = written.display().to_string();
+                    ConfigError {
+                        // The line with this key and its value: the two files may be one.
+                        line: self
+                            .locate_all(&[&format!("{name}:"), &written])
+                            .or_else(|| self.locate(&written)),
+                        ..self.error(&format!("listen[{i}].tls.{name}"), "", problem.message)
+                    }
+                },
+            )?),
+        };
+        Ok(Listener {
+            address: l.address,
+            tls: Some(ListenerTls {
+                cert_file,
+                key_file,
+                cert,
+            }),
         })
     }
 

@@ -3,8 +3,10 @@
 //! turns it into the validated [`super::Config`].
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::PathBuf;
 
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::duration::ConfigDuration;
@@ -14,7 +16,7 @@ use crate::chat::DataFormat;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
-    pub listen: Vec<String>,
+    pub listen: Vec<RawListen>,
     #[serde(default)]
     pub admin_listen: Option<String>,
     #[serde(default)]
@@ -32,6 +34,57 @@ pub(super) struct RawConfig {
     pub cors: Option<RawCors>,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+}
+
+/// A public listener, written either as `"IP:port"` or as `{address, tls}`.
+#[derive(Debug)]
+pub(super) struct RawListen {
+    pub address: String,
+    pub tls: Option<RawListenTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListenObject {
+    address: String,
+    tls: Option<RawListenTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListenTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl<'de> Deserialize<'de> for RawListen {
+    // By hand rather than `untagged`: a mistake inside the object form (an unknown
+    // key, a missing `address`) keeps its own message instead of "did not match any variant".
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ListenVisitor;
+        impl<'de> Visitor<'de> for ListenVisitor {
+            type Value = RawListen;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "an \"IP:port\" string or {address: \"IP:port\", tls: {cert_file, key_file}}",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawListen, E> {
+                Ok(RawListen {
+                    address: v.to_string(),
+                    tls: None,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawListen, A::Error> {
+                let o = RawListenObject::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawListen {
+                    address: o.address,
+                    tls: o.tls,
+                })
+            }
+        }
+        deserializer.deserialize_any(ListenVisitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]

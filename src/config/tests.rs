@@ -67,7 +67,9 @@ fn set_secret(var: &str, value: &str) {
 fn sample_config_is_valid_and_resolved() {
     set_secret("CG_TEST_SECRET_OK", &"s".repeat(40));
     let c = parse(&sample("CG_TEST_SECRET_OK")).expect("valid config");
-    assert_eq!(c.listen, vec!["0.0.0.0:8080"]);
+    let listen: Vec<&str> = c.listen.iter().map(|l| l.address.as_str()).collect();
+    assert_eq!(listen, ["0.0.0.0:8080"]);
+    assert!(c.listen[0].tls.is_none());
     assert_eq!(c.auth.token_ttl, Duration::from_secs(7 * 86400));
     assert_eq!(c.auth.secret.expose().len(), 40);
     assert_eq!(c.upstreams.len(), 1);
@@ -355,4 +357,189 @@ fn auth_on_store_error_defaults_to_allow() {
         "  token_ttl: 7d\n  on_store_error: maybe\n",
     );
     assert!(parse(&bad).is_err());
+}
+
+/// A self-signed certificate for `localhost` and its key in `dir` (made with
+/// the `openssl` command), as `(cert.pem, key.pem)`; `name` tells pairs apart.
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl must be installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// The sample with a second, TLS listener on these files.
+fn with_tls_listener(var: &str, cert: &Path, key: &Path) -> String {
+    sample(var).replace(
+        "listen: [\"0.0.0.0:8080\"]",
+        &format!(
+            "listen:\n  - \"0.0.0.0:8080\"\n  - address: \"0.0.0.0:8443\"\n    tls:\n      cert_file: {}\n      key_file: {}",
+            cert.display(),
+            key.display()
+        ),
+    )
+}
+
+#[test]
+fn tls_listener_reads_its_certificate_at_load() {
+    set_secret("CG_TEST_SECRET_TLS_OK", &"s".repeat(40));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed(dir.path(), "server");
+    let c = parse(&with_tls_listener("CG_TEST_SECRET_TLS_OK", &cert, &key)).expect("valid");
+    assert_eq!(c.listen.len(), 2);
+    assert!(c.listen[0].tls.is_none());
+    let tls = c.listen[1].tls.as_ref().expect("tls listener");
+    assert_eq!(c.listen[1].address, "0.0.0.0:8443");
+    assert_eq!((&tls.cert_file, &tls.key_file), (&cert, &key));
+    assert_eq!(tls.cert.as_ref().map(|c| c.chain_len()), Some(1));
+    // The flow form of the issue parses the same way; relative paths are
+    // anchored at the config file's directory.
+    let flow = sample("CG_TEST_SECRET_TLS_OK").replace(
+        "listen: [\"0.0.0.0:8080\"]",
+        "listen: [\"127.0.0.1:8080\", {address: \"0.0.0.0:8443\", tls: {cert_file: server.pem, key_file: server.key}}]",
+    );
+    let c = Config::from_yaml("t.yaml", &flow, dir.path(), SecretsPolicy::Required).expect("flow");
+    let tls = c.listen[1].tls.as_ref().expect("tls listener");
+    assert_eq!(tls.cert_file, cert);
+    // User administration does not read the key.
+    let c = Config::from_yaml(
+        "t.yaml",
+        &flow.replace("server.key", "absent.key"),
+        dir.path(),
+        SecretsPolicy::Skip,
+    )
+    .expect("secrets skipped");
+    assert!(c.listen[1].tls.as_ref().is_some_and(|t| t.cert.is_none()));
+}
+
+#[test]
+fn unusable_tls_files_refuse_start_with_file_line_and_key() {
+    set_secret("CG_TEST_SECRET_TLS_BAD", &"s".repeat(40));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed(dir.path(), "server");
+    let (_, other_key) = self_signed(dir.path(), "other");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").expect("write");
+    let missing = dir.path().join("missing.pem");
+    let bad_der = dir.path().join("bad-der.pem");
+    std::fs::write(
+        &bad_der,
+        "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let cases: [(&Path, &Path, &str, String); 7] = [
+        (
+            &missing,
+            &key,
+            "cert_file",
+            format!("cannot read {}: No such file", missing.display()),
+        ),
+        (
+            &cert,
+            &missing,
+            "key_file",
+            format!("cannot read {}: No such file", missing.display()),
+        ),
+        // A directory cannot be read as a file (even by root, who can read any file).
+        (
+            dir.path(),
+            &key,
+            "cert_file",
+            format!("cannot read {}: Is a directory", dir.path().display()),
+        ),
+        (
+            &garbage,
+            &key,
+            "cert_file",
+            format!("{} holds no PEM certificate", garbage.display()),
+        ),
+        (
+            &cert,
+            &cert,
+            "key_file",
+            format!("{} holds no PEM private key", cert.display()),
+        ),
+        (
+            &bad_der,
+            &key,
+            "cert_file",
+            format!(
+                "{}: the first certificate cannot be used",
+                bad_der.display()
+            ),
+        ),
+        (
+            &cert,
+            &other_key,
+            "key_file",
+            format!(
+                "{} does not match the certificate in {}",
+                other_key.display(),
+                cert.display()
+            ),
+        ),
+    ];
+    for (cert_file, key_file, blamed, problem) in cases {
+        let text = with_tls_listener("CG_TEST_SECRET_TLS_BAD", cert_file, key_file);
+        let e = parse(&text).expect_err(&problem);
+        let written = if blamed == "cert_file" {
+            cert_file
+        } else {
+            key_file
+        };
+        let line = line_of(&text, &format!("{blamed}: {}", written.display()));
+        assert!(line.is_some());
+        assert_eq!(e.line, line, "{e}");
+        let expected = format!(
+            "test.yaml:{}: listen[1].tls.{blamed}: {problem}",
+            line.unwrap_or(0)
+        );
+        assert!(
+            e.to_string().starts_with(&expected),
+            "{e}\nwanted {expected}"
+        );
+    }
+}
+
+#[test]
+fn listen_entries_are_checked() {
+    set_secret("CG_TEST_SECRET_LISTEN", &"s".repeat(40));
+    let text = sample("CG_TEST_SECRET_LISTEN");
+    let twice = text.replace(
+        "listen: [\"0.0.0.0:8080\"]",
+        "listen: [\"0.0.0.0:8080\", {address: \"0.0.0.0:8080\"}]",
+    );
+    let e = parse(&twice).expect_err("listed twice").to_string();
+    assert!(
+        e.starts_with("test.yaml:2: listen: 0.0.0.0:8080 is listed twice"),
+        "{e}"
+    );
+    let unknown = text.replace(
+        "listen: [\"0.0.0.0:8080\"]",
+        "listen:\n  - address: \"0.0.0.0:8443\"\n    tls: {cert_file: a.pem, key: a.key}",
+    );
+    let e = parse(&unknown).expect_err("unknown key").to_string();
+    assert!(e.contains("unknown field `key`"), "{e}");
+    assert!(e.starts_with("test.yaml:4:") || e.contains("line 4"), "{e}");
+    let no_address = text.replace(
+        "listen: [\"0.0.0.0:8080\"]",
+        "listen: [{tls: {cert_file: a.pem, key_file: a.key}}]",
+    );
+    let e = parse(&no_address).expect_err("no address").to_string();
+    assert!(e.contains("missing field `address`"), "{e}");
 }

@@ -312,6 +312,19 @@ pub fn write_config_with_grace(
     path
 }
 
+/// Appends `extra` entries to the `listen:` list of a file from [`write_config`].
+pub fn add_listeners(config_path: &Path, port: u16, extra: &[String]) {
+    let text = std::fs::read_to_string(config_path).expect("read config");
+    let plain = format!("listen: [\"127.0.0.1:{port}\"]");
+    assert!(text.contains(&plain), "unexpected config layout");
+    let all = std::iter::once(format!("\"127.0.0.1:{port}\""))
+        .chain(extra.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = text.replacen(&plain, &format!("listen: [{all}]"), 1);
+    std::fs::write(config_path, text).expect("write config");
+}
+
 impl Gateway {
     /// Starts `chatgate serve` with this config and waits until it listens.
     pub fn start(cfg: GatewayConfig) -> Gateway {
@@ -338,6 +351,33 @@ impl Gateway {
         if !wait_for_port(port, Duration::from_secs(15)) {
             let _ = gw.child.kill();
             panic!("gateway did not start; log:\n{}", gw.log());
+        }
+        gw
+    }
+
+    /// [`Gateway::start`] with more `listen:` entries (YAML flow form, e.g. a TLS
+    /// listener) after the plain one; waits until every port in `ports` listens too.
+    pub fn start_with_listeners(cfg: GatewayConfig, extra: &[String], ports: &[u16]) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (port, admin_port) = (free_port(), free_port());
+        let config_path = write_config(dir.path(), port, admin_port, &cfg);
+        add_listeners(&config_path, port, extra);
+        let mut env = vec![("CHATGATE_JWT_SECRET".to_string(), JWT_SECRET.to_string())];
+        env.extend(cfg.env.iter().cloned());
+        let child = spawn_serve(dir.path(), &config_path, &env, false, "gateway.log");
+        let mut gw = Gateway {
+            port,
+            admin_port,
+            child,
+            dir,
+            config_path,
+            env,
+        };
+        for p in std::iter::once(&port).chain(ports) {
+            if !wait_for_port(*p, Duration::from_secs(15)) {
+                let _ = gw.child.kill();
+                panic!("gateway did not listen on {p}; log:\n{}", gw.log());
+            }
         }
         gw
     }
