@@ -34,10 +34,12 @@ pub const ADMIN_MAX_CONNECTIONS: usize = 32;
 
 /// The default `limits.max_connections`: half of what the open-file soft limit
 /// leaves after [`FD_RESERVE`], the admin listener's reserve and the idle
-/// upstream keep-alive pool, since every client connection may hold one
-/// upstream connection while its request is in flight. At least 16.
+/// upstream keep-alive pool (counted as at most a quarter of the limit), since
+/// every client connection may hold one upstream connection while its request
+/// is in flight. At least 16.
 pub fn default_max_connections(fd_soft_limit: u64, upstream_pool: usize) -> usize {
-    let reserved = FD_RESERVE + ADMIN_MAX_CONNECTIONS as u64 + upstream_pool as u64;
+    let pool = (upstream_pool as u64).min(fd_soft_limit / 4);
+    let reserved = FD_RESERVE + ADMIN_MAX_CONNECTIONS as u64 + pool;
     (fd_soft_limit.saturating_sub(reserved) / 2).max(16) as usize
 }
 
@@ -343,6 +345,8 @@ mod tests {
         assert_eq!(default_max_connections(1024, 128), 400);
         assert_eq!(default_max_connections(65536, 128), 32656);
         assert_eq!(default_max_connections(100, 128), 16);
+        // A huge pool counts as a quarter of the limit: (20000 - 96 - 5000) / 2
+        assert_eq!(default_max_connections(20000, 20000), 7452);
     }
 
     #[test]
