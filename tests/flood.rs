@@ -273,7 +273,7 @@ async fn disconnecting_and_garbage_clients_leave_no_error_lines_only_a_counter()
             .await
             .expect("write");
         if i % 4 == 0 {
-            c.set_linger(Some(Duration::ZERO)).expect("linger");
+            c.set_zero_linger().expect("linger");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
         drop(c);
