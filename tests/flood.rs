@@ -292,6 +292,7 @@ async fn disconnecting_and_garbage_clients_leave_no_error_lines_only_a_counter()
         drop(c);
     }
 
+    // Wait for the count first, so that every line is written before the log is read.
     let after = poll(
         Duration::from_secs(5),
         Duration::from_millis(100),
@@ -299,12 +300,6 @@ async fn disconnecting_and_garbage_clients_leave_no_error_lines_only_a_counter()
         |m| counted(m) >= counted(&before) + 80.0,
     )
     .await;
-    assert!(
-        counted(&after) >= counted(&before) + 80.0,
-        "client errors counted: {} before, {} after",
-        counted(&before),
-        counted(&after)
-    );
     assert!(gw.is_running());
     let log = gw.log();
     let errors = error_lines(&log);
@@ -318,6 +313,12 @@ async fn disconnecting_and_garbage_clients_leave_no_error_lines_only_a_counter()
             .copied()
             .collect::<Vec<_>>()
             .join("\n")
+    );
+    assert!(
+        counted(&after) >= counted(&before) + 80.0,
+        "client errors counted: {} before, {} after",
+        counted(&before),
+        counted(&after)
     );
     let warnings = log
         .lines()
