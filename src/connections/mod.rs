@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
-use pingora::protocols::Stream;
+use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
@@ -202,7 +202,13 @@ where
                 return None;
             }
         };
-        let stream: Stream = Box::new(HeaderDeadline::new(stream, self.header_timeout));
+        // HTTP/2 (ALPN on a TLS listener) multiplexes requests on one stream: the
+        // gateway cannot say when "the" headers are in, so only HTTP/1 gets the deadline.
+        let stream: Stream = if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            stream
+        } else {
+            Box::new(HeaderDeadline::new(stream, self.header_timeout))
+        };
         // Pingora's HTTP app serves every request of the connection (keep-alive
         // included) inside this call, so the slot lives exactly as long.
         self.app.process_new(stream, shutdown).await
