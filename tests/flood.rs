@@ -326,3 +326,68 @@ async fn disconnecting_and_garbage_clients_leave_no_error_lines_only_a_counter()
         .count();
     assert_eq!(warnings, 1, "one rate-limited warning:\n{log}");
 }
+
+/// Reads one HTTP/1.1 response with a `Content-Length` from `c`.
+async fn read_response(c: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(n > 0, "closed before a whole response: {out:?}");
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse::<usize>().expect("length"))
+                })
+                .unwrap_or(0);
+            if out.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_alive_connections_get_an_idle_bound_and_a_new_header_deadline_per_request() {
+    let redis = Redis::start();
+    let mut cfg = config(&redis);
+    cfg.extra = "limits:\n  header_timeout: 2s\n  keepalive_timeout: 1s\n".into();
+    let gw = Gateway::start(cfg);
+    let get = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    // Idle after a reply: closed after the keep-alive timeout.
+    let mut idle = connect(gw.port).await;
+    idle.write_all(get).await.expect("request");
+    assert!(read_response(&mut idle).await.starts_with("HTTP/1.1 404"));
+    let took = closed_within(&mut idle, Duration::from_secs(5))
+        .await
+        .expect("an idle kept-alive connection stays open");
+    assert!(took < Duration::from_millis(2500), "idle for {took:?}");
+
+    // A second request on the connection dripped byte by byte (each byte well within the
+    // keep-alive timeout): cut at the header deadline, counted from its first byte.
+    let mut c = connect(gw.port).await;
+    c.write_all(get).await.expect("request");
+    assert!(read_response(&mut c).await.starts_with("HTTP/1.1 404"));
+    let cut = drip(c).await;
+    assert!(
+        cut >= Duration::from_millis(1500) && cut < Duration::from_secs(4),
+        "second request's headers cut after {cut:?}"
+    );
+
+    // A slow but timely sequence of requests on one connection is served.
+    let mut c = connect(gw.port).await;
+    for _ in 0..3 {
+        c.write_all(get).await.expect("request");
+        assert!(read_response(&mut c).await.starts_with("HTTP/1.1 404"));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+}
