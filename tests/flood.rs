@@ -176,6 +176,10 @@ async fn a_connection_flood_is_capped_and_drippers_are_cut_at_the_header_deadlin
     eprintln!(
         "gateway RSS: {rss_before} KiB before, {rss_during} KiB during, {rss_after} KiB after"
     );
+    assert!(
+        rss_after < rss_before + (rss_during.saturating_sub(rss_before)) / 2 + 1024,
+        "memory not given back: {rss_before} KiB before, {rss_during} KiB during, {rss_after} KiB after"
+    );
     let errors = error_lines(&gw.log()).join("\n");
     assert!(errors.is_empty(), "ERROR lines in the log:\n{errors}");
 }
