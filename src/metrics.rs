@@ -111,6 +111,27 @@ static ENDPOINT_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         &["upstream", "endpoint"],
     )
 });
+static OPEN_CONNECTIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "chatgate_open_connections",
+        "Downstream connections open now, by listener (public, admin).",
+        &["listener"],
+    )
+});
+static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "chatgate_connections_refused_total",
+        "Connections closed at once because a cap was full, by listener and reason: max_connections, max_connections_per_ip.",
+        &["listener", "reason"],
+    )
+});
+static CLIENT_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "chatgate_client_errors_total",
+        "Connections a client broke, logged at debug level only, by kind: header_timeout, disconnect, read_error, write_error, bad_request, tls_handshake, other.",
+        &["kind"],
+    )
+});
 static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge(
         "chatgate_build_info",
@@ -132,6 +153,11 @@ pub fn init() {
     LazyLock::force(&ACTIVE_STREAMS);
     LazyLock::force(&TOKENS);
     LazyLock::force(&ENDPOINT_UP);
+    LazyLock::force(&OPEN_CONNECTIONS);
+    LazyLock::force(&CONNECTIONS_REFUSED);
+    for kind in CLIENT_ERROR_KINDS {
+        CLIENT_ERRORS.with_label_values(&[kind]);
+    }
     for outcome in AuthOutcome::ALL {
         AUTH_ATTEMPTS.with_label_values(&[outcome.as_str()]);
     }
@@ -148,6 +174,34 @@ pub fn render() -> (Vec<u8>, String) {
         tracing::warn!(error = %e, "cannot encode metrics");
     }
     (out, encoder.format_type().to_string())
+}
+
+/// The `kind`s of `chatgate_client_errors_total`.
+pub const CLIENT_ERROR_KINDS: [&str; 7] = [
+    "header_timeout",
+    "disconnect",
+    "read_error",
+    "write_error",
+    "bad_request",
+    "tls_handshake",
+    "other",
+];
+
+/// Sets how many downstream connections `listener` has open.
+pub fn open_connections(listener: &str, open: i64) {
+    OPEN_CONNECTIONS.with_label_values(&[listener]).set(open);
+}
+
+/// A connection closed at once because a cap was full.
+pub fn connection_refused(listener: &str, reason: crate::connections::Refusal) {
+    CONNECTIONS_REFUSED
+        .with_label_values(&[listener, reason.as_str()])
+        .inc();
+}
+
+/// A failure the client caused (one of [`CLIENT_ERROR_KINDS`]).
+pub fn client_error(kind: &str) {
+    CLIENT_ERRORS.with_label_values(&[kind]).inc();
 }
 
 /// One finished request on the public listener.
@@ -344,6 +398,7 @@ mod tests {
         for name in [
             "chatgate_build_info{version=",
             "chatgate_auth_attempts_total{outcome=\"rate_limited\"} ",
+            "chatgate_client_errors_total{kind=\"header_timeout\"} ",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

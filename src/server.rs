@@ -14,6 +14,7 @@ use pingora::services::ServiceWithDependents;
 use crate::auth::store::CredentialStore;
 use crate::auth::{open_store_shared, Authenticator};
 use crate::config::Config;
+use crate::connections::{self, ConnectionLimits, Guarded, MemoryTrimmer};
 use crate::gateway::admin::AdminApp;
 use crate::gateway::client_ip::TrustedProxies;
 use crate::gateway::drain::{DrainWatch, Draining};
@@ -114,8 +115,42 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
         limiter,
         TrustedProxies::new(config.trusted_proxies.clone()),
     );
-    let mut proxy =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "chatgate");
+    let limits = &config.limits;
+    let max_connections = limits.max_connections.unwrap_or_else(|| {
+        connections::default_max_connections(
+            connections::fd_soft_limit(),
+            config.server.upstream_keepalive_pool_size,
+        )
+    });
+    tracing::info!(
+        max_connections,
+        max_connections_per_ip = limits.max_connections_per_ip,
+        "connection caps"
+    );
+    let public_limits = Arc::new(ConnectionLimits::new(
+        "public",
+        max_connections,
+        limits.max_connections_per_ip,
+        TrustedProxies::new(config.trusted_proxies.clone()),
+    ));
+    let admin_limits = Arc::new(ConnectionLimits::new(
+        "admin",
+        connections::ADMIN_MAX_CONNECTIONS,
+        0,
+        TrustedProxies::default(),
+    ));
+    server.add_service(background_service(
+        "memory trim",
+        MemoryTrimmer::new(vec![public_limits.clone(), admin_limits.clone()]),
+    ));
+    let mut proxy = Service::new(
+        "chatgate".to_string(),
+        Guarded::new(
+            pingora::proxy::http_proxy(&server.configuration, gateway),
+            public_limits,
+            limits.header_timeout,
+        ),
+    );
     for listener in &config.listen {
         // No L4 read buffer: Pingora's default is a 64 KiB zero-filled buffer per client
         // connection (measured ~90 KB RSS per open stream), while the HTTP/1 session already
@@ -136,7 +171,11 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
     if let Some(addr) = &config.admin_listen {
         let mut admin = Service::new(
             "chatgate admin".to_string(),
-            AdminApp::new(store, admin_routes, upstreams.clone()),
+            Guarded::new(
+                AdminApp::new(store, admin_routes, upstreams.clone()),
+                admin_limits,
+                config.limits.header_timeout,
+            ),
         );
         admin.add_tcp(addr);
         server.add_service(admin);

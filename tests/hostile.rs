@@ -24,7 +24,8 @@ async fn setup() -> Setup {
     let redis = Redis::start();
     let sim = Simulator::start(&[]);
     let mut cfg = GatewayConfig::redis(&redis, &[sim.addr()]);
-    cfg.extra = "limits:\n  body_timeout: 1s\nrate_limits:\n  requests_per_minute: 0\n  tokens_per_minute: 0\n  tokens_per_day: 0\n".into();
+    // All test clients share 127.0.0.1: no per-address connection cap here (tests/flood.rs has it).
+    cfg.extra = "limits:\n  body_timeout: 1s\n  max_connections_per_ip: 0\nrate_limits:\n  requests_per_minute: 0\n  tokens_per_minute: 0\n  tokens_per_day: 0\n".into();
     // A route with a large body limit for the million-message case.
     cfg.routes += "  - path: /bulk\n    kind: chat\n    upstream: main\n    model: m\n    max_body_bytes: 33554432\n";
     let gw = Gateway::start(cfg);

@@ -197,6 +197,10 @@ auth:
     redis:
       url: redis://127.0.0.1:{self.redis_port}/0
       key_prefix: "bench:"
+# Every load client connects from 127.0.0.1: no per-address connection cap.
+limits:
+  max_connections: 16000
+  max_connections_per_ip: 0
 # The /auth flood must reach the password hash, not the failed-login lockout.
 rate_limits:
 {self.chat_limits()}

@@ -135,14 +135,7 @@ fn fail(message: &str) -> i32 {
 
 /// JSON log lines on stderr; `RUST_LOG` picks the level (default `info`).
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_current_span(false)
-        .try_init();
+    crate::logs::init();
 }
 
 /// What `chatgate check` prints.

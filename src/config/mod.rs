@@ -258,6 +258,15 @@ pub struct Limits {
     /// Longest time to receive a whole request body (default 30 s); slower clients are
     /// disconnected.
     pub body_timeout: Duration,
+    /// Open connections on the public listeners; `None`: derived from the
+    /// open-file limit at start (see `connections::default_max_connections`).
+    pub max_connections: Option<usize>,
+    /// Open connections from one client address (default 256; 0: no cap).
+    pub max_connections_per_ip: usize,
+    /// Longest time to receive a request's headers, as a whole (default 10 s).
+    pub header_timeout: Duration,
+    /// Longest idle time of a kept-alive connection between requests (default 60 s).
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -266,6 +275,10 @@ impl Default for Limits {
             max_body_bytes: 1 << 20,
             max_auth_body_bytes: 64 << 10,
             body_timeout: Duration::from_secs(30),
+            max_connections: None,
+            max_connections_per_ip: 256,
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -641,11 +654,43 @@ impl Validator<'_> {
                 .limits
                 .body_timeout
                 .map_or(limit_defaults.body_timeout, |d| d.0),
+            max_connections: raw.limits.max_connections,
+            max_connections_per_ip: raw
+                .limits
+                .max_connections_per_ip
+                .unwrap_or(limit_defaults.max_connections_per_ip),
+            header_timeout: raw
+                .limits
+                .header_timeout
+                .map_or(limit_defaults.header_timeout, |d| d.0),
+            keepalive_timeout: raw
+                .limits
+                .keepalive_timeout
+                .map_or(limit_defaults.keepalive_timeout, |d| d.0),
         };
+        if limits.max_connections == Some(0) {
+            return Err(self.error(
+                "limits.max_connections",
+                "max_connections",
+                "must be greater than 0 (leave it out for the default from the open-file limit)",
+            ));
+        }
         if limits.max_body_bytes == 0 || limits.max_auth_body_bytes == 0 {
             return Err(self.error("limits", "limits:", "body limits must be greater than 0"));
         }
         self.positive("limits.body_timeout", "body_timeout", limits.body_timeout)?;
+        self.positive(
+            "limits.header_timeout",
+            "header_timeout",
+            limits.header_timeout,
+        )?;
+        if limits.keepalive_timeout < Duration::from_secs(1) {
+            return Err(self.error(
+                "limits.keepalive_timeout",
+                "keepalive_timeout",
+                "must be at least 1s (Pingora counts it in whole seconds)",
+            ));
+        }
         let auth = self.auth(raw.auth)?;
         let rate_limits = self.rate_limits(raw.rate_limits)?;
 

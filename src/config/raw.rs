@@ -117,6 +117,10 @@ pub(super) struct RawLimits {
     pub max_body_bytes: Option<usize>,
     pub max_auth_body_bytes: Option<usize>,
     pub body_timeout: Option<ConfigDuration>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    pub header_timeout: Option<ConfigDuration>,
+    pub keepalive_timeout: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

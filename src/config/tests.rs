@@ -543,3 +543,34 @@ fn listen_entries_are_checked() {
     let e = parse(&no_address).expect_err("no address").to_string();
     assert!(e.contains("missing field `address`"), "{e}");
 }
+
+#[test]
+fn connection_limits_defaults_overrides_and_errors() {
+    set_secret("CG_TEST_SECRET_CONN", &"s".repeat(40));
+    let base = sample("CG_TEST_SECRET_CONN");
+    let c = parse(&base).expect("valid");
+    assert_eq!(c.limits.max_connections, None, "derived at start");
+    assert_eq!(c.limits.max_connections_per_ip, 256);
+    assert_eq!(c.limits.header_timeout, Duration::from_secs(10));
+    assert_eq!(c.limits.keepalive_timeout, Duration::from_secs(60));
+
+    let set = |keys: &str| base.replace("limits:\n", &format!("limits:\n{keys}"));
+    let c = parse(&set(
+        "  max_connections: 300\n  max_connections_per_ip: 0\n  header_timeout: 2s\n  keepalive_timeout: 5s\n",
+    ))
+    .expect("valid");
+    assert_eq!(c.limits.max_connections, Some(300));
+    assert_eq!(c.limits.max_connections_per_ip, 0, "0: no per-address cap");
+    assert_eq!(c.limits.header_timeout, Duration::from_secs(2));
+    assert_eq!(c.limits.keepalive_timeout, Duration::from_secs(5));
+
+    for (keys, key) in [
+        ("  max_connections: 0\n", "limits.max_connections"),
+        ("  header_timeout: 0s\n", "limits.header_timeout"),
+        ("  keepalive_timeout: 500ms\n", "limits.keepalive_timeout"),
+    ] {
+        let e = parse(&set(keys)).unwrap_err();
+        assert!(e.message.starts_with(key), "{e}");
+        assert_eq!(e.line, Some(11), "the line under `limits:`: {e}");
+    }
+}

@@ -82,6 +82,8 @@ fn reply(status: u16, body: Vec<u8>, content_type: &str) -> Response<Vec<u8>> {
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // Headers are in and no body is read: the next request starts a new deadline.
+        crate::connections::deadline::request_done(session.stream());
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
             "/healthz" => json(200, json_object1("status", "ok")),

@@ -30,7 +30,8 @@ impl TrustedProxies {
         TrustedProxies { nets }
     }
 
-    fn trusts(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is one of the trusted proxies.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         self.nets.iter().any(|net| net.contains(&ip))
     }
@@ -64,7 +65,7 @@ impl TrustedProxies {
 
 /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, as dual-stack sockets report IPv4
 /// peers) as the IPv4 address it is, so that one network entry covers both.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,

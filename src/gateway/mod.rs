@@ -48,6 +48,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::auth::Authenticator;
 use crate::config::{CorsSettings, Limits, RouteKind, RouteSettings};
+use crate::connections;
 use crate::error::ApiError;
 use crate::limits::{Limiter, Reservation};
 use crate::metrics::{self, AuthOutcome};
@@ -198,6 +199,16 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        // The headers are in: their deadline stops (the body has its own).
+        connections::deadline::headers_done(session.as_downstream().stream());
+        Ok(())
+    }
+
     async fn request_filter(
         &self,
         session: &mut Session,
@@ -206,6 +217,8 @@ impl ProxyHttp for Gateway {
         ctx.request_id = request_id(session);
         if self.draining.is_set() {
             session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(self.limits.keepalive_timeout.as_secs()));
         }
         let path = session.req_header().uri.path().to_string();
         let is_post = session.req_header().method == http::Method::POST;
@@ -314,6 +327,8 @@ impl ProxyHttp for Gateway {
         _e: Option<&pingora::Error>,
         ctx: &mut RequestCtx,
     ) {
+        // The next request on this connection gets a fresh header deadline.
+        connections::deadline::request_done(session.as_downstream().stream());
         if let Some(reservation) = ctx.reservation.take() {
             let answered = ctx.status == 200 || ctx.tokens.is_some();
             self.limiter.settle(reservation, ctx.tokens, answered).await;
