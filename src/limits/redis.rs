@@ -75,6 +75,19 @@ end
 return 1
 ";
 
+/// Whether a charge would conform, writing nothing. KEYS[1] owner hash; ARGV field,
+/// interval (µs), tolerance (µs), cost. Returns the wait in µs, "0" when it fits.
+const PEEK_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tat < now then tat = now end
+local allowed_at = tat + tonumber(ARGV[4]) * tonumber(ARGV[2]) - tonumber(ARGV[3])
+if allowed_at > now then return string.format('%.0f', allowed_at - now) end
+return '0'
+";
+
+static PEEK: LazyLock<Script> = LazyLock::new(|| Script::new(PEEK_SCRIPT));
 static CHARGE: LazyLock<Script> = LazyLock::new(|| Script::new(CHARGE_SCRIPT));
 static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(SETTLE_SCRIPT));
 
@@ -89,6 +102,31 @@ pub fn owner_key(prefix: &str, owner: &str) -> String {
 /// The usage hash of a user's day.
 pub fn usage_key(prefix: &str, user: &str, day: &str) -> String {
     format!("{prefix}usage:{{{user}}}:{day}")
+}
+
+/// Whether `charge` would conform now, taking nothing; the inner `Err` is the wait in µs.
+pub async fn peek(
+    store: &RedisStore,
+    owner: &str,
+    charge: &Charge,
+) -> Result<Result<(), u64>, StoreError> {
+    let key = owner_key(store.key_prefix(), owner);
+    let wait: String = store
+        .run(|mut conn| {
+            let mut invocation = PEEK.key(&key);
+            invocation
+                .arg(&charge.bucket)
+                .arg(charge.rate.interval_us())
+                .arg(charge.rate.tolerance_us())
+                .arg(charge.cost);
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await?;
+    match wait.parse::<u64>() {
+        Ok(0) => Ok(Ok(())),
+        Ok(us) => Ok(Err(us)),
+        Err(_) => Ok(Err(1_000_000)),
+    }
 }
 
 /// Takes every charge or none; the inner `Err` is the wait in µs.
