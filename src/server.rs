@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::gateway::admin::AdminApp;
 use crate::gateway::client_ip::TrustedProxies;
 use crate::gateway::drain::{DrainWatch, Draining};
+use crate::gateway::framing::FramingGuard;
 use crate::gateway::{ChatRoute, Gateway};
 use crate::limits::{Limiter, UsageWriter};
 use crate::upstream::health::HealthChecker;
@@ -113,8 +114,11 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
         limiter,
         TrustedProxies::new(config.trusted_proxies.clone()),
     );
-    let mut proxy =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "chatgate");
+    // Wrapped so that Pingora's own empty 400s get the contract's JSON (see framing).
+    let mut proxy = Service::new(
+        "chatgate".to_string(),
+        FramingGuard::new(pingora::proxy::http_proxy(&server.configuration, gateway)),
+    );
     for addr in &config.listen {
         // No L4 read buffer: Pingora's default is a 64 KiB zero-filled buffer per client
         // connection (measured ~90 KB RSS per open stream), while the HTTP/1 session already

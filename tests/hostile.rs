@@ -364,8 +364,8 @@ async fn hostile_bodies_and_framing_get_contract_errors_or_clean_closes() {
         MISSING,
     );
 
-    // A 100 KB header reaches our code; thousands of headers are refused by Pingora
-    // itself with a bare 400 (no JSON: the request never reached chatgate).
+    // A 100 KB header reaches our code; thousands of headers are refused by Pingora's
+    // parser, before any hook: chatgate turns that reply into the contract's JSON.
     let big_header = format!("X-Big: {}\r\n", "b".repeat(100_000));
     expect(
         &s,
@@ -375,13 +375,52 @@ async fn hostile_bodies_and_framing_get_contract_errors_or_clean_closes() {
         MISSING,
     );
     let many: String = (0..3000).map(|i| format!("X-H{i}: v\r\n")).collect();
-    let (resp, _) = raw_exchange(port, &request("/auth", &many, b""), Duration::from_secs(10));
-    assert_eq!(
-        raw_status(&resp),
-        Some(400),
-        "{}",
-        String::from_utf8_lossy(&resp)
-    );
+    let before = s.gw.metrics().await;
+    let malformed: [(&str, Vec<u8>); 4] = [
+        ("3000 headers", request("/auth", &many, b"")),
+        (
+            "bad request line",
+            b"POST /auth HTTP/9\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "bad Content-Length",
+            b"POST /auth HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".to_vec(),
+        ),
+        (
+            "two Content-Lengths",
+            b"POST /auth HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+                .to_vec(),
+        ),
+    ];
+    for (what, raw) in &malformed {
+        let (resp, closed) = raw_exchange(port, raw, Duration::from_secs(10));
+        let text = String::from_utf8_lossy(&resp);
+        assert_eq!(raw_status(&resp), Some(400), "{what}: {text}");
+        assert!(closed, "{what}: connection left open");
+        assert_eq!(
+            raw_body(&resp),
+            r#"{"errorMessage": "Invalid request: malformed HTTP request"}"#,
+            "{what}: {text}"
+        );
+        assert!(
+            text.to_ascii_lowercase().contains("\r\nx-request-id: "),
+            "{what}: {text}"
+        );
+    }
+    let counted = |m: &Metrics| {
+        m.sum(
+            "chatgate_requests_total",
+            &[("route", "unparsed"), ("status", "400")],
+        )
+    };
+    let after = poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || s.gw.metrics(),
+        |m| counted(m) - counted(&before) >= malformed.len() as f64,
+    )
+    .await;
+    assert_eq!(counted(&after) - counted(&before), malformed.len() as f64);
 
     // Requests that close mid-body.
     for _ in 0..20 {

@@ -121,15 +121,24 @@ async fn usage_today_reaching(gw: &Gateway, user: &str, requests: u64) -> (u64, 
     .await
 }
 
-/// Redis's count of script calls so far (`INFO commandstats`).
+/// Redis's count of script calls that ran so far (`INFO commandstats`): `calls` minus
+/// `failed_calls`, so the NOSCRIPT miss of a script's first use (redis-rs then loads it and
+/// calls again) does not count.
 fn script_calls(redis: &Redis) -> u64 {
-    redis
-        .cli(&["INFO", "commandstats"])
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let Some(line) = stats
         .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
+    else {
+        return 0;
+    };
+    let field = |name: &str| -> u64 {
+        line.split(',')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    field("calls") - field("failed_calls")
 }
 
 /// The today row of `users usage`: (requests, prompt, completion, total).
