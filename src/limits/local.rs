@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::gcra::{adjust, conform, conform_all, Charge, Rate};
+use super::gcra::{adjust, conform_all, room, Charge, Rate};
 
 /// Entries beyond this make the map drop every bucket that is already empty.
 const MAX_BUCKETS: usize = 200_000;
@@ -43,11 +43,12 @@ impl LocalBuckets {
         Ok(())
     }
 
-    /// Whether `charge` would conform at `now`, taking nothing; `Err` is the wait in µs.
-    pub fn check(&self, owner: &str, charge: &Charge, now: u64) -> Result<(), u64> {
+    /// How many more units fit `owner`'s `bucket` at `now`, and the wait for one when none
+    /// does (see [`room`]); takes nothing.
+    pub fn room(&self, owner: &str, bucket: &str, rate: &Rate, now: u64) -> (u64, u64) {
         let tats = self.tats.lock().unwrap_or_else(|p| p.into_inner());
-        let tat = tats.get(&slot(owner, &charge.bucket)).copied().unwrap_or(0);
-        conform(tat, now, &charge.rate, charge.cost).map(|_| ())
+        let tat = tats.get(&slot(owner, bucket)).copied().unwrap_or(0);
+        room(tat, now, rate)
     }
 
     /// Corrects buckets after the fact (see [`adjust`]).

@@ -312,52 +312,46 @@ impl Limiter {
     }
 
     /// Waits until one more failure fits every owner's bucket next to the attempts in
-    /// flight, then holds a place in each; 429 when it does not fit with none in flight.
+    /// flight, then holds a place in each; 429 when the known failures alone leave no room.
     async fn admit_login(&self, owners: &[(String, Rate)]) -> Result<InFlight<'_>, ApiError> {
         loop {
-            let (held, counts, released) = self.logins_in_flight.enter(owners);
+            let released = self.logins_in_flight.released();
+            let mut rooms = Vec::with_capacity(owners.len());
             let mut refused = None;
-            let mut held_up = false;
-            for ((owner, rate), count) in owners.iter().zip(counts) {
-                match self.peek_login(owner, *rate, count).await? {
-                    Ok(()) => {}
-                    // Others in flight may still succeed: wait for them, then look again.
-                    Err(_) if count > 1 => held_up = true,
-                    Err(wait) => refused = refused.max(Some(wait)),
+            for (owner, rate) in owners {
+                let (units, wait) = self.login_room(owner, rate).await?;
+                if units == 0 {
+                    refused = refused.max(Some(wait));
                 }
+                rooms.push(units);
             }
             if let Some(wait) = refused {
                 return Err(ApiError::TooManyRequests {
                     retry_after: gcra::wait_duration(wait),
                 });
             }
-            if !held_up {
-                return Ok(held);
+            // Others in flight may still succeed: wait for one of them, then look again.
+            match self.logins_in_flight.enter(owners, &rooms) {
+                Some(held) => return Ok(held),
+                None => self.logins_in_flight.released_beyond(released).await,
             }
-            // Our own place given back is one release; wait for any other since we looked.
-            drop(held);
-            self.logins_in_flight.released_beyond(released + 1).await;
         }
     }
 
-    /// Whether `cost` more failures fit `owner`'s failed-login bucket now (nothing taken);
-    /// `Err` is the wait in µs.
-    async fn peek_login(
-        &self,
-        owner: &str,
-        rate: Rate,
-        cost: u64,
-    ) -> Result<Result<(), u64>, ApiError> {
-        let c = charge(AUTH_BUCKET.to_string(), rate, cost);
+    /// How many more failures fit `owner`'s failed-login bucket now, and the wait for one
+    /// when none does; takes nothing.
+    async fn login_room(&self, owner: &str, rate: &Rate) -> Result<(u64, u64), ApiError> {
         let Some(store) = &self.redis else {
-            return Ok(self.local.check(owner, &c, unix_micros()));
+            return Ok(self.local.room(owner, AUTH_BUCKET, rate, unix_micros()));
         };
-        match redis::peek(store, owner, &c).await {
-            Ok(fits) => Ok(fits),
+        match redis::room(store, owner, AUTH_BUCKET, rate).await {
+            Ok(room) => Ok(room),
             Err(e) => {
                 self.warn_store(&e);
                 match self.settings.on_store_error {
-                    OnStoreError::Allow => Ok(self.local.check(owner, &c, unix_micros())),
+                    OnStoreError::Allow => {
+                        Ok(self.local.room(owner, AUTH_BUCKET, rate, unix_micros()))
+                    }
                     OnStoreError::Deny => Err(ApiError::CredentialStoreUnavailable),
                 }
             }
@@ -560,23 +554,32 @@ struct InFlightState {
 }
 
 impl LoginsInFlight {
-    /// Holds a place for one more attempt at each owner; returns the counts including it,
-    /// and how many places had been given back until now.
-    fn enter(&self, owners: &[(String, Rate)]) -> (InFlight<'_>, Vec<u64>, u64) {
+    /// Holds a place at each owner when every owner has room for one more attempt next to
+    /// those already in flight (`rooms[i]`: the failures that still fit `owners[i]`).
+    fn enter(&self, owners: &[(String, Rate)], rooms: &[u64]) -> Option<InFlight<'_>> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now: Vec<u64> = owners
+        let fits = owners
             .iter()
-            .map(|(owner, _)| {
-                let n = state.counts.entry(owner.clone()).or_insert(0);
-                *n += 1;
-                *n
-            })
-            .collect();
-        let held = InFlight {
+            .zip(rooms)
+            .all(|((owner, _), room)| state.counts.get(owner).copied().unwrap_or(0) < *room);
+        if !fits {
+            return None;
+        }
+        for (owner, _) in owners {
+            *state.counts.entry(owner.clone()).or_insert(0) += 1;
+        }
+        Some(InFlight {
             registry: self,
             owners: owners.iter().map(|(owner, _)| owner.clone()).collect(),
-        };
-        (held, now, state.released)
+        })
+    }
+
+    /// How many places have been given back so far.
+    fn released(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .released
     }
 
     /// Waits until more than `count` places have been given back.

@@ -75,19 +75,23 @@ end
 return 1
 ";
 
-/// Whether a charge would conform, writing nothing. KEYS[1] owner hash; ARGV field,
-/// interval (µs), tolerance (µs), cost. Returns the wait in µs, "0" when it fits.
-const PEEK_SCRIPT: &str = r"
+/// How many more units fit a bucket, writing nothing. KEYS[1] owner hash; ARGV field,
+/// interval (µs), tolerance (µs). Returns {units, wait µs for one when none fits}.
+const ROOM_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tat = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if tat < now then tat = now end
-local allowed_at = tat + tonumber(ARGV[4]) * tonumber(ARGV[2]) - tonumber(ARGV[3])
-if allowed_at > now then return string.format('%.0f', allowed_at - now) end
-return '0'
+local interval = tonumber(ARGV[2])
+local room = now + tonumber(ARGV[3]) - tat
+if room < 0 then room = 0 end
+local units = math.floor(room / interval)
+local wait = 0
+if units == 0 then wait = math.max(1, tat + interval - tonumber(ARGV[3]) - now) end
+return {string.format('%.0f', units), string.format('%.0f', wait)}
 ";
 
-static PEEK: LazyLock<Script> = LazyLock::new(|| Script::new(PEEK_SCRIPT));
+static ROOM: LazyLock<Script> = LazyLock::new(|| Script::new(ROOM_SCRIPT));
 static CHARGE: LazyLock<Script> = LazyLock::new(|| Script::new(CHARGE_SCRIPT));
 static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(SETTLE_SCRIPT));
 
@@ -104,29 +108,29 @@ pub fn usage_key(prefix: &str, user: &str, day: &str) -> String {
     format!("{prefix}usage:{{{user}}}:{day}")
 }
 
-/// Whether `charge` would conform now, taking nothing; the inner `Err` is the wait in µs.
-pub async fn peek(
+/// How many more units fit `owner`'s `bucket` now, and the wait (µs) for one when none
+/// does; takes nothing.
+pub async fn room(
     store: &RedisStore,
     owner: &str,
-    charge: &Charge,
-) -> Result<Result<(), u64>, StoreError> {
+    bucket: &str,
+    rate: &Rate,
+) -> Result<(u64, u64), StoreError> {
     let key = owner_key(store.key_prefix(), owner);
-    let wait: String = store
+    let (units, wait): (String, String) = store
         .run(|mut conn| {
-            let mut invocation = PEEK.key(&key);
+            let mut invocation = ROOM.key(&key);
             invocation
-                .arg(&charge.bucket)
-                .arg(charge.rate.interval_us())
-                .arg(charge.rate.tolerance_us())
-                .arg(charge.cost);
+                .arg(bucket)
+                .arg(rate.interval_us())
+                .arg(rate.tolerance_us());
             async move { invocation.invoke_async(&mut conn).await }
         })
         .await?;
-    match wait.parse::<u64>() {
-        Ok(0) => Ok(Ok(())),
-        Ok(us) => Ok(Err(us)),
-        Err(_) => Ok(Err(1_000_000)),
-    }
+    Ok((
+        units.parse().unwrap_or(0),
+        wait.parse().unwrap_or(1_000_000),
+    ))
 }
 
 /// Takes every charge or none; the inner `Err` is the wait in µs.
