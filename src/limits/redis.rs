@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `<prefix>limit:{<user>}` | hash | one field per bucket: its arrival time (µs, Redis clock) |
 //! | `<prefix>limit:{ip:<addr>}` | hash | field `auth`: failed logins from that address |
+//! | `<prefix>limit:{<user> ip:<addr>}` | hash | field `auth`: failed logins of that name from that address |
 //! | `<prefix>usage:{<user>}:<YYYY-MM-DD>` | hash | `prompt_tokens`, `completion_tokens`, `requests` |
 //!
 //! Buckets use Redis's `TIME`, so gateways with skewed clocks still agree.
