@@ -23,6 +23,9 @@ pub enum ApiError {
     InvalidRequest(String),
     /// The request body is larger than the configured limit.
     BodyTooLarge { limit: usize },
+    /// The request body stopped arriving before it was complete (`limits.body_timeout`,
+    /// or a read gap of 10 s).
+    BodyTimeout,
     /// A rate limit was hit; the client may retry after this long.
     TooManyRequests { retry_after: Duration },
     /// `/auth` found every password hashing thread busy for the whole queue timeout
@@ -50,6 +53,7 @@ impl ApiError {
             | ApiError::TokenRejected => 401,
             ApiError::InvalidRequest(_) => 400,
             ApiError::BodyTooLarge { .. } => 413,
+            ApiError::BodyTimeout => 408,
             ApiError::TooManyRequests { .. } | ApiError::HashersBusy { .. } => 429,
             ApiError::CredentialStoreUnavailable => 503,
             ApiError::Upstream(_) | ApiError::Internal(_) => 500,
@@ -75,6 +79,7 @@ impl ApiError {
             ApiError::BodyTooLarge { limit } => {
                 format!("Invalid request: body exceeds {limit} bytes")
             }
+            ApiError::BodyTimeout => "Invalid request: body not received in time".into(),
             ApiError::TooManyRequests { retry_after } | ApiError::HashersBusy { retry_after } => {
                 format!(
                     "Too many requests: retry after {} seconds.",

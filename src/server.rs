@@ -18,6 +18,7 @@ use crate::connections::{self, ConnectionLimits, Guarded, MemoryTrimmer};
 use crate::gateway::admin::AdminApp;
 use crate::gateway::client_ip::TrustedProxies;
 use crate::gateway::drain::{DrainWatch, Draining};
+use crate::gateway::framing::FramingGuard;
 use crate::gateway::{ChatRoute, Gateway};
 use crate::limits::{Limiter, UsageWriter};
 use crate::upstream::health::HealthChecker;
@@ -146,7 +147,8 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
     let mut proxy = Service::new(
         "chatgate".to_string(),
         Guarded::new(
-            pingora::proxy::http_proxy(&server.configuration, gateway),
+            // FramingGuard: Pingora's own empty 400s get the contract's JSON (see framing).
+            FramingGuard::new(pingora::proxy::http_proxy(&server.configuration, gateway)),
             public_limits,
             limits.header_timeout,
         ),

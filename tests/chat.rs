@@ -205,6 +205,44 @@ async fn stream_splits_line_breaks_and_keeps_multibyte_text() {
     assert!(text.ends_with("event: message\ndata: \n\n"));
 }
 
+/// A `\r\n` that the upstream sends in two chunks is one line break for the client: the
+/// `\n` opening the next chunk is not a second one (issue 17).
+#[tokio::test]
+async fn a_crlf_split_across_upstream_chunks_stays_one_line_break() {
+    let s = setup(&[]).await;
+    // chunk_size=4: "abc\r" then "\nd".
+    let text = s
+        .post(
+            "/chatCompletionStream",
+            user("#sim chunk_size=4 reply=text:abc\\r\\nd"),
+        )
+        .await
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(
+        text,
+        "event: message\ndata: \n\nevent: message\ndata: abc\ndata: \n\n\
+         event: message\ndata: d\n\nevent: message\ndata: \n\n"
+    );
+    // chunk_size=1: the "\n" is a chunk of its own and adds nothing, not even an empty event.
+    let text = s
+        .post(
+            "/chatCompletionStream",
+            user("#sim chunk_size=1 reply=text:a\\r\\nb"),
+        )
+        .await
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(
+        text,
+        "event: message\ndata: \n\nevent: message\ndata: a\n\n\
+         event: message\ndata: \ndata: \n\nevent: message\ndata: b\n\n\
+         event: message\ndata: \n\n"
+    );
+}
+
 #[tokio::test]
 async fn json_data_format_keeps_bare_newline_tokens() {
     let sim = Simulator::start(&[]);

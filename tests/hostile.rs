@@ -223,7 +223,8 @@ async fn hostile_bodies_and_framing_get_contract_errors_or_clean_closes() {
         1
     );
 
-    // Chunked body that never ends, and a body that trickles: cut off after body_timeout.
+    // Chunked body that never ends, and a body that stops: 408 after body_timeout, then
+    // the close (issue 17: they used to be closed without an answer).
     for (what, raw) in [
         ("endless chunked", format!("POST /chatCompletion HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\n\r\n5\r\n[{{\"ro\r\n").into_bytes()),
         ("short body", b"POST /auth HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nusername=".to_vec()),
@@ -231,9 +232,44 @@ async fn hostile_bodies_and_framing_get_contract_errors_or_clean_closes() {
         let started = Instant::now();
         let (resp, closed) = raw_exchange(port, &raw, Duration::from_secs(5));
         assert!(closed, "{what}: connection left open");
-        assert!(resp.is_empty(), "{what}: {}", String::from_utf8_lossy(&resp));
+        assert_eq!(raw_status(&resp), Some(408), "{what}: {}", String::from_utf8_lossy(&resp));
+        assert_eq!(
+            raw_body(&resp),
+            r#"{"errorMessage": "Invalid request: body not received in time"}"#,
+            "{what}"
+        );
         assert!(started.elapsed() < Duration::from_secs(4), "{what}: {:?}", started.elapsed());
     }
+    // A chunk size that is no hex number: 400 with the contract's JSON, then the close.
+    for (path, head) in [("/chatCompletion", auth.as_str()), ("/auth", "")] {
+        let raw = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\n{head}Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
+        );
+        let (resp, closed) = raw_exchange(port, raw.as_bytes(), Duration::from_secs(5));
+        assert!(closed, "{path}: bad chunk size: connection left open");
+        assert_eq!(
+            raw_status(&resp),
+            Some(400),
+            "{path}: {}",
+            String::from_utf8_lossy(&resp)
+        );
+        assert_eq!(
+            raw_body(&resp),
+            r#"{"errorMessage": "Invalid request: malformed chunked body"}"#
+        );
+    }
+    // Two Authorization headers: refused, whichever of them is valid.
+    expect(
+        &s,
+        "two Authorization headers",
+        &request(
+            "/chatCompletion",
+            &format!("{auth}Authorization: Bearer x\r\n"),
+            br#"[{"role":"user","content":"x"}]"#,
+        ),
+        400,
+        "Invalid request: more than one Authorization header",
+    );
     let mut drip = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     drip.write_all(b"POST /auth HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\n").expect("head");
     let started = Instant::now();
@@ -280,19 +316,31 @@ async fn hostile_bodies_and_framing_get_contract_errors_or_clean_closes() {
     );
     assert_eq!(raw_status(&resp), Some(200));
 
-    // Multipart: a part too big to be a credential, and no boundary at all.
-    let huge = format!("--B\r\nContent-Disposition: form-data; name=\"username\"\r\n\r\n{}\r\n--B\r\nContent-Disposition: form-data; name=\"password\"\r\n\r\nx\r\n--B--\r\n", "a".repeat(60_000));
-    expect(
-        &s,
-        "huge part",
-        &request(
-            "/auth",
-            "Content-Type: multipart/form-data; boundary=B\r\n",
-            huge.as_bytes(),
-        ),
-        401,
-        MISSING,
-    );
+    // A value too long to be a credential is present but cannot authenticate, in every
+    // form alike (issue 17; multipart used to call it missing), and no boundary at all.
+    for len in [8192, 60_000] {
+        let long = "a".repeat(len);
+        let multipart = format!("--B\r\nContent-Disposition: form-data; name=\"username\"\r\n\r\n{long}\r\n--B\r\nContent-Disposition: form-data; name=\"password\"\r\n\r\nx\r\n--B--\r\n");
+        let urlencoded = format!("username={long}&password=x");
+        let json = format!(r#"{{"username": "{long}", "password": "x"}}"#);
+        for (content_type, body) in [
+            ("multipart/form-data; boundary=B", multipart),
+            ("application/x-www-form-urlencoded", urlencoded),
+            ("application/json", json),
+        ] {
+            expect(
+                &s,
+                &format!("{len}-byte username as {content_type}"),
+                &request(
+                    "/auth",
+                    &format!("Content-Type: {content_type}\r\n"),
+                    body.as_bytes(),
+                ),
+                401,
+                "Authentication failed: cannot authenticate",
+            );
+        }
+    }
     let over = "a".repeat(70_000);
     expect(
         &s,
@@ -317,8 +365,8 @@ async fn hostile_bodies_and_framing_get_contract_errors_or_clean_closes() {
         MISSING,
     );
 
-    // A 100 KB header reaches our code; thousands of headers are refused by Pingora
-    // itself with a bare 400 (no JSON: the request never reached chatgate).
+    // A 100 KB header reaches our code; thousands of headers are refused by Pingora's
+    // parser, before any hook: chatgate turns that reply into the contract's JSON.
     let big_header = format!("X-Big: {}\r\n", "b".repeat(100_000));
     expect(
         &s,
@@ -328,13 +376,52 @@ async fn hostile_bodies_and_framing_get_contract_errors_or_clean_closes() {
         MISSING,
     );
     let many: String = (0..3000).map(|i| format!("X-H{i}: v\r\n")).collect();
-    let (resp, _) = raw_exchange(port, &request("/auth", &many, b""), Duration::from_secs(10));
-    assert_eq!(
-        raw_status(&resp),
-        Some(400),
-        "{}",
-        String::from_utf8_lossy(&resp)
-    );
+    let before = s.gw.metrics().await;
+    let malformed: [(&str, Vec<u8>); 4] = [
+        ("3000 headers", request("/auth", &many, b"")),
+        (
+            "bad request line",
+            b"POST /auth HTTP/9\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "bad Content-Length",
+            b"POST /auth HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".to_vec(),
+        ),
+        (
+            "two Content-Lengths",
+            b"POST /auth HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+                .to_vec(),
+        ),
+    ];
+    for (what, raw) in &malformed {
+        let (resp, closed) = raw_exchange(port, raw, Duration::from_secs(10));
+        let text = String::from_utf8_lossy(&resp);
+        assert_eq!(raw_status(&resp), Some(400), "{what}: {text}");
+        assert!(closed, "{what}: connection left open");
+        assert_eq!(
+            raw_body(&resp),
+            r#"{"errorMessage": "Invalid request: malformed HTTP request"}"#,
+            "{what}: {text}"
+        );
+        assert!(
+            text.to_ascii_lowercase().contains("\r\nx-request-id: "),
+            "{what}: {text}"
+        );
+    }
+    let counted = |m: &Metrics| {
+        m.sum(
+            "chatgate_requests_total",
+            &[("route", "unparsed"), ("status", "400")],
+        )
+    };
+    let after = poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || s.gw.metrics(),
+        |m| counted(m) - counted(&before) >= malformed.len() as f64,
+    )
+    .await;
+    assert_eq!(counted(&after) - counted(&before), malformed.len() as f64);
 
     // Requests that close mid-body.
     for _ in 0..20 {
@@ -510,5 +597,39 @@ async fn a_full_session_logs_no_secret() {
         for line in log.lines() {
             assert!(!line.contains(secret), "{name} in log line: {line}");
         }
+    }
+}
+
+/// The operations listener answers only GET, like the public one: other methods get 405
+/// with `Allow` and the contract's JSON (issue 17: `POST /metrics` used to be a 200).
+#[tokio::test]
+async fn admin_endpoints_refuse_other_methods() {
+    let s = setup().await;
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        for method in [
+            reqwest::Method::POST,
+            reqwest::Method::PUT,
+            reqwest::Method::DELETE,
+        ] {
+            let resp = client()
+                .request(method.clone(), s.gw.admin_url(path))
+                .send()
+                .await
+                .expect("admin");
+            assert_eq!(
+                resp.headers().get("allow").map(|v| v.as_bytes()),
+                Some(&b"GET"[..]),
+                "{method} {path}"
+            );
+            assert_eq!(resp.status(), 405, "{method} {path}");
+            let body = resp.text().await.expect("body");
+            assert_eq!(body, r#"{"errorMessage": "Method not allowed"}"#);
+        }
+        let resp = client()
+            .get(s.gw.admin_url(path))
+            .send()
+            .await
+            .expect("admin");
+        assert_eq!(resp.status(), 200, "GET {path}");
     }
 }

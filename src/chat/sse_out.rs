@@ -31,6 +31,46 @@ pub fn write_message_event(text: &str, format: DataFormat, out: &mut BytesMut) {
     out.put_slice(b"\n\n");
 }
 
+/// Writes the text deltas of one stream as `message` events, carrying a line break split
+/// across deltas: a delta ending in `\r` already ended its line, so a `\n` opening the
+/// next delta is the second half of that `\r\n`, not another break. Without this, `abc\r`
+/// then `\nd` would reach a client as `abc\n\nd`.
+#[derive(Debug, Clone, Copy)]
+pub struct DeltaWriter {
+    format: DataFormat,
+    after_cr: bool,
+}
+
+impl DeltaWriter {
+    /// A writer rendering deltas as `format`.
+    pub fn new(format: DataFormat) -> Self {
+        Self {
+            format,
+            after_cr: false,
+        }
+    }
+
+    /// Appends the `message` event for one delta; returns whether an event was written.
+    /// In `text` format a delta that was only the `\n` of a split `\r\n` writes nothing:
+    /// an empty event in mid-stream would look like the closing one.
+    pub fn write(&mut self, text: &str, out: &mut BytesMut) -> bool {
+        if text.is_empty() {
+            return false;
+        }
+        let text = match self.format {
+            DataFormat::Text if self.after_cr => text.strip_prefix('\n').unwrap_or(text),
+            _ => text,
+        };
+        if text.is_empty() {
+            self.after_cr = false;
+            return false;
+        }
+        self.after_cr = text.ends_with('\r');
+        write_message_event(text, self.format, out);
+        true
+    }
+}
+
 /// Appends one `event: error` frame whose data is `{"errorMessage": <error_message>}`.
 pub fn write_error_event(error_message: &str, out: &mut BytesMut) {
     out.reserve(error_message.len() + 48);

@@ -6,7 +6,7 @@ use bytes::BytesMut;
 
 use super::reply::Usage;
 use super::sse_in::{SseError, UpstreamEvent, UpstreamSseParser};
-use super::sse_out::{write_message_event, DataFormat};
+use super::sse_out::{write_message_event, DataFormat, DeltaWriter};
 
 /// Where a streamed reply stands after a call to the transcoder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +25,7 @@ pub enum StreamStatus {
 pub struct StreamTranscoder {
     parser: UpstreamSseParser,
     format: DataFormat,
+    writer: DeltaWriter,
     status: StreamStatus,
     usage: Option<Usage>,
     events_sent: u64,
@@ -36,6 +37,7 @@ impl StreamTranscoder {
         Self {
             parser: UpstreamSseParser::new(max_event_bytes),
             format,
+            writer: DeltaWriter::new(format),
             status: StreamStatus::Open,
             usage: None,
             events_sent: 0,
@@ -52,7 +54,7 @@ impl StreamTranscoder {
         if !matches!(self.status, StreamStatus::Open) {
             return self.status.clone();
         }
-        let mut sink = EventSink::new(self.format, out);
+        let mut sink = EventSink::new(self.writer, out);
         let result = self.parser.feed(piece, &mut |event| sink.take(event));
         self.settle(sink, result)
     }
@@ -63,7 +65,7 @@ impl StreamTranscoder {
         if self.status != StreamStatus::Open {
             return self.status.clone();
         }
-        let mut sink = EventSink::new(self.format, out);
+        let mut sink = EventSink::new(self.writer, out);
         let result = self.parser.finish(&mut |event| sink.take(event));
         let status = self.settle(sink, result);
         if status != StreamStatus::Open {
@@ -85,6 +87,7 @@ impl StreamTranscoder {
     }
 
     fn settle(&mut self, sink: EventSink<'_>, result: Result<(), SseError>) -> StreamStatus {
+        self.writer = sink.writer;
         self.events_sent += sink.events_sent;
         if sink.usage.is_some() {
             self.usage = sink.usage;
@@ -115,7 +118,7 @@ enum Ending {
 
 /// Collects what the parser reports during one call, writing text events as they come.
 struct EventSink<'o> {
-    format: DataFormat,
+    writer: DeltaWriter,
     out: &'o mut BytesMut,
     events_sent: u64,
     usage: Option<Usage>,
@@ -123,9 +126,9 @@ struct EventSink<'o> {
 }
 
 impl<'o> EventSink<'o> {
-    fn new(format: DataFormat, out: &'o mut BytesMut) -> Self {
+    fn new(writer: DeltaWriter, out: &'o mut BytesMut) -> Self {
         Self {
-            format,
+            writer,
             out,
             events_sent: 0,
             usage: None,
@@ -136,8 +139,9 @@ impl<'o> EventSink<'o> {
     fn take(&mut self, event: UpstreamEvent<'_>) {
         match event {
             UpstreamEvent::Delta(text) => {
-                write_message_event(&text, self.format, self.out);
-                self.events_sent += 1;
+                if self.writer.write(&text, self.out) {
+                    self.events_sent += 1;
+                }
             }
             UpstreamEvent::Usage(usage) => self.usage = Some(usage),
             UpstreamEvent::Done => self.ending = Some(Ending::Done),
@@ -384,19 +388,18 @@ mod tests {
             let (whole, status, stream) = transcode(format, &[&upstream]);
             prop_assert_eq!(status, StreamStatus::Finished);
             prop_assert_eq!(stream.usage(), Some(Usage { prompt_tokens: 17, completion_tokens: 5 }));
-            let non_empty = tokens.iter().filter(|token| !token.is_empty()).count() as u64;
-            prop_assert_eq!(stream.events_sent(), non_empty);
 
             let events = decode_message_events(&whole, format);
-            prop_assert_eq!(events.len() as u64, non_empty + 2);
+            prop_assert!(events.len() >= 2);
+            prop_assert_eq!(stream.events_sent(), events.len() as u64 - 2);
             prop_assert_eq!(events.first().map(String::as_str), Some(""));
             prop_assert_eq!(events.last().map(String::as_str), Some(""));
-            // A client reassembles multi-line data with \n, whatever the original break was.
-            let expected: String = match format {
-                DataFormat::Text => tokens
-                    .iter()
-                    .map(|token| token.replace("\r\n", "\n").replace('\r', "\n"))
-                    .collect(),
+            // Only the first and the last event are empty: a client can tell the end.
+            prop_assert!(events[1..events.len() - 1].iter().all(|e| !e.is_empty()));
+            // A client reassembles multi-line data with \n, whatever the original break was,
+            // also when a \r\n is split across two tokens.
+            let expected = match format {
+                DataFormat::Text => normalize_breaks(&tokens.concat()),
                 DataFormat::Json => tokens.concat(),
             };
             prop_assert_eq!(events.concat(), expected);
@@ -417,6 +420,146 @@ mod tests {
             let bytes: Vec<&[u8]> = upstream.chunks(1).collect();
             let (byte_by_byte, _, _) = transcode(format, &bytes);
             prop_assert_eq!(&byte_by_byte, &whole);
+        }
+    }
+
+    /// Every line break (`\r\n`, `\n`, `\r`) as `\n`, as an SSE client reassembles data lines.
+    fn normalize_breaks(text: &str) -> String {
+        text.replace("\r\n", "\n").replace('\r', "\n")
+    }
+
+    /// A client per the WHATWG HTML specification's "Interpreting an event stream": lines
+    /// end at CRLF, LF or CR; a `data` field appends its value and a LF; a blank line
+    /// dispatches the data minus its last LF (nothing when the data buffer is empty); the
+    /// type is `event` or `message`. Returns (type, data) per dispatched event.
+    fn whatwg_client(body: &[u8]) -> Vec<(String, String)> {
+        let text = std::str::from_utf8(body).expect("UTF-8 stream");
+        let mut rest = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let (mut events, mut data, mut kind) = (Vec::new(), String::new(), String::new());
+        while let Some(end) = rest.find(['\r', '\n']) {
+            let line = &rest[..end];
+            let skip = if rest[end..].starts_with("\r\n") {
+                2
+            } else {
+                1
+            };
+            rest = &rest[end + skip..];
+            if line.is_empty() {
+                if !data.is_empty() {
+                    data.pop();
+                    let kind = if kind.is_empty() {
+                        "message".to_owned()
+                    } else {
+                        kind.clone()
+                    };
+                    events.push((kind, std::mem::take(&mut data)));
+                }
+                kind.clear();
+                continue;
+            }
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+                None => (line, ""),
+            };
+            match field {
+                "event" => kind = value.to_owned(),
+                "data" => {
+                    data.push_str(value);
+                    data.push('\n');
+                }
+                _ => {}
+            }
+        }
+        // An unterminated last event is discarded, as the specification says.
+        events
+    }
+
+    /// Cuts `content` at character boundaries picked by `cuts` (sorted, duplicates allowed).
+    fn split_at_chars(content: &str, cuts: &[prop::sample::Index]) -> Vec<String> {
+        let boundaries: Vec<usize> = content
+            .char_indices()
+            .map(|(i, _)| i)
+            .chain([content.len()])
+            .collect();
+        let mut points: Vec<usize> = cuts.iter().map(|c| *c.get(&boundaries)).collect();
+        points.sort_unstable();
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        for point in points {
+            pieces.push(content[start..point].to_owned());
+            start = point;
+        }
+        pieces.push(content[start..].to_owned());
+        pieces
+    }
+
+    #[test]
+    fn a_crlf_split_across_deltas_is_one_line_break() {
+        for (pieces, joined) in [
+            (&["abc\r", "\nd"][..], "abc\nd"),
+            (&["abc\r", "\n", "d"][..], "abc\nd"),
+            (&["\r", "\n"][..], "\n"),
+            (&["a\r", "\r", "\nb"][..], "a\n\nb"),
+            (&["a\r", "b\n"][..], "a\nb\n"),
+            (&["a\r", "", "\nb"][..], "a\nb"),
+        ] {
+            let tokens: Vec<String> = pieces.iter().map(|p| (*p).to_owned()).collect();
+            let upstream = render_upstream(&tokens, &[], &[]);
+            let (body, status, _) = transcode(DataFormat::Text, &[&upstream]);
+            assert_eq!(status, StreamStatus::Finished);
+            let events = whatwg_client(&body);
+            let data: String = events.iter().map(|(_, d)| d.as_str()).collect();
+            assert_eq!(data, joined, "{pieces:?}");
+        }
+    }
+
+    proptest! {
+        /// Any content cut into any deltas, and the upstream body cut into any reads, reaches a
+        /// conforming SSE client as the content itself: line breaks as `\n` in `text` format,
+        /// byte for byte in `json` format.
+        #[test]
+        fn a_conforming_client_joins_any_split_content_back(
+            content in "[ab\r\n你😀]{0,24}",
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+            reads in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+            json in any::<bool>(),
+        ) {
+            let format = if json { DataFormat::Json } else { DataFormat::Text };
+            let tokens = split_at_chars(&content, &cuts);
+            let upstream = render_upstream(&tokens, &[], &[]);
+            let mut points: Vec<usize> = reads.iter().map(|r| r.index(upstream.len() + 1)).collect();
+            points.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut start = 0;
+            for point in points {
+                pieces.push(&upstream[start..point]);
+                start = point;
+            }
+            pieces.push(&upstream[start..]);
+            let (body, status, _) = transcode(format, &pieces);
+            prop_assert_eq!(status, StreamStatus::Finished);
+
+            let events = whatwg_client(&body);
+            prop_assert!(events.iter().all(|(kind, _)| kind == "message"));
+            prop_assert!(events.len() >= 2);
+            let data: Vec<String> = events
+                .into_iter()
+                .map(|(_, data)| match format {
+                    DataFormat::Text => data,
+                    DataFormat::Json => serde_json::from_str(&data).expect("a JSON string"),
+                })
+                .collect();
+            prop_assert_eq!(data.first().map(String::as_str), Some(""));
+            prop_assert_eq!(data.last().map(String::as_str), Some(""));
+            prop_assert!(data[1..data.len() - 1].iter().all(|d| !d.is_empty()));
+            let expected = match format {
+                DataFormat::Text => normalize_breaks(&content),
+                DataFormat::Json => content.clone(),
+            };
+            prop_assert_eq!(data.concat(), expected);
         }
     }
 }

@@ -866,6 +866,21 @@ impl Validator<'_> {
             "window",
             r.auth.window.map_or(Duration::from_secs(900), |w| w.0),
         )?;
+        let global_window = self.positive(
+            "rate_limits.auth.global_window",
+            "global_window",
+            r.auth
+                .global_window
+                .map_or(Duration::from_secs(3600), |w| w.0),
+        )?;
+        let login_global = or(
+            r.auth.failures_per_username_global,
+            d.login_per_username_global.map(|r| r.limit),
+        )
+        .map(|limit| Rate {
+            limit,
+            period: global_window,
+        });
         let login = |v: Option<u64>, default: Option<Rate>| {
             or(v, default.map(|r| r.limit)).map(|limit| Rate {
                 limit,
@@ -888,6 +903,7 @@ impl Validator<'_> {
                 .map_or(d.usage_write_interval, |u| u.0),
             login_per_username: login(r.auth.failures_per_username, d.login_per_username),
             login_per_ip: login(r.auth.failures_per_ip, d.login_per_ip),
+            login_per_username_global: login_global,
         })
     }
 

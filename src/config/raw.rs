@@ -150,6 +150,8 @@ pub(super) struct RawAuthLimits {
     pub failures_per_username: Option<u64>,
     pub failures_per_ip: Option<u64>,
     pub window: Option<ConfigDuration>,
+    pub failures_per_username_global: Option<u64>,
+    pub global_window: Option<ConfigDuration>,
 }
 
 /// Per-route chat limits, counted on top of the global ones.

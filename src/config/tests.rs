@@ -574,3 +574,39 @@ fn connection_limits_defaults_overrides_and_errors() {
         assert_eq!(e.line, Some(11), "the line under `limits:`: {e}");
     }
 }
+
+#[test]
+fn failed_login_ceiling_per_name_defaults_overrides_and_errors() {
+    set_secret("CG_TEST_SECRET_LG", &"s".repeat(40));
+    let c = parse(&sample("CG_TEST_SECRET_LG")).unwrap();
+    assert_eq!(
+        c.rate_limits.login_per_username_global,
+        Some(Rate {
+            limit: 100,
+            period: Duration::from_secs(3600)
+        })
+    );
+    let with = |auth: &str| {
+        sample("CG_TEST_SECRET_LG").replace(
+            "limits:\n",
+            &format!("rate_limits:\n  auth: {{{auth}}}\nlimits:\n"),
+        )
+    };
+    let c = parse(&with("failures_per_username_global: 40, global_window: 2h")).unwrap();
+    assert_eq!(
+        c.rate_limits.login_per_username_global,
+        Some(Rate {
+            limit: 40,
+            period: Duration::from_secs(7200)
+        })
+    );
+    let c = parse(&with("failures_per_username_global: 0")).unwrap();
+    assert_eq!(c.rate_limits.login_per_username_global, None, "0 is off");
+    let e = parse(&with("global_window: 0s"))
+        .expect_err("zero window")
+        .to_string();
+    assert!(
+        e.contains("rate_limits.auth.global_window: must be greater than 0"),
+        "{e}"
+    );
+}

@@ -11,7 +11,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::auth::store::CredentialStore;
-use crate::error::{error_body, json_object1};
+use crate::error::{error_body, json_object1, ApiError};
 use crate::metrics;
 use crate::upstream::health;
 use crate::upstream::Upstream;
@@ -85,6 +85,17 @@ impl ServeHttp for AdminApp {
         // Headers are in and no body is read: the next request starts a new deadline.
         crate::connections::deadline::request_done(session.stream());
         let path = session.req_header().uri.path().to_string();
+        let known = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
+        if known && session.req_header().method != http::Method::GET {
+            let error = ApiError::MethodNotAllowed { allow: "GET" };
+            let mut resp = json(error.status(), error.body());
+            for (name, value) in error.extra_headers() {
+                if let Ok(value) = http::HeaderValue::from_str(&value) {
+                    resp.headers_mut().insert(name, value);
+                }
+            }
+            return resp;
+        }
         match path.as_str() {
             "/healthz" => json(200, json_object1("status", "ok")),
             "/readyz" => match self.readiness().await {

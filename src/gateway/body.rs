@@ -12,9 +12,10 @@ use crate::error::ApiError;
 /// Longest wait for the next piece of a body.
 const MAX_READ_GAP: Duration = Duration::from_secs(10);
 
-/// Reads the whole request body, or fails with 413 once it exceeds `limit`.
-/// A client that breaks off mid-body, or has not sent it all `within`, yields
-/// `Err(None)`: the connection is closed without an answer.
+/// Reads the whole request body, or fails with 413 once it exceeds `limit`, 400 when its
+/// chunked framing is broken, 408 when it has not all arrived `within` (or a piece takes
+/// longer than [`MAX_READ_GAP`]). A client that breaks off mid-body yields `Err(None)`:
+/// there is nobody left to answer.
 pub(super) async fn read_limited(
     session: &mut Session,
     limit: usize,
@@ -32,7 +33,7 @@ pub(super) async fn read_limited(
                 "request body not received in time"
             );
             session.set_keepalive(None);
-            Err(None)
+            Err(Some(ApiError::BodyTimeout))
         }
     }
 }
@@ -63,10 +64,29 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Option<
             }
             Ok(None) => return Ok(body.freeze()),
             Err(e) => {
-                tracing::debug!(error = %e.etype().as_str(), "client broke off while sending the body");
                 session.set_keepalive(None);
-                return Err(None);
+                return Err(body_error(&e));
             }
+        }
+    }
+}
+
+/// What a failed body read is answered with: Pingora's chunked-framing errors (its
+/// `InvalidChunk`, `InvalidTrailerEnd` error types) are the client's malformed request,
+/// a read timeout is a body that stopped arriving; anything else means the client left.
+fn body_error(e: &pingora::Error) -> Option<ApiError> {
+    match e.etype() {
+        pingora::ErrorType::ReadTimedout => {
+            tracing::debug!("request body stopped arriving");
+            Some(ApiError::BodyTimeout)
+        }
+        pingora::ErrorType::Custom("InvalidChunk" | "InvalidTrailerEnd") => {
+            tracing::debug!(error = %e, "malformed chunked request body");
+            Some(ApiError::InvalidRequest("malformed chunked body".into()))
+        }
+        other => {
+            tracing::debug!(error = %other.as_str(), "client broke off while sending the body");
+            None
         }
     }
 }

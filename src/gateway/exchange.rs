@@ -24,9 +24,18 @@ pub(super) async fn admit(
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<Option<(Caller, Bytes)>, ApiError> {
-    let authorization = session
-        .get_header(http::header::AUTHORIZATION)
-        .map(|v| v.as_bytes().to_vec());
+    let mut values = session
+        .req_header()
+        .headers
+        .get_all(http::header::AUTHORIZATION)
+        .iter();
+    let authorization = values.next().map(|v| v.as_bytes().to_vec());
+    if values.next().is_some() {
+        // Which one would count is up to each hop; refuse rather than pick one.
+        return Err(ApiError::InvalidRequest(
+            "more than one Authorization header".into(),
+        ));
+    }
     // Boxed, like the reservation below: Redis calls' future state would
     // otherwise stay reserved in the request's future while a stream is open.
     let caller = Box::pin(auth.authorize(authorization.as_deref())).await?;

@@ -34,6 +34,7 @@ pub mod client_ip;
 mod cors;
 pub mod drain;
 mod exchange;
+pub mod framing;
 mod login_route;
 mod openai_route;
 mod reply;

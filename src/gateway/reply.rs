@@ -70,7 +70,10 @@ pub(super) async fn send_error(session: &mut Session, ctx: &mut RequestCtx, erro
         extra.push(("Cache-Control", "no-store".into()));
     }
     send_json(session, ctx, error.status(), error.body(), &extra).await;
-    discard_unread_body(session).await;
+    // A body that stopped arriving is not waited for again.
+    if *error != ApiError::BodyTimeout {
+        discard_unread_body(session).await;
+    }
 }
 
 /// After an early reply, reads (and drops) what the client is still sending,

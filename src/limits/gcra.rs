@@ -77,6 +77,23 @@ pub fn conform(tat: u64, now: u64, rate: &Rate, cost: u64) -> Result<u64, u64> {
     }
 }
 
+/// How many more units fit the bucket at `now`, and when none does, how long until one
+/// does (µs); the same arithmetic as [`conform`], taking nothing.
+pub fn room(tat: u64, now: u64, rate: &Rate) -> (u64, u64) {
+    let base = tat.max(now);
+    let room = now.saturating_add(rate.tolerance_us()).saturating_sub(base);
+    let units = room / rate.interval_us();
+    let wait = if units > 0 {
+        0
+    } else {
+        base.saturating_add(rate.interval_us())
+            .saturating_sub(rate.tolerance_us())
+            .saturating_sub(now)
+            .max(1)
+    };
+    (units, wait)
+}
+
 /// All-or-nothing over several buckets: the new arrival times when every charge conforms,
 /// else the longest wait (µs). `tats[i]` belongs to `charges[i]`.
 pub fn conform_all(tats: &[u64], now: u64, charges: &[Charge]) -> Result<Vec<u64>, u64> {
@@ -185,6 +202,21 @@ mod tests {
         // Adjusting a long-idle bucket starts from now.
         assert_eq!(adjust(5, now, &rate, 1), now + 100_000);
         assert_eq!(adjust(5, now, &rate, -10), 0);
+    }
+
+    #[test]
+    fn room_agrees_with_conform() {
+        let rate = Rate::per_minute(5); // interval 12 s
+        let now = 1_000 * S;
+        let mut tat = 0;
+        for left in (1..=5).rev() {
+            assert_eq!(room(tat, now, &rate), (left, 0));
+            assert!(conform(tat, now, &rate, left).is_ok());
+            assert!(conform(tat, now, &rate, left + 1).is_err());
+            tat = conform(tat, now, &rate, 1).expect("fits");
+        }
+        assert_eq!(room(tat, now, &rate), (0, 12 * S));
+        assert_eq!(conform(tat, now, &rate, 1), Err(12 * S));
     }
 
     #[test]

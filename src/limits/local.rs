@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::gcra::{adjust, conform_all, Charge, Rate};
+use super::gcra::{adjust, conform_all, room, Charge, Rate};
 
 /// Entries beyond this make the map drop every bucket that is already empty.
 const MAX_BUCKETS: usize = 200_000;
@@ -41,6 +41,14 @@ impl LocalBuckets {
             tats.insert(slot(owner, &charge.bucket), tat);
         }
         Ok(())
+    }
+
+    /// How many more units fit `owner`'s `bucket` at `now`, and the wait for one when none
+    /// does (see [`room`]); takes nothing.
+    pub fn room(&self, owner: &str, bucket: &str, rate: &Rate, now: u64) -> (u64, u64) {
+        let tats = self.tats.lock().unwrap_or_else(|p| p.into_inner());
+        let tat = tats.get(&slot(owner, bucket)).copied().unwrap_or(0);
+        room(tat, now, rate)
     }
 
     /// Corrects buckets after the fact (see [`adjust`]).

@@ -59,10 +59,13 @@ pub struct LimitSettings {
     /// How often usage counts gathered in this process are written to Redis in one
     /// batch; zero writes them with each request's settlement.
     pub usage_write_interval: Duration,
-    /// Failed logins per user name.
+    /// Failed logins per user name from one client address.
     pub login_per_username: Option<Rate>,
     /// Failed logins per client address (IPv6: per /64).
     pub login_per_ip: Option<Rate>,
+    /// Failed logins per user name from all addresses together: a ceiling on guessing
+    /// that is spread over many addresses.
+    pub login_per_username_global: Option<Rate>,
 }
 
 impl Default for LimitSettings {
@@ -84,6 +87,12 @@ impl Default for LimitSettings {
             login_per_ip: Some(Rate {
                 limit: 20,
                 period: Duration::from_secs(900),
+            }),
+            // OWASP ASVS 4.0, 2.2.1: "no more than 100 failed attempts per hour is
+            // possible on a single account".
+            login_per_username_global: Some(Rate {
+                limit: 100,
+                period: Duration::from_secs(3600),
             }),
         }
     }
@@ -121,6 +130,8 @@ pub struct Limiter {
     /// Whether a [`UsageWriter`] is running, so settlements may be left to its batches.
     write_behind: AtomicBool,
     last_warning: AtomicU64,
+    /// Login attempts of this process whose password is still being checked.
+    logins_in_flight: LoginsInFlight,
 }
 
 impl Limiter {
@@ -134,6 +145,7 @@ impl Limiter {
             pending_corrections: PendingCorrections::default(),
             write_behind: AtomicBool::new(false),
             last_warning: AtomicU64::new(0),
+            logins_in_flight: LoginsInFlight::default(),
         }
     }
 
@@ -247,9 +259,16 @@ impl Limiter {
         }
     }
 
-    /// Runs a login `attempt` under the failed-login limits for `username` and `ip`:
-    /// refused with 429 while either is locked out; a rejected password counts a failure,
-    /// a success clears the name's failures.
+    /// Runs a login `attempt` under the failed-login limits for `username` and `ip`: the
+    /// address, the (name, address) pair and the name across all addresses. Refused with
+    /// 429 while any of them is locked out by failures already known; a rejected password
+    /// counts one failure in each, a success clears the pair's failures.
+    ///
+    /// Only known failures count. An attempt still being checked holds a place: when the
+    /// known failures plus the attempts in flight (in this process) would exceed a limit,
+    /// the attempt waits for those to finish instead of being refused, so parallel guesses
+    /// cannot overshoot a limit and a right password is never refused for attempts that
+    /// may still succeed; every `Retry-After` is the wait the known failures impose.
     pub async fn guard_login<T>(
         &self,
         username: Option<&str>,
@@ -259,71 +278,112 @@ impl Limiter {
         let Some(username) = username else {
             return attempt.await;
         };
-        // A name no user can have is never looked up; the address limit still holds.
-        let user_owner = validate_username(username)
-            .is_ok()
-            .then_some(username)
-            .zip(self.settings.login_per_username);
-        let ip_owner = ip.map(ip_owner).zip(self.settings.login_per_ip);
-
-        let mut taken: Vec<(String, Rate, Taken)> = Vec::new();
-        let owners = ip_owner
-            .iter()
-            .map(|(o, r)| (o.as_str(), *r))
-            .chain(user_owner.iter().map(|(o, r)| (*o, *r)));
-        for (owner, rate) in owners {
-            match self
-                .take(owner, &[charge(AUTH_BUCKET.to_string(), rate, 1)])
-                .await
-            {
-                Ok(where_) => taken.push((owner.to_string(), rate, where_)),
-                Err(e) => {
-                    self.refund_login(&taken).await;
-                    return Err(e);
-                }
-            }
+        let ip_tag = ip.map(ip_owner);
+        let mut owners: Vec<(String, Rate)> = Vec::new();
+        if let (Some(tag), Some(rate)) = (&ip_tag, self.settings.login_per_ip) {
+            owners.push((tag.clone(), rate));
         }
+        // A name no user can have is never looked up; the address limit still holds.
+        let pair = validate_username(username).is_ok().then(|| {
+            let tag = ip_tag.as_deref().unwrap_or("ip:unknown");
+            format!("{username} {tag}")
+        });
+        if let (Some(pair), Some(rate)) = (&pair, self.settings.login_per_username) {
+            owners.push((pair.clone(), rate));
+        }
+        if let (true, Some(rate)) = (pair.is_some(), self.settings.login_per_username_global) {
+            owners.push((username.to_string(), rate));
+        }
+        let in_flight = self.admit_login(&owners).await?;
         let result = attempt.await;
         match &result {
-            Err(ApiError::CredentialsRejected) => {}
+            Err(ApiError::CredentialsRejected) => self.count_login_failure(&owners).await,
             Ok(_) => {
-                let (user, rest): (Vec<_>, Vec<_>) = taken
-                    .into_iter()
-                    .partition(|(owner, _, _)| owner == username);
-                for (owner, _, where_) in user {
-                    self.reset(&owner, where_).await;
+                if let Some(pair) = &pair {
+                    self.reset_login(pair).await;
                 }
-                self.refund_login(&rest).await;
             }
-            // Store outages and the like are not the client's failures.
-            Err(_) => self.refund_login(&taken).await,
+            // Store outages, busy hashers and the like are not the client's failures.
+            Err(_) => {}
         }
+        // Released after the failure is counted, so a waiting attempt sees it.
+        drop(in_flight);
         result
     }
 
-    async fn refund_login(&self, taken: &[(String, Rate, Taken)]) {
-        for (owner, rate, where_) in taken {
-            let correction = [(AUTH_BUCKET.to_string(), *rate, -1)];
-            match (where_, &self.redis) {
-                (Taken::Shared, Some(store)) => {
-                    if let Err(e) = redis::settle(store, owner, &correction, None).await {
-                        self.warn_store(&e);
-                    }
+    /// Waits until one more failure fits every owner's bucket next to the attempts in
+    /// flight, then holds a place in each; 429 when the known failures alone leave no room.
+    async fn admit_login(&self, owners: &[(String, Rate)]) -> Result<InFlight<'_>, ApiError> {
+        loop {
+            let released = self.logins_in_flight.released();
+            let mut rooms = Vec::with_capacity(owners.len());
+            let mut refused = None;
+            for (owner, rate) in owners {
+                let (units, wait) = self.login_room(owner, rate).await?;
+                if units == 0 {
+                    refused = refused.max(Some(wait));
                 }
-                _ => self.local.adjust(owner, &correction, unix_micros()),
+                rooms.push(units);
+            }
+            if let Some(wait) = refused {
+                return Err(ApiError::TooManyRequests {
+                    retry_after: gcra::wait_duration(wait),
+                });
+            }
+            // Others in flight may still succeed: wait for one of them, then look again.
+            match self.logins_in_flight.enter(owners, &rooms) {
+                Some(held) => return Ok(held),
+                None => self.logins_in_flight.released_beyond(released).await,
             }
         }
     }
 
-    async fn reset(&self, owner: &str, where_: Taken) {
-        match (where_, &self.redis) {
-            (Taken::Shared, Some(store)) => {
-                if let Err(e) = redis::reset(store, owner, AUTH_BUCKET).await {
-                    self.warn_store(&e);
+    /// How many more failures fit `owner`'s failed-login bucket now, and the wait for one
+    /// when none does; takes nothing.
+    async fn login_room(&self, owner: &str, rate: &Rate) -> Result<(u64, u64), ApiError> {
+        let Some(store) = &self.redis else {
+            return Ok(self.local.room(owner, AUTH_BUCKET, rate, unix_micros()));
+        };
+        match redis::room(store, owner, AUTH_BUCKET, rate).await {
+            Ok(room) => Ok(room),
+            Err(e) => {
+                self.warn_store(&e);
+                match self.settings.on_store_error {
+                    OnStoreError::Allow => {
+                        Ok(self.local.room(owner, AUTH_BUCKET, rate, unix_micros()))
+                    }
+                    OnStoreError::Deny => Err(ApiError::CredentialStoreUnavailable),
                 }
             }
-            _ => self.local.reset(owner, AUTH_BUCKET),
         }
+    }
+
+    /// Counts one failed login for each owner (never refused: a failure past the limit
+    /// lengthens the lockout).
+    async fn count_login_failure(&self, owners: &[(String, Rate)]) {
+        for (owner, rate) in owners {
+            let correction = [(AUTH_BUCKET.to_string(), *rate, 1)];
+            match &self.redis {
+                Some(store) => {
+                    if let Err(e) = redis::settle(store, owner, &correction, None).await {
+                        self.warn_store(&e);
+                        self.local.adjust(owner, &correction, unix_micros());
+                    }
+                }
+                None => self.local.adjust(owner, &correction, unix_micros()),
+            }
+        }
+    }
+
+    /// Empties `owner`'s failed-login bucket, in Redis and in this process (failures
+    /// counted here while Redis was unreachable).
+    async fn reset_login(&self, owner: &str) {
+        if let Some(store) = &self.redis {
+            if let Err(e) = redis::reset(store, owner, AUTH_BUCKET).await {
+                self.warn_store(&e);
+            }
+        }
+        self.local.reset(owner, AUTH_BUCKET);
     }
 
     /// Takes every charge for `owner` in Redis, or locally when Redis is absent or (with
@@ -474,6 +534,98 @@ impl BackgroundService for UsageWriter {
             let _ = shutdown.changed().await;
         })
         .await;
+    }
+}
+
+/// Login attempts of this process still being checked, per limit owner, so a new attempt
+/// can tell failures already counted from attempts that may yet succeed.
+#[derive(Default)]
+struct LoginsInFlight {
+    state: std::sync::Mutex<InFlightState>,
+    /// Woken whenever a place is given back.
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct InFlightState {
+    counts: std::collections::HashMap<String, u64>,
+    /// How many places have been given back so far.
+    released: u64,
+}
+
+impl LoginsInFlight {
+    /// Holds a place at each owner when every owner has room for one more attempt next to
+    /// those already in flight (`rooms[i]`: the failures that still fit `owners[i]`).
+    fn enter(&self, owners: &[(String, Rate)], rooms: &[u64]) -> Option<InFlight<'_>> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let fits = owners
+            .iter()
+            .zip(rooms)
+            .all(|((owner, _), room)| state.counts.get(owner).copied().unwrap_or(0) < *room);
+        if !fits {
+            return None;
+        }
+        for (owner, _) in owners {
+            *state.counts.entry(owner.clone()).or_insert(0) += 1;
+        }
+        Some(InFlight {
+            registry: self,
+            owners: owners.iter().map(|(owner, _)| owner.clone()).collect(),
+        })
+    }
+
+    /// How many places have been given back so far.
+    fn released(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .released
+    }
+
+    /// Waits until more than `count` places have been given back.
+    async fn released_beyond(&self, count: u64) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .released
+                > count
+            {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// One attempt's places in [`LoginsInFlight`], given back on drop.
+struct InFlight<'a> {
+    registry: &'a LoginsInFlight,
+    owners: Vec<String>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut state = self
+            .registry
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for owner in &self.owners {
+            if let Some(n) = state.counts.get_mut(owner) {
+                *n -= 1;
+                if *n == 0 {
+                    state.counts.remove(owner);
+                }
+            }
+        }
+        state.released += 1;
+        drop(state);
+        self.registry.changed.notify_waiters();
     }
 }
 
@@ -674,6 +826,142 @@ mod tests {
             l.guard_login(Some("erin"), Some(other), reject()).await,
             Err(ApiError::CredentialsRejected)
         );
+    }
+
+    /// Runs `n` login attempts for `name` from `ip` at once; each attempt, once admitted,
+    /// waits at a gate the test opens when `admitted_first` attempts are in.
+    async fn logins_at_once(
+        l: &Arc<Limiter>,
+        name: &'static str,
+        ip: IpAddr,
+        n: usize,
+        admitted_first: usize,
+        verdict: Result<(), ApiError>,
+    ) -> (Vec<Result<(), ApiError>>, usize) {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let ran = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (l, gate, ran, verdict) =
+                    (l.clone(), gate.clone(), ran.clone(), verdict.clone());
+                tokio::spawn(async move {
+                    l.guard_login(Some(name), Some(ip), async {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                        let _permit = gate.acquire().await.expect("gate");
+                        verdict
+                    })
+                    .await
+                })
+            })
+            .collect();
+        while ran.load(Ordering::SeqCst) < admitted_first as u64 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        // No more got in while those are in flight.
+        assert_eq!(ran.load(Ordering::SeqCst), admitted_first as u64);
+        gate.add_permits(n);
+        let mut results = Vec::new();
+        for task in tasks {
+            results.push(task.await.expect("task"));
+        }
+        (results, ran.load(Ordering::SeqCst) as usize)
+    }
+
+    /// Ten right passwords at once for a name allowing 5 failures: attempts still in flight
+    /// are no failures, so all ten succeed (the later five wait for the first five).
+    #[tokio::test]
+    async fn parallel_right_passwords_all_succeed() {
+        let settings = LimitSettings {
+            login_per_username: Some(Rate::per_minute(5)),
+            login_per_ip: Some(Rate::per_minute(20)),
+            ..LimitSettings::default()
+        };
+        let l = Arc::new(Limiter::new(settings, None));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let (results, ran) = logins_at_once(&l, "alice", ip, 10, 5, Ok(())).await;
+        assert_eq!(results, vec![Ok(()); 10]);
+        assert_eq!(ran, 10);
+    }
+
+    /// Ten wrong passwords at once: exactly the limit's five are checked, the rest get 429
+    /// with the true wait (a full minute's worth of one failure: 12 s).
+    #[tokio::test]
+    async fn parallel_wrong_passwords_cannot_overshoot_the_limit() {
+        let settings = LimitSettings {
+            login_per_username: Some(Rate::per_minute(5)),
+            login_per_ip: Some(Rate::per_minute(20)),
+            ..LimitSettings::default()
+        };
+        let l = Arc::new(Limiter::new(settings, None));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let (results, ran) =
+            logins_at_once(&l, "alice", ip, 10, 5, Err(ApiError::CredentialsRejected)).await;
+        assert_eq!(ran, 5);
+        let rejected = results
+            .iter()
+            .filter(|r| **r == Err(ApiError::CredentialsRejected))
+            .count();
+        assert_eq!(rejected, 5);
+        for r in results
+            .iter()
+            .filter(|r| **r != Err(ApiError::CredentialsRejected))
+        {
+            match r {
+                Err(ApiError::TooManyRequests { retry_after }) => assert!(
+                    *retry_after > Duration::from_secs(11)
+                        && *retry_after <= Duration::from_secs(12),
+                    "{retry_after:?}"
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// Failures count per (name, address): another address can still log in; the name's
+    /// ceiling over all addresses stops guessing spread over many.
+    #[tokio::test]
+    async fn a_name_is_locked_per_address_and_by_a_ceiling_over_all() {
+        let settings = LimitSettings {
+            login_per_username: Some(Rate::per_minute(2)),
+            login_per_ip: Some(Rate::per_minute(10)),
+            login_per_username_global: Some(Rate::per_minute(5)),
+            ..LimitSettings::default()
+        };
+        let l = Limiter::new(settings, None);
+        let reject = || async { Err::<(), _>(ApiError::CredentialsRejected) };
+        let ok = || async { Ok::<(), ApiError>(()) };
+        let at = |i: u8| -> IpAddr { format!("10.0.0.{i}").parse().unwrap() };
+        for _ in 0..2 {
+            assert_eq!(
+                l.guard_login(Some("alice"), Some(at(1)), reject()).await,
+                Err(ApiError::CredentialsRejected)
+            );
+        }
+        assert!(matches!(
+            l.guard_login(Some("alice"), Some(at(1)), ok()).await,
+            Err(ApiError::TooManyRequests { .. })
+        ));
+        // The user, elsewhere, is not locked out.
+        assert_eq!(
+            l.guard_login(Some("alice"), Some(at(2)), ok()).await,
+            Ok(())
+        );
+        // Guesses from three more addresses reach the name's ceiling of 5.
+        for i in [3, 4, 5] {
+            assert_eq!(
+                l.guard_login(Some("alice"), Some(at(i)), reject()).await,
+                Err(ApiError::CredentialsRejected)
+            );
+        }
+        assert!(matches!(
+            l.guard_login(Some("alice"), Some(at(6)), ok()).await,
+            Err(ApiError::TooManyRequests { .. })
+        ));
+        // Other names are not affected.
+        assert_eq!(l.guard_login(Some("bob"), Some(at(6)), ok()).await, Ok(()));
     }
 
     #[test]

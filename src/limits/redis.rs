@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `<prefix>limit:{<user>}` | hash | one field per bucket: its arrival time (µs, Redis clock) |
 //! | `<prefix>limit:{ip:<addr>}` | hash | field `auth`: failed logins from that address |
+//! | `<prefix>limit:{<user> ip:<addr>}` | hash | field `auth`: failed logins of that name from that address |
 //! | `<prefix>usage:{<user>}:<YYYY-MM-DD>` | hash | `prompt_tokens`, `completion_tokens`, `requests` |
 //!
 //! Buckets use Redis's `TIME`, so gateways with skewed clocks still agree.
@@ -75,6 +76,23 @@ end
 return 1
 ";
 
+/// How many more units fit a bucket, writing nothing. KEYS[1] owner hash; ARGV field,
+/// interval (µs), tolerance (µs). Returns {units, wait µs for one when none fits}.
+const ROOM_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tat < now then tat = now end
+local interval = tonumber(ARGV[2])
+local room = now + tonumber(ARGV[3]) - tat
+if room < 0 then room = 0 end
+local units = math.floor(room / interval)
+local wait = 0
+if units == 0 then wait = math.max(1, tat + interval - tonumber(ARGV[3]) - now) end
+return {string.format('%.0f', units), string.format('%.0f', wait)}
+";
+
+static ROOM: LazyLock<Script> = LazyLock::new(|| Script::new(ROOM_SCRIPT));
 static CHARGE: LazyLock<Script> = LazyLock::new(|| Script::new(CHARGE_SCRIPT));
 static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(SETTLE_SCRIPT));
 
@@ -89,6 +107,31 @@ pub fn owner_key(prefix: &str, owner: &str) -> String {
 /// The usage hash of a user's day.
 pub fn usage_key(prefix: &str, user: &str, day: &str) -> String {
     format!("{prefix}usage:{{{user}}}:{day}")
+}
+
+/// How many more units fit `owner`'s `bucket` now, and the wait (µs) for one when none
+/// does; takes nothing.
+pub async fn room(
+    store: &RedisStore,
+    owner: &str,
+    bucket: &str,
+    rate: &Rate,
+) -> Result<(u64, u64), StoreError> {
+    let key = owner_key(store.key_prefix(), owner);
+    let (units, wait): (String, String) = store
+        .run(|mut conn| {
+            let mut invocation = ROOM.key(&key);
+            invocation
+                .arg(bucket)
+                .arg(rate.interval_us())
+                .arg(rate.tolerance_us());
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await?;
+    Ok((
+        units.parse().unwrap_or(0),
+        wait.parse().unwrap_or(1_000_000),
+    ))
 }
 
 /// Takes every charge or none; the inner `Err` is the wait in µs.
