@@ -253,7 +253,8 @@ mod tests {
             }]
         };
         // A locked-out name: its bucket is the fullest there is.
-        b.charge("victim-guess", &fail(5), now).expect("five failures");
+        b.charge("victim-guess", &fail(5), now)
+            .expect("five failures");
         assert!(b.charge("victim-guess", &fail(1), now).is_err());
         for i in 0..20_000 {
             let _ = b.charge(&format!("dict-{i}"), &fail(1), now + i);
