@@ -29,7 +29,8 @@ pub fn count(text: &str) -> u64 {
 }
 
 /// Prompt tokens of an OpenAI chat-completions request body, counted the way OpenAI
-/// bills chats: each message's text and name, 3 tokens per message, 3 for the reply.
+/// bills chats: each message's role, text and name (plus 1), 3 tokens per message, 3
+/// for the reply.
 /// Non-text parts (images, tool calls) are not counted. A body that is not such a
 /// request counts as one token per 4 bytes.
 pub fn prompt_tokens(body: &[u8]) -> u64 {
@@ -40,6 +41,8 @@ pub fn prompt_tokens(body: &[u8]) -> u64 {
     #[derive(Deserialize)]
     struct Message {
         #[serde(default)]
+        role: Option<String>,
+        #[serde(default)]
         content: Value,
         #[serde(default)]
         name: Option<String>,
@@ -49,7 +52,7 @@ pub fn prompt_tokens(body: &[u8]) -> u64 {
     };
     let mut tokens = TOKENS_PER_REPLY;
     for message in &request.messages {
-        tokens += TOKENS_PER_MESSAGE;
+        tokens += TOKENS_PER_MESSAGE + message.role.as_deref().map_or(0, count);
         match &message.content {
             Value::String(text) => tokens += count(text),
             Value::Array(parts) => {
@@ -104,9 +107,7 @@ impl CompletionText {
 pub async fn estimate_stream(body: bytes::Bytes, completion: CompletionText) -> (u64, u64) {
     let count = move || (prompt_tokens(&body), completion.tokens());
     // Only a panic in the tokenizer fails here; count nothing rather than guess twice.
-    tokio::task::spawn_blocking(count)
-        .await
-        .unwrap_or_default()
+    tokio::task::spawn_blocking(count).await.unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -121,12 +122,38 @@ mod tests {
         assert_eq!(count("tiktoken is great!"), 6);
     }
 
+    /// Counts OpenAI published: its GPT-4o announcement gives the same sentence in the old
+    /// (cl100k_base, GPT-4) and the new (o200k_base, GPT-4o) tokenizer; the cookbook's
+    /// six-message example prompt was billed 124 tokens by the API on gpt-4o.
+    #[test]
+    fn matches_counts_openai_published() {
+        let cl100k = |text: &str| {
+            tiktoken_rs::cl100k_base_singleton()
+                .encode_ordinary(text)
+                .len()
+        };
+        let english =
+            "Hello, my name is GPT-4o. I'm a new type of language model, it's nice to meet you!";
+        let chinese = "你好，我的名字是GPT-4o。我是一种新型的语言模型，很高兴见到你!";
+        assert_eq!((cl100k(english), count(english)), (27, 24));
+        assert_eq!((cl100k(chinese), count(chinese)), (34, 24));
+        let cookbook = serde_json::json!({"messages": [
+            {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English."},
+            {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
+            {"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."},
+            {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."},
+            {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how to do better."},
+            {"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the client deliverable."}
+        ]});
+        assert_eq!(prompt_tokens(cookbook.to_string().as_bytes()), 124);
+    }
+
     #[test]
     fn prompt_tokens_add_the_chat_overhead() {
         let body = br#"{"model":"m","messages":[{"role":"system","content":"hello world"},{"role":"user","content":[{"type":"text","text":"hello world"},{"type":"image_url","image_url":{"url":"x"}}]}]}"#;
-        assert_eq!(prompt_tokens(body), 3 + (3 + 2) + (3 + 2));
+        assert_eq!(prompt_tokens(body), 3 + (3 + 1 + 2) + (3 + 1 + 2));
         let named = br#"{"messages":[{"role":"user","name":"bob","content":"hello world"}]}"#;
-        assert_eq!(prompt_tokens(named), 3 + 3 + 2 + 1 + count("bob"));
+        assert_eq!(prompt_tokens(named), 3 + 3 + 1 + 2 + 1 + count("bob"));
         assert_eq!(prompt_tokens(b"not json at all!"), 4);
     }
 
