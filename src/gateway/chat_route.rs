@@ -205,6 +205,7 @@ async fn stream_reply(
             }
         }
         StreamEnd::Failed(cause) => {
+            drop(open);
             ctx.outcome = "upstream_error";
             write_error_event(&upstream_failure_message(&cause), &mut out);
             let _ = session
@@ -213,7 +214,8 @@ async fn stream_reply(
             tracing::debug!(request_id = %ctx.request_id, cause = %cause, "stream failed after the first event");
         }
         StreamEnd::ClientGone => {
-            // Dropping `open` closes the upstream connection, cancelling the generation.
+            // Closes the upstream connection, cancelling the generation (before any count).
+            drop(open);
             ctx.outcome = "cancelled";
         }
     }

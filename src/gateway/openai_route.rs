@@ -62,15 +62,16 @@ pub(super) async fn handle(
     let Some(open) = opened else { return Ok(()) };
     if request.stream {
         let strip_usage = request.strip_usage.then(UsageChunkFilter::new);
-        Box::pin(pass_stream(
+        let passed = pass_stream(
             route,
             session,
             ctx,
             open,
-            (upstream_body, strip_usage),
+            upstream_body,
+            strip_usage,
             deadline,
-        ))
-        .await;
+        );
+        Box::pin(passed).await;
         return Ok(());
     }
     drop(upstream_body);
@@ -103,7 +104,8 @@ async fn pass_stream(
     session: &mut Session,
     ctx: &mut RequestCtx,
     mut open: OpenResponse,
-    (body, mut strip): (Bytes, Option<UsageChunkFilter>),
+    body: Bytes,
+    mut strip: Option<UsageChunkFilter>,
     deadline: Instant,
 ) {
     let upstream = &route.upstream;
@@ -190,13 +192,15 @@ async fn pass_stream(
     ctx.tokens = seen.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
     match failure {
         Some(cause) => {
+            drop(open);
             ctx.outcome = "upstream_error";
             ctx.abort = true;
             tracing::debug!(request_id = %ctx.request_id, cause = %cause, "pass-through stream failed after the first byte");
         }
         None if ctx.outcome == "ok" => upstream.release(open).await,
         None => {
-            // Dropping `open` closes the upstream connection, cancelling the generation.
+            // Closes the upstream connection, cancelling the generation (before any count).
+            drop(open);
         }
     }
     if ctx.tokens.is_none() {
