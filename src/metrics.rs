@@ -93,8 +93,8 @@ static ACTIVE_STREAMS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 static TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "chatgate_tokens_total",
-        "Tokens reported by upstreams, by route and kind (prompt, completion).",
-        &["route", "kind"],
+        "Tokens used, by route, kind (prompt, completion) and source (upstream: reported by the upstream; estimated: counted by chatgate because the upstream reported none).",
+        &["route", "kind", "source"],
     )
 });
 static AUTH_ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -214,11 +214,14 @@ pub fn request_done(route: &str, status: u16, duration: Duration) {
         .observe(duration.as_secs_f64());
 }
 
-/// Token usage an upstream reported for one request.
-pub fn tokens(route: &str, prompt: u64, completion: u64) {
-    TOKENS.with_label_values(&[route, "prompt"]).inc_by(prompt);
+/// Token usage of one request; `estimated`: counted by chatgate, not the upstream.
+pub fn tokens(route: &str, prompt: u64, completion: u64, estimated: bool) {
+    let source = if estimated { "estimated" } else { "upstream" };
     TOKENS
-        .with_label_values(&[route, "completion"])
+        .with_label_values(&[route, "prompt", source])
+        .inc_by(prompt);
+    TOKENS
+        .with_label_values(&[route, "completion", source])
         .inc_by(completion);
 }
 

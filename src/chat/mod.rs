@@ -1,6 +1,7 @@
 //! The chat pipeline's pure cores: the client message array and its rewrite into an
-//! OpenAI request, the non-streaming reply, and the SSE transcoding of streamed replies.
-//! Nothing here does I/O; the gateway glue feeds bytes in and writes bytes out.
+//! OpenAI request, the non-streaming reply, the SSE transcoding of streamed replies, and
+//! the token counts made when an upstream reports none. Nothing here does network I/O;
+//! the gateway glue feeds bytes in and writes bytes out.
 
 pub mod openai;
 pub mod reply;
@@ -8,6 +9,8 @@ pub mod request;
 pub mod sse_in;
 pub mod sse_out;
 pub mod stream;
+pub mod token_count;
+pub mod usage_strip;
 
 pub use reply::{parse_completion, upstream_error_message, Completion, ReplyError, Usage};
 pub use request::{

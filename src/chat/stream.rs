@@ -1,12 +1,14 @@
 //! Streaming reply transcoder: reads the upstream's OpenAI SSE body piece by piece and
 //! writes the contract's downstream SSE frames (one empty event first, one per text
-//! delta, one empty event last), reporting when the stream finished or failed.
+//! delta, one empty event last), reporting when the stream finished or failed. It keeps
+//! the answer's text until the upstream reports usage, to count it when none comes.
 
 use bytes::BytesMut;
 
 use super::reply::Usage;
 use super::sse_in::{SseError, UpstreamEvent, UpstreamSseParser};
 use super::sse_out::{write_message_event, DataFormat, DeltaWriter};
+use super::token_count::CompletionText;
 
 /// Where a streamed reply stands after a call to the transcoder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +31,8 @@ pub struct StreamTranscoder {
     status: StreamStatus,
     usage: Option<Usage>,
     events_sent: u64,
+    /// The answer so far, while no usage was reported.
+    completion: CompletionText,
 }
 
 impl StreamTranscoder {
@@ -41,6 +45,7 @@ impl StreamTranscoder {
             status: StreamStatus::Open,
             usage: None,
             events_sent: 0,
+            completion: CompletionText::default(),
         }
     }
 
@@ -54,9 +59,12 @@ impl StreamTranscoder {
         if !matches!(self.status, StreamStatus::Open) {
             return self.status.clone();
         }
-        let mut sink = EventSink::new(self.writer, out);
+        let mut completion = std::mem::take(&mut self.completion);
+        let mut sink = EventSink::new(self.writer, out, &mut completion);
         let result = self.parser.feed(piece, &mut |event| sink.take(event));
-        self.settle(sink, result)
+        let status = self.settle(sink, result);
+        self.keep_completion(completion);
+        status
     }
 
     /// Ends the upstream body (it closed cleanly): dispatches a trailing event and, unless
@@ -65,9 +73,11 @@ impl StreamTranscoder {
         if self.status != StreamStatus::Open {
             return self.status.clone();
         }
-        let mut sink = EventSink::new(self.writer, out);
+        let mut completion = std::mem::take(&mut self.completion);
+        let mut sink = EventSink::new(self.writer, out, &mut completion);
         let result = self.parser.finish(&mut |event| sink.take(event));
         let status = self.settle(sink, result);
+        self.keep_completion(completion);
         if status != StreamStatus::Open {
             return status;
         }
@@ -81,9 +91,22 @@ impl StreamTranscoder {
         self.usage
     }
 
+    /// The answer's text, to count when no usage came (empty once usage came).
+    pub fn take_completion(&mut self) -> CompletionText {
+        std::mem::take(&mut self.completion)
+    }
+
     /// How many non-empty `message` events were written.
     pub fn events_sent(&self) -> u64 {
         self.events_sent
+    }
+
+    /// Puts the answer's text back, unless usage came and nothing needs counting.
+    fn keep_completion(&mut self, mut completion: CompletionText) {
+        if self.usage.is_some() {
+            completion.clear();
+        }
+        self.completion = completion;
     }
 
     fn settle(&mut self, sink: EventSink<'_>, result: Result<(), SseError>) -> StreamStatus {
@@ -120,16 +143,18 @@ enum Ending {
 struct EventSink<'o> {
     writer: DeltaWriter,
     out: &'o mut BytesMut,
+    completion: &'o mut CompletionText,
     events_sent: u64,
     usage: Option<Usage>,
     ending: Option<Ending>,
 }
 
 impl<'o> EventSink<'o> {
-    fn new(writer: DeltaWriter, out: &'o mut BytesMut) -> Self {
+    fn new(writer: DeltaWriter, out: &'o mut BytesMut, completion: &'o mut CompletionText) -> Self {
         Self {
             writer,
             out,
+            completion,
             events_sent: 0,
             usage: None,
             ending: None,
@@ -139,6 +164,7 @@ impl<'o> EventSink<'o> {
     fn take(&mut self, event: UpstreamEvent<'_>) {
         match event {
             UpstreamEvent::Delta(text) => {
+                self.completion.push(&text);
                 if self.writer.write(&text, self.out) {
                     self.events_sent += 1;
                 }
@@ -242,6 +268,8 @@ mod tests {
         );
         assert_eq!(stream.finish(&mut out), StreamStatus::Finished);
         assert_eq!(stream.usage(), None);
+        // No usage came: the answer is kept for counting.
+        assert_eq!(stream.take_completion().tokens(), 1);
     }
 
     #[test]

@@ -231,16 +231,17 @@ async fn usage(redis: Option<Arc<RedisStore>>, name: &str, days: u32) -> Result<
 fn usage_table(days: &[String], counts: &[UsageDelta]) -> String {
     let line = |label: &str, u: &UsageDelta| {
         format!(
-            "{label:<10}  {:>8}  {:>12}  {:>12}  {:>12}",
+            "{label:<10}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}",
             u.requests,
             u.prompt_tokens,
             u.completion_tokens,
-            u.prompt_tokens.saturating_add(u.completion_tokens)
+            u.prompt_tokens.saturating_add(u.completion_tokens),
+            u.estimated_tokens
         )
     };
     let mut out = format!(
-        "{:<10}  {:>8}  {:>12}  {:>12}  {:>12}",
-        "DAY", "REQUESTS", "PROMPT", "COMPLETION", "TOTAL"
+        "{:<10}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}",
+        "DAY", "REQUESTS", "PROMPT", "COMPLETION", "TOTAL", "ESTIMATED"
     );
     let mut total = UsageDelta::default();
     for (day, u) in days.iter().zip(counts) {
@@ -249,6 +250,7 @@ fn usage_table(days: &[String], counts: &[UsageDelta]) -> String {
         total.requests += u.requests;
         total.prompt_tokens += u.prompt_tokens;
         total.completion_tokens += u.completion_tokens;
+        total.estimated_tokens += u.estimated_tokens;
     }
     out += "\n";
     out += &line("total", &total);
@@ -268,6 +270,7 @@ mod tests {
                 prompt_tokens: 10,
                 completion_tokens: 5,
                 requests: 2,
+                estimated_tokens: 15,
             },
         ];
         let table = usage_table(&days, &counts);
@@ -276,11 +279,11 @@ mod tests {
         assert!(lines[0].starts_with("DAY"));
         assert_eq!(
             lines[2].split_whitespace().collect::<Vec<_>>(),
-            ["2025-01-02", "2", "10", "5", "15"]
+            ["2025-01-02", "2", "10", "5", "15", "15"]
         );
         assert_eq!(
             lines[3].split_whitespace().collect::<Vec<_>>(),
-            ["total", "2", "10", "5", "15"]
+            ["total", "2", "10", "5", "15", "15"]
         );
     }
 }

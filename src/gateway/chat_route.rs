@@ -1,7 +1,8 @@
 //! Chat routes: Bearer check, body validation and rewrite (all before any
 //! upstream connection), the upstream call, then either `{"message": ...}` or
 //! the SSE stream transcoded chunk by chunk with keep-alives, idle timeout and
-//! cancellation when the client goes away.
+//! cancellation when the client goes away. A stream whose upstream reports no usage
+//! has its tokens counted here (marked estimated).
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use crate::chat::reply::parse_completion;
 use crate::chat::request::{build_openai_body, parse_messages, UpstreamRequestSpec};
 use crate::chat::sse_out::{write_error_event, KEEPALIVE_COMMENT};
 use crate::chat::stream::{StreamStatus, StreamTranscoder};
+use crate::chat::token_count::estimate_stream;
 use crate::config::RouteKind;
 use crate::error::{json_object1, upstream_failure_message, ApiError};
 use crate::limits::Limiter;
@@ -36,7 +38,7 @@ pub(super) async fn handle(
     };
     let settings = &route.settings;
     let messages = parse_messages(&raw).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
-    exchange::reserve(limiter, route, &caller, raw.len(), ctx).await?;
+    exchange::reserve(limiter, route, &caller, raw.len(), None, ctx).await?;
     drop(raw);
     let stream = settings.kind == RouteKind::ChatStream;
     let upstream_body = Bytes::from(build_openai_body(
@@ -54,14 +56,22 @@ pub(super) async fn handle(
     let deadline = Instant::now() + route.upstream.settings.total_timeout;
     let opened =
         exchange::open_upstream(route, session, ctx, &upstream_body, stream, deadline).await?;
-    drop(upstream_body);
     let Some(open) = opened else { return Ok(()) };
     if stream {
         // Boxed: its state is large and would otherwise be part of (and copied with)
         // every request's future, streaming or not.
-        Box::pin(stream_reply(route, session, ctx, open, deadline)).await;
+        Box::pin(stream_reply(
+            route,
+            session,
+            ctx,
+            open,
+            upstream_body,
+            deadline,
+        ))
+        .await;
         return Ok(());
     }
+    drop(upstream_body);
     let Some((body, _)) = exchange::read_reply(route, session, ctx, open, deadline).await? else {
         return Ok(());
     };
@@ -88,12 +98,14 @@ enum StreamEnd {
     ClientGone,
 }
 
-/// Streams the upstream's chunks to the client as CONTRACT's SSE events.
+/// Streams the upstream's chunks to the client as CONTRACT's SSE events. The request
+/// `body` is kept to count its tokens if the upstream reports no usage.
 async fn stream_reply(
     route: &ChatRoute,
     session: &mut Session,
     ctx: &mut RequestCtx,
     mut open: OpenResponse,
+    body: Bytes,
     deadline: Instant,
 ) {
     let settings = &route.settings;
@@ -177,6 +189,8 @@ async fn stream_reply(
     ctx.tokens = transcoder
         .usage()
         .map(|u| (u.prompt_tokens, u.completion_tokens));
+    let completion = transcoder.take_completion();
+    drop(transcoder);
     match end {
         StreamEnd::Finished => {
             // Drain what follows [DONE] (usually nothing) so the connection can be reused.
@@ -192,6 +206,7 @@ async fn stream_reply(
             }
         }
         StreamEnd::Failed(cause) => {
+            drop(open);
             // The cause may hold the upstream's own error text, which may quote its key.
             let cause = upstream.redact(&cause);
             ctx.outcome = "upstream_error";
@@ -202,8 +217,14 @@ async fn stream_reply(
             tracing::debug!(request_id = %ctx.request_id, cause = %cause, "stream failed after the first event");
         }
         StreamEnd::ClientGone => {
-            // Dropping `open` closes the upstream connection, cancelling the generation.
+            // Closes the upstream connection, cancelling the generation (before any count).
+            drop(open);
             ctx.outcome = "cancelled";
         }
+    }
+    if ctx.tokens.is_none() {
+        // After the client's last byte: counting never delays the answer.
+        ctx.tokens = Some(estimate_stream(body, completion).await);
+        ctx.tokens_estimated = true;
     }
 }

@@ -51,17 +51,20 @@ pub(super) async fn admit(
     }
 }
 
-/// Reserves the caller's request and estimated tokens on this route; settled
-/// from the upstream's usage when the request is logged.
+/// Reserves the caller's request and estimated tokens on this route (`completion`:
+/// the request's own bound on the answer, else the route's estimate); settled from
+/// the usage when the request is logged.
 pub(super) async fn reserve(
     limiter: &Limiter,
     route: &ChatRoute,
     caller: &Caller,
     body_bytes: usize,
+    completion: Option<u64>,
     ctx: &mut RequestCtx,
 ) -> Result<(), ApiError> {
     let settings = &route.settings;
-    let estimate = estimate_tokens(body_bytes, settings.completion_estimate);
+    let completion = completion.unwrap_or(settings.completion_estimate);
+    let estimate = estimate_tokens(body_bytes, completion);
     let reservation = Box::pin(limiter.reserve(
         &caller.username,
         &settings.path,

@@ -19,8 +19,9 @@
 //!                       broken pass-through stream without its closing chunk)
 //! ```
 //!
-//! `logging` settles a chat call's token reservation from the reported usage, then
-//! writes the access line and the per-request metrics.
+//! `logging` settles a chat call's token reservation from the usage (the upstream's,
+//! or on streams without any, chatgate's own count), then writes the access line and
+//! the per-request metrics.
 //!
 //! Why not Pingora's proxy phases: the body must be validated and rewritten
 //! before any upstream connection is opened, retries on 429/5xx need the body
@@ -123,7 +124,10 @@ pub struct RequestCtx {
     upstream_endpoint: Option<String>,
     attempts: u32,
     time_to_first_byte: Option<Duration>,
+    /// Prompt and completion tokens of the call.
     tokens: Option<(u64, u64)>,
+    /// `tokens` were counted by chatgate (the upstream streamed no usage).
+    tokens_estimated: bool,
     outcome: &'static str,
     /// Rate/token limits taken for a chat call, settled in `logging`.
     reservation: Option<Reservation>,
@@ -192,6 +196,7 @@ impl ProxyHttp for Gateway {
             attempts: 0,
             time_to_first_byte: None,
             tokens: None,
+            tokens_estimated: false,
             outcome: "ok",
             reservation: None,
             cors_origin: None,
@@ -332,14 +337,16 @@ impl ProxyHttp for Gateway {
         connections::deadline::request_done(session.as_downstream().stream());
         if let Some(reservation) = ctx.reservation.take() {
             let answered = ctx.status == 200 || ctx.tokens.is_some();
-            self.limiter.settle(reservation, ctx.tokens, answered).await;
+            self.limiter
+                .settle(reservation, ctx.tokens, answered, ctx.tokens_estimated)
+                .await;
         }
         let duration = ctx.started.elapsed();
         // 499 (as nginx logs it): the client left before any reply was sent.
         let status = if ctx.status == 0 { 499 } else { ctx.status };
         // Tokens first: a scrape that sees the request counted sees its tokens too.
         if let Some((prompt, completion)) = ctx.tokens {
-            metrics::tokens(&ctx.route, prompt, completion);
+            metrics::tokens(&ctx.route, prompt, completion, ctx.tokens_estimated);
         }
         metrics::request_done(&ctx.route, status, duration);
         let req = session.req_header();
@@ -360,6 +367,7 @@ impl ProxyHttp for Gateway {
             ttfb_ms = ctx.time_to_first_byte.map(|d| d.as_secs_f64() * 1000.0),
             prompt_tokens = ctx.tokens.map(|t| t.0),
             completion_tokens = ctx.tokens.map(|t| t.1),
+            tokens_estimated = ctx.tokens.is_some().then_some(ctx.tokens_estimated),
             "request"
         );
     }

@@ -1,16 +1,22 @@
 //! `kind: openai` routes: the same Bearer check as chat routes, the client's
 //! OpenAI chat-completions body forwarded with the route's model policy, and
 //! the upstream reply passed back byte for byte (streams flushed per piece,
-//! usage read on the side for the metrics and the access log).
+//! usage read on the side for the metrics, limits and the access log). Streams
+//! always ask for usage; the usage chunk the client did not ask for is removed,
+//! and when the upstream sends none the tokens are counted here (marked estimated).
 
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
 
 use super::{exchange, reply, ChatRoute, RequestCtx};
 use crate::auth::Authenticator;
 use crate::chat::openai::{apply_model_policy, reply_usage};
 use crate::chat::sse_in::{UpstreamEvent, UpstreamSseParser};
+use crate::chat::token_count::{estimate_stream, CompletionText};
+use crate::chat::usage_strip::UsageChunkFilter;
+use crate::chat::Usage;
 use crate::error::ApiError;
 use crate::limits::Limiter;
 use crate::metrics::ActiveStream;
@@ -31,11 +37,17 @@ pub(super) async fn handle(
         return Ok(());
     };
     let settings = &route.settings;
-    let request = apply_model_policy(&raw, &settings.model, &settings.allowed_models)
-        .map_err(ApiError::InvalidRequest)?;
-    exchange::reserve(limiter, route, &caller, raw.len(), ctx).await?;
+    let request = apply_model_policy(
+        &raw,
+        &settings.model,
+        &settings.allowed_models,
+        route.include_usage,
+    )
+    .map_err(ApiError::InvalidRequest)?;
+    let completion = request.max_completion;
+    exchange::reserve(limiter, route, &caller, raw.len(), completion, ctx).await?;
     drop(raw);
-    let upstream_body = bytes::Bytes::from(request.body);
+    let upstream_body = Bytes::from(request.body);
 
     let deadline = Instant::now() + route.upstream.settings.total_timeout;
     let opened = exchange::open_upstream(
@@ -47,12 +59,22 @@ pub(super) async fn handle(
         deadline,
     )
     .await?;
-    drop(upstream_body);
     let Some(open) = opened else { return Ok(()) };
     if request.stream {
-        pass_stream(route, session, ctx, open, deadline).await;
+        let strip_usage = request.strip_usage.then(UsageChunkFilter::new);
+        let passed = pass_stream(
+            route,
+            session,
+            ctx,
+            open,
+            upstream_body,
+            strip_usage,
+            deadline,
+        );
+        Box::pin(passed).await;
         return Ok(());
     }
+    drop(upstream_body);
     let Some((body, content_type)) =
         exchange::read_reply(route, session, ctx, open, deadline).await?
     else {
@@ -73,14 +95,17 @@ pub(super) async fn handle(
     Ok(())
 }
 
-/// Passes the upstream's SSE body through unchanged, piece by piece. If the
-/// upstream breaks off, the client's connection is cut too (no closing
-/// chunk), so its SDK reports an incomplete stream rather than a short answer.
+/// Passes the upstream's SSE body through unchanged, piece by piece, but for the
+/// usage chunk when `strip` is given. If the upstream breaks off, the client's
+/// connection is cut too (no closing chunk), so its SDK reports an incomplete stream
+/// rather than a short answer. `body`, the request, is counted if no usage comes.
 async fn pass_stream(
     route: &ChatRoute,
     session: &mut Session,
     ctx: &mut RequestCtx,
     mut open: OpenResponse,
+    body: Bytes,
+    mut strip: Option<UsageChunkFilter>,
     deadline: Instant,
 ) {
     let upstream = &route.upstream;
@@ -106,7 +131,8 @@ async fn pass_stream(
     }
 
     let mut parser = UpstreamSseParser::new(MAX_UPSTREAM_EVENT_BYTES);
-    let mut usage = None;
+    let mut seen = Seen::default();
+    let mut out = BytesMut::new();
     let idle = upstream.settings.idle_timeout;
     let failure = loop {
         let wait_until = (Instant::now() + idle).min(deadline);
@@ -128,16 +154,31 @@ async fn pass_stream(
             }
             Ok(Err(e)) => break Some(e.to_string()),
             Ok(Ok(None)) => {
-                if session.write_response_body(None, true).await.is_err() {
+                let rest = strip.as_mut().map(|filter| {
+                    filter.finish(&mut out);
+                    out.split().freeze()
+                });
+                let rest = rest.filter(|rest| !rest.is_empty());
+                if session.write_response_body(rest, true).await.is_err() {
                     ctx.outcome = "client_gone";
                 }
                 // Usage parsing is best effort: a body the parser refuses is still passed on.
-                let _ = parser.finish(&mut |event| take_usage(event, &mut usage));
+                let _ = parser.finish(&mut |event| seen.take(event));
                 break None;
             }
             Ok(Ok(Some(piece))) => piece,
         };
-        let _ = parser.feed(&piece, &mut |event| take_usage(event, &mut usage));
+        let _ = parser.feed(&piece, &mut |event| seen.take(event));
+        let piece = match strip.as_mut() {
+            Some(filter) => {
+                filter.feed(&piece, &mut out);
+                out.split().freeze()
+            }
+            None => piece,
+        };
+        if piece.is_empty() {
+            continue;
+        }
         if session
             .write_response_body(Some(piece), false)
             .await
@@ -148,23 +189,44 @@ async fn pass_stream(
         }
         active.sent();
     };
-    ctx.tokens = usage.map(|u: crate::chat::Usage| (u.prompt_tokens, u.completion_tokens));
+    ctx.tokens = seen.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
     match failure {
         Some(cause) => {
+            drop(open);
             ctx.outcome = "upstream_error";
             ctx.abort = true;
             tracing::debug!(request_id = %ctx.request_id, cause = %cause, "pass-through stream failed after the first byte");
         }
         None if ctx.outcome == "ok" => upstream.release(open).await,
         None => {
-            // Dropping `open` closes the upstream connection, cancelling the generation.
+            // Closes the upstream connection, cancelling the generation (before any count).
+            drop(open);
         }
+    }
+    if ctx.tokens.is_none() {
+        // After the client's last byte: counting never delays the answer.
+        ctx.tokens = Some(estimate_stream(body, seen.completion).await);
+        ctx.tokens_estimated = true;
     }
 }
 
-fn take_usage(event: UpstreamEvent<'_>, usage: &mut Option<crate::chat::Usage>) {
-    if let UpstreamEvent::Usage(u) = event {
-        *usage = Some(u);
+/// What the stream said, read on the side: its usage, and its text while no usage came.
+#[derive(Default)]
+struct Seen {
+    usage: Option<Usage>,
+    completion: CompletionText,
+}
+
+impl Seen {
+    fn take(&mut self, event: UpstreamEvent<'_>) {
+        match event {
+            UpstreamEvent::Usage(u) => {
+                self.usage = Some(u);
+                self.completion.clear();
+            }
+            UpstreamEvent::Delta(text) if self.usage.is_none() => self.completion.push(&text),
+            _ => {}
+        }
     }
 }
 

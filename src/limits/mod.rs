@@ -195,9 +195,16 @@ impl Limiter {
     }
 
     /// Settles a reservation once the call is over: token buckets are corrected to the
-    /// upstream's reported usage (refunded entirely when the upstream gave no answer,
-    /// kept at the estimate when usage is unknown), and the day's usage is counted.
-    pub async fn settle(&self, r: Reservation, used: Option<(u64, u64)>, answered: bool) {
+    /// usage (refunded entirely when the upstream gave no answer, kept at the estimate
+    /// when usage is unknown), and the day's usage is counted; `estimated`: chatgate
+    /// counted `used` itself, the upstream reported none.
+    pub async fn settle(
+        &self,
+        r: Reservation,
+        used: Option<(u64, u64)>,
+        answered: bool,
+        estimated: bool,
+    ) {
         let total = used.map(|(p, c)| p.saturating_add(c));
         let corrections: Vec<(String, Rate, i64)> = r
             .token_buckets
@@ -217,6 +224,10 @@ impl Limiter {
             prompt_tokens: used.map_or(0, |u| u.0),
             completion_tokens: used.map_or(0, |u| u.1),
             requests: u64::from(answered),
+            estimated_tokens: match used {
+                Some((p, c)) if estimated => p.saturating_add(c),
+                _ => 0,
+            },
         };
         let day = day_name(unix_secs());
         let Some(store) = &self.redis else {
@@ -696,6 +707,7 @@ mod tests {
             prompt_tokens: i as u64,
             completion_tokens: 2 * i as u64,
             requests: 1,
+            estimated_tokens: i as u64 % 3,
         };
         for (i, user) in users.iter().enumerate() {
             assert!(limiter.pending.keep(user, &day, delta(i)));
@@ -734,9 +746,9 @@ mod tests {
         let none = ChatLimits::default();
         let r = l.reserve("alice", "/c", &none, 600).await.expect("first");
         // Only 100 used: 500 refunded, so 900 fit now.
-        l.settle(r, Some((60, 40)), true).await;
+        l.settle(r, Some((60, 40)), true, false).await;
         let r = l.reserve("alice", "/c", &none, 900).await.expect("second");
-        l.settle(r, None, true).await; // unknown usage keeps the estimate
+        l.settle(r, None, true, false).await; // unknown usage keeps the estimate
         match l.reserve("alice", "/c", &none, 10).await {
             // The bucket is full; 10 tokens drip back in 10 × 60 ms.
             Err(ApiError::TooManyRequests { retry_after }) => assert!(
@@ -748,9 +760,9 @@ mod tests {
         }
         // An upstream failure refunds the tokens, but the request still counts.
         let r = l.reserve("bob", "/c", &none, 1000).await.expect("bob");
-        l.settle(r, None, false).await;
+        l.settle(r, None, false, false).await;
         let r = l.reserve("bob", "/c", &none, 1000).await.expect("bob 2");
-        l.settle(r, Some((1, 1)), true).await;
+        l.settle(r, Some((1, 1)), true, true).await;
         l.reserve("bob", "/c", &none, 1).await.expect("bob 3");
         assert!(matches!(
             l.reserve("bob", "/c", &none, 1).await,

@@ -7,7 +7,7 @@
 //! | `<prefix>limit:{<user>}` | hash | one field per bucket: its arrival time (µs, Redis clock) |
 //! | `<prefix>limit:{ip:<addr>}` | hash | field `auth`: failed logins from that address |
 //! | `<prefix>limit:{<user> ip:<addr>}` | hash | field `auth`: failed logins of that name from that address |
-//! | `<prefix>usage:{<user>}:<YYYY-MM-DD>` | hash | `prompt_tokens`, `completion_tokens`, `requests` |
+//! | `<prefix>usage:{<user>}:<YYYY-MM-DD>` | hash | `prompt_tokens`, `completion_tokens`, `requests`, `estimated_tokens` (of the tokens, those counted by chatgate) |
 //!
 //! Buckets use Redis's `TIME`, so gateways with skewed clocks still agree.
 
@@ -47,14 +47,15 @@ return {1, '0'}
 ";
 
 /// Corrects buckets and adds usage. KEYS[1] owner hash, KEYS[2] (optional) usage hash of
-/// the same owner; ARGV[1] key TTL (ms), ARGV[2] usage TTL (s), ARGV[3..5] prompt,
-/// completion, requests, then groups of field, interval (µs), delta (units, signed).
+/// the same owner; ARGV[1] key TTL (ms), ARGV[2] usage TTL (s), ARGV[3..6] prompt,
+/// completion, requests, estimated tokens, then groups of field, interval (µs), delta
+/// (units, signed).
 const SETTLE_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = (#ARGV - 5) / 3
+local n = (#ARGV - 6) / 3
 for i = 0, n - 1 do
-  local base = 6 + i * 3
+  local base = 7 + i * 3
   local tat = tonumber(redis.call('HGET', KEYS[1], ARGV[base]) or '0')
   local delta = tonumber(ARGV[base + 2])
   if delta >= 0 then
@@ -71,6 +72,7 @@ if KEYS[2] then
   redis.call('HINCRBY', KEYS[2], 'prompt_tokens', ARGV[3])
   redis.call('HINCRBY', KEYS[2], 'completion_tokens', ARGV[4])
   redis.call('HINCRBY', KEYS[2], 'requests', ARGV[5])
+  if tonumber(ARGV[6]) > 0 then redis.call('HINCRBY', KEYS[2], 'estimated_tokens', ARGV[6]) end
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
 return 1
@@ -185,7 +187,8 @@ pub async fn settle(
                 .arg(usage_ttl)
                 .arg(delta.prompt_tokens)
                 .arg(delta.completion_tokens)
-                .arg(delta.requests);
+                .arg(delta.requests)
+                .arg(delta.estimated_tokens);
             for (bucket, rate, d) in corrections {
                 invocation.arg(bucket).arg(rate.interval_us()).arg(*d);
             }
@@ -228,7 +231,12 @@ pub async fn read_usage(
                 async move {
                     redis::cmd("HMGET")
                         .arg(key)
-                        .arg(&["prompt_tokens", "completion_tokens", "requests"])
+                        .arg(&[
+                            "prompt_tokens",
+                            "completion_tokens",
+                            "requests",
+                            "estimated_tokens",
+                        ])
                         .query_async(&mut conn)
                         .await
                 }
@@ -239,6 +247,7 @@ pub async fn read_usage(
             prompt_tokens: get(0),
             completion_tokens: get(1),
             requests: get(2),
+            estimated_tokens: get(3),
         });
     }
     Ok(out)

@@ -16,6 +16,9 @@ pub struct UsageDelta {
     pub completion_tokens: u64,
     /// Chat requests that reached the upstream.
     pub requests: u64,
+    /// Of the prompt and completion tokens, those chatgate counted itself because the
+    /// upstream reported no usage.
+    pub estimated_tokens: u64,
 }
 
 impl UsageDelta {
@@ -30,6 +33,7 @@ impl UsageDelta {
             .completion_tokens
             .saturating_add(other.completion_tokens);
         self.requests = self.requests.saturating_add(other.requests);
+        self.estimated_tokens = self.estimated_tokens.saturating_add(other.estimated_tokens);
     }
 }
 
@@ -172,6 +176,7 @@ mod tests {
             prompt_tokens: 3,
             completion_tokens: 4,
             requests: 1,
+            estimated_tokens: 7,
         };
         assert!(p.keep("alice", "2025-01-01", one));
         assert!(p.keep("alice", "2025-01-01", one));
@@ -181,6 +186,7 @@ mod tests {
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].1.prompt_tokens, 6);
         assert_eq!(all[0].1.requests, 2);
+        assert_eq!(all[0].1.estimated_tokens, 14);
         assert!(p.is_empty());
     }
 }

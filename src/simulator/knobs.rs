@@ -8,13 +8,14 @@ use super::reply::ReplySpec;
 use super::SimOptions;
 
 /// Knob names accepted in headers (`x-sim-<name>`, `-` or `_`) and directive lines.
-pub const KNOB_NAMES: [&str; 14] = [
+pub const KNOB_NAMES: [&str; 15] = [
     "chunk_size",
     "chunks",
     "first_byte_delay_ms",
     "chunk_delay_ms",
     "role_chunk",
     "usage",
+    "stream_usage",
     "status",
     "retry_after",
     "error_after",
@@ -61,6 +62,9 @@ pub struct Knobs {
     pub role_chunk: bool,
     /// Report token usage.
     pub usage: bool,
+    /// Streams: send the usage chunk when `stream_options.include_usage` asks for it
+    /// (off: never, as llama.cpp's server and llama-cpp-python 0.3.x do).
+    pub stream_usage: bool,
     /// Answer with this error status (400..=599) instead of a completion.
     pub status: Option<u16>,
     /// `Retry-After` seconds sent along with `status`.
@@ -131,6 +135,7 @@ impl Knobs {
             chunk_delay: Duration::from_millis(options.chunk_delay_ms),
             role_chunk: options.role_chunk,
             usage: options.usage,
+            stream_usage: options.stream_usage,
             status: options.status.filter(|&s| s != 200),
             retry_after: options.retry_after,
             error_after: options.error_after,
@@ -157,6 +162,7 @@ impl Knobs {
             "chunk_delay_ms" => self.chunk_delay = millis("chunk_delay_ms", value)?,
             "role_chunk" => self.role_chunk = switch("role_chunk", value)?,
             "usage" => self.usage = switch("usage", value)?,
+            "stream_usage" => self.stream_usage = switch("stream_usage", value)?,
             "status" => self.status = optional(value, status)?.filter(|&s| s != 200),
             "retry_after" => {
                 self.retry_after = optional(value, |v| number("retry_after", v))?;
@@ -342,6 +348,7 @@ mod tests {
         assert_eq!(knobs.chunk_delay, Duration::ZERO);
         assert!(knobs.role_chunk);
         assert!(knobs.usage);
+        assert!(knobs.stream_usage);
         assert_eq!(knobs.status, None);
         assert_eq!(knobs.error_after, None);
         assert_eq!(knobs.cut_after, None);
@@ -358,6 +365,7 @@ mod tests {
         k.set("chunk-delay-ms", " 10 ").unwrap();
         k.set("role_chunk", "off").unwrap();
         k.set("usage", "false").unwrap();
+        k.set("stream-usage", "off").unwrap();
         k.set("status", "429").unwrap();
         k.set("retry_after", "5").unwrap();
         k.set("error_after", "2").unwrap();
@@ -375,6 +383,7 @@ mod tests {
                 chunk_delay: Duration::from_millis(10),
                 role_chunk: false,
                 usage: false,
+                stream_usage: false,
                 status: Some(429),
                 retry_after: Some(5),
                 error_after: Some(2),

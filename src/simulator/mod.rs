@@ -49,6 +49,10 @@ pub struct SimOptions {
     #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set,
           value_parser = knobs::parse_switch)]
     pub usage: bool,
+    /// Streams: send usage when include_usage asks for it (on|off; off: never, like llama.cpp).
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set,
+          value_parser = knobs::parse_switch)]
+    pub stream_usage: bool,
     /// Answer every chat request with this HTTP status (400-599) and an OpenAI error body.
     #[arg(long, value_name = "CODE")]
     pub status: Option<u16>,
@@ -93,6 +97,7 @@ impl Default for SimOptions {
             chunk_delay_ms: 0,
             role_chunk: true,
             usage: true,
+            stream_usage: true,
             status: None,
             retry_after: None,
             error_after: None,
@@ -118,6 +123,7 @@ impl std::fmt::Debug for SimOptions {
             .field("chunk_delay_ms", &self.chunk_delay_ms)
             .field("role_chunk", &self.role_chunk)
             .field("usage", &self.usage)
+            .field("stream_usage", &self.stream_usage)
             .field("status", &self.status)
             .field("retry_after", &self.retry_after)
             .field("error_after", &self.error_after)

@@ -124,6 +124,10 @@ impl Simulator {
             method: session.req_header().method.to_string(),
             path: session.req_header().uri.to_string(),
             headers: header_map(session.req_header()),
+            include_usage: parsed
+                .pointer("/stream_options/include_usage")
+                .and_then(serde_json::Value::as_bool)
+                == Some(true),
             body: parsed,
             body_bytes: body.len(),
         });
@@ -195,7 +199,7 @@ impl Simulator {
             }
             Outcome::Stream => {
                 let reply = Reply::build(&knobs.reply, echo, chunking);
-                let usage = (knobs.usage && request.include_usage)
+                let usage = (knobs.usage && knobs.stream_usage && request.include_usage)
                     .then(|| Usage::count(request.prompt_chars, reply.pieces.len()));
                 let steps = plan_stream(&ChunkEncoder::new(meta), &reply, knobs, usage);
                 let played = self.play_stream(session, steps).await;

@@ -134,6 +134,8 @@ pub struct LoggedRequest {
     pub body: serde_json::Value,
     /// Body length in bytes.
     pub body_bytes: usize,
+    /// Whether the body asked for a usage chunk (`stream_options.include_usage: true`).
+    pub include_usage: bool,
 }
 
 /// The last [`REQUEST_LOG_LEN`] chat requests, oldest first.
@@ -235,6 +237,7 @@ mod tests {
                 headers: BTreeMap::new(),
                 body: serde_json::Value::Null,
                 body_bytes: i,
+                include_usage: false,
             }));
         }
         let parsed: Vec<serde_json::Value> = serde_json::from_slice(&log.to_json()).unwrap();

@@ -569,3 +569,33 @@ fn connections_are_kept_alive_after_completions_and_streams() {
     }
     assert_eq!(stats(&addr)["chat_requests"], 4);
 }
+
+#[test]
+fn stream_usage_off_omits_usage_even_when_asked_and_the_log_shows_the_ask() {
+    let addr = start(SimOptions {
+        stream_usage: false,
+        ..SimOptions::default()
+    });
+    let stream = chat(&addr, &[], &user("hello", true)).text();
+    assert!(stream.ends_with("data: [DONE]\n\n"), "{stream}");
+    assert!(!stream.contains("usage"), "{stream}");
+    // Whole replies keep their usage, as llama.cpp's server does.
+    assert!(chat(&addr, &[], &user("hello", false)).json()["usage"].is_object());
+    // A request header turns it back on for one request.
+    let asked = chat(&addr, &[("x-sim-stream-usage", "on")], &user("hello", true)).text();
+    assert!(asked.contains("\"usage\":{"), "{asked}");
+    let mut unasked = user("hello", true);
+    unasked["stream_options"] = json!({});
+    chat(&addr, &[], &unasked);
+    let log = request(&addr, "GET", "/_sim/requests", &[], b"").json();
+    let asks: Vec<&Value> = log
+        .as_array()
+        .expect("log")
+        .iter()
+        .map(|r| &r["include_usage"])
+        .collect();
+    assert_eq!(
+        asks,
+        [&json!(true), &json!(true), &json!(true), &json!(false)]
+    );
+}
