@@ -8,6 +8,7 @@ pub mod breaker;
 pub mod chat;
 pub mod cli;
 pub mod config;
+pub mod conversations;
 pub mod error;
 pub mod gateway;
 pub mod limits;

@@ -28,6 +28,8 @@ pub struct StreamTranscoder {
     status: StreamStatus,
     usage: Option<Usage>,
     events_sent: u64,
+    /// The answer text written since the last [`StreamTranscoder::take_text`], when kept.
+    text: Option<String>,
 }
 
 impl StreamTranscoder {
@@ -39,7 +41,20 @@ impl StreamTranscoder {
             status: StreamStatus::Open,
             usage: None,
             events_sent: 0,
+            text: None,
         }
+    }
+
+    /// Keeps the answer text it writes, for [`StreamTranscoder::take_text`] (the
+    /// conversation record).
+    pub fn keep_text(&mut self) {
+        self.text.get_or_insert_with(String::new);
+    }
+
+    /// The answer text written since the last call (empty unless kept): the
+    /// concatenated `data` of the events, before they were split into lines.
+    pub fn take_text(&mut self) -> String {
+        self.text.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Writes the opening empty `message` event; call once, when the upstream answered 200.
@@ -52,9 +67,12 @@ impl StreamTranscoder {
         if !matches!(self.status, StreamStatus::Open) {
             return self.status.clone();
         }
-        let mut sink = EventSink::new(self.format, out);
+        let mut text = self.text.take();
+        let mut sink = EventSink::new(self.format, out, text.as_mut());
         let result = self.parser.feed(piece, &mut |event| sink.take(event));
-        self.settle(sink, result)
+        let status = self.settle(sink, result);
+        self.text = text;
+        status
     }
 
     /// Ends the upstream body (it closed cleanly): dispatches a trailing event and, unless
@@ -63,9 +81,11 @@ impl StreamTranscoder {
         if self.status != StreamStatus::Open {
             return self.status.clone();
         }
-        let mut sink = EventSink::new(self.format, out);
+        let mut text = self.text.take();
+        let mut sink = EventSink::new(self.format, out, text.as_mut());
         let result = self.parser.finish(&mut |event| sink.take(event));
         let status = self.settle(sink, result);
+        self.text = text;
         if status != StreamStatus::Open {
             return status;
         }
@@ -84,7 +104,7 @@ impl StreamTranscoder {
         self.events_sent
     }
 
-    fn settle(&mut self, sink: EventSink<'_>, result: Result<(), SseError>) -> StreamStatus {
+    fn settle(&mut self, sink: EventSink<'_, '_>, result: Result<(), SseError>) -> StreamStatus {
         self.events_sent += sink.events_sent;
         if sink.usage.is_some() {
             self.usage = sink.usage;
@@ -114,19 +134,21 @@ enum Ending {
 }
 
 /// Collects what the parser reports during one call, writing text events as they come.
-struct EventSink<'o> {
+struct EventSink<'o, 't> {
     format: DataFormat,
     out: &'o mut BytesMut,
+    text: Option<&'t mut String>,
     events_sent: u64,
     usage: Option<Usage>,
     ending: Option<Ending>,
 }
 
-impl<'o> EventSink<'o> {
-    fn new(format: DataFormat, out: &'o mut BytesMut) -> Self {
+impl<'o, 't> EventSink<'o, 't> {
+    fn new(format: DataFormat, out: &'o mut BytesMut, text: Option<&'t mut String>) -> Self {
         Self {
             format,
             out,
+            text,
             events_sent: 0,
             usage: None,
             ending: None,
@@ -137,6 +159,9 @@ impl<'o> EventSink<'o> {
         match event {
             UpstreamEvent::Delta(text) => {
                 write_message_event(&text, self.format, self.out);
+                if let Some(kept) = self.text.as_deref_mut() {
+                    kept.push_str(&text);
+                }
                 self.events_sent += 1;
             }
             UpstreamEvent::Usage(usage) => self.usage = Some(usage),

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::duration::ConfigDuration;
+use super::size::ConfigBytes;
 use crate::auth::token::TokenAlgorithm;
 use crate::chat::DataFormat;
 
@@ -32,6 +33,19 @@ pub(super) struct RawConfig {
     pub cors: Option<RawCors>,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    #[serde(default)]
+    pub conversation_log: Option<RawConversationLog>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConversationLog {
+    pub url: Option<String>,
+    pub url_env: Option<String>,
+    pub spool_dir: Option<PathBuf>,
+    pub spool_max_bytes: Option<ConfigBytes>,
+    pub retention: Option<ConfigDuration>,
+    pub flush_interval: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,4 +256,5 @@ pub(super) struct RawRoute {
     pub keepalive_interval: Option<ConfigDuration>,
     pub max_body_bytes: Option<usize>,
     pub rate_limits: Option<RawRouteLimits>,
+    pub conversation_log: Option<bool>,
 }

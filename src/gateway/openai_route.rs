@@ -10,7 +10,9 @@ use pingora::proxy::Session;
 use super::{exchange, reply, ChatRoute, RequestCtx};
 use crate::auth::Authenticator;
 use crate::chat::openai::{apply_model_policy, reply_usage};
+use crate::chat::reply::parse_completion;
 use crate::chat::sse_in::{UpstreamEvent, UpstreamSseParser};
+use crate::conversations::Draft;
 use crate::error::ApiError;
 use crate::limits::Limiter;
 use crate::metrics::ActiveStream;
@@ -36,6 +38,9 @@ pub(super) async fn handle(
     exchange::reserve(limiter, route, &caller, raw.len(), ctx).await?;
     drop(raw);
     let upstream_body = bytes::Bytes::from(request.body);
+    if settings.conversation_log {
+        ctx.conversation = Draft::new(&caller.username, &upstream_body).map(Box::new);
+    }
 
     let deadline = Instant::now() + route.upstream.settings.total_timeout;
     let opened = exchange::open_upstream(
@@ -64,11 +69,13 @@ pub(super) async fn handle(
     let sent = async {
         let h = reply::header(200, ctx, &content_type, Some(body.len()))?;
         session.write_response_header(Box::new(h), false).await?;
-        session.write_response_body(Some(body), true).await
+        session.write_response_body(Some(body.clone()), true).await
     }
     .await;
     if sent.is_err() {
         ctx.outcome = "client_gone";
+    } else if let Some(draft) = ctx.conversation.as_deref_mut() {
+        draft.set_answer(parse_completion(&body).map_or_else(|_| String::new(), |c| c.content));
     }
     Ok(())
 }
@@ -104,6 +111,11 @@ async fn pass_stream(
         ctx.outcome = "client_gone";
         return;
     }
+    // The answer text of the piece in hand, when the exchange is recorded.
+    let mut text = ctx.conversation.as_deref_mut().map(|draft| {
+        draft.answer_started();
+        String::new()
+    });
 
     let mut parser = UpstreamSseParser::new(MAX_UPSTREAM_EVENT_BYTES);
     let mut usage = None;
@@ -132,12 +144,14 @@ async fn pass_stream(
                     ctx.outcome = "client_gone";
                 }
                 // Usage parsing is best effort: a body the parser refuses is still passed on.
-                let _ = parser.finish(&mut |event| take_usage(event, &mut usage));
+                let _ = parser.finish(&mut |event| take_usage(event, &mut usage, None));
                 break None;
             }
             Ok(Ok(Some(piece))) => piece,
         };
-        let _ = parser.feed(&piece, &mut |event| take_usage(event, &mut usage));
+        let _ = parser.feed(&piece, &mut |event| {
+            take_usage(event, &mut usage, text.as_mut())
+        });
         if session
             .write_response_body(Some(piece), false)
             .await
@@ -147,6 +161,10 @@ async fn pass_stream(
             break None;
         }
         active.sent();
+        if let (Some(draft), Some(text)) = (ctx.conversation.as_deref_mut(), text.as_mut()) {
+            draft.answer_sent(text);
+            text.clear();
+        }
     };
     ctx.tokens = usage.map(|u: crate::chat::Usage| (u.prompt_tokens, u.completion_tokens));
     match failure {
@@ -162,9 +180,16 @@ async fn pass_stream(
     }
 }
 
-fn take_usage(event: UpstreamEvent<'_>, usage: &mut Option<crate::chat::Usage>) {
-    if let UpstreamEvent::Usage(u) = event {
-        *usage = Some(u);
+/// Notes the usage an event reports and, when kept, the answer text it carries.
+fn take_usage(
+    event: UpstreamEvent<'_>,
+    usage: &mut Option<crate::chat::Usage>,
+    text: Option<&mut String>,
+) {
+    match (event, text) {
+        (UpstreamEvent::Usage(u), _) => *usage = Some(u),
+        (UpstreamEvent::Delta(delta), Some(text)) => text.push_str(&delta),
+        _ => {}
     }
 }
 
