@@ -195,6 +195,31 @@ mod tests {
     }
 
     #[test]
+    fn kept_text_is_the_answer_as_sent_split_anywhere() {
+        let body = format!(
+            "{}{}{}data: [DONE]\n\n",
+            chunk("第一"),
+            chunk("\n\n"),
+            chunk("🌍 end\n")
+        );
+        for split in 1..body.len() {
+            let mut stream = transcoder();
+            stream.keep_text();
+            let mut out = BytesMut::new();
+            let (a, b) = body.as_bytes().split_at(split);
+            stream.feed(a, &mut out);
+            let mut text = stream.take_text();
+            stream.feed(b, &mut out);
+            text += &stream.take_text();
+            assert_eq!(text, "第一\n\n🌍 end\n", "split at {split}");
+        }
+        let mut plain = transcoder();
+        let mut out = BytesMut::new();
+        plain.feed(body.as_bytes(), &mut out);
+        assert_eq!(plain.take_text(), "", "text is kept only when asked");
+    }
+
+    #[test]
     fn frames_a_complete_stream() {
         let mut stream = transcoder();
         let mut out = BytesMut::new();
