@@ -39,8 +39,13 @@ fn config(
         "{}  - path: /v1/chat/completions\n    kind: openai\n    upstream: main\n    models: [gpt-test]\n  - path: /unrecorded\n    kind: chat\n    upstream: main\n    model: test-model\n    conversation_log: false\n",
         seed_routes("main")
     );
+    let flush = if extra.contains("flush_interval") {
+        ""
+    } else {
+        "  flush_interval: 50ms\n"
+    };
     cfg.extra = format!(
-        "conversation_log:\n  url_env: TEST_CONVERSATION_DB\n  spool_dir: {}\n  flush_interval: 50ms\n{extra}",
+        "conversation_log:\n  url_env: TEST_CONVERSATION_DB\n  spool_dir: {}\n{flush}{extra}",
         spool.display()
     );
     cfg.env = vec![
@@ -449,4 +454,63 @@ async fn past_the_spool_bound_records_are_dropped_and_counted() {
         .sum();
     assert!(on_disk <= 3 * 1024, "spool holds {on_disk} bytes");
     assert!(s.gw.log().contains("records dropped"), "no warning logged");
+}
+
+#[tokio::test]
+async fn records_still_in_memory_at_the_end_of_a_stop_are_spooled() {
+    let pg = Postgres::start();
+    let spool = tempfile::tempdir().expect("spool dir");
+    // An hour between flushes: only the stop itself can get these records out.
+    let mut s = Recorded::start(&pg.url(), spool.path(), "  flush_interval: 1h\n").await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            s.chat("/chatCompletion", user(&format!("quick {i}")))
+                .await
+                .0,
+        );
+    }
+    // A stream still running when the stop begins; it ends inside the grace period,
+    // after the writer's last flush, so its record is in memory when the process ends.
+    let slow = {
+        let req = client()
+            .post(s.gw.url("/chatCompletionStream"))
+            .header("authorization", format!("Bearer {}", s.token))
+            .body(user(
+                "#sim chunk_size=1 chunk_delay_ms=100 reply=text:slowly",
+            ));
+        tokio::spawn(async move {
+            let resp = req.send().await.expect("stream");
+            let id = resp.headers()["x-request-id"]
+                .to_str()
+                .expect("id")
+                .to_string();
+            let body = resp.text().await.expect("body");
+            (id, body)
+        })
+    };
+    let m = poll(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || s.gw.metrics(),
+        |m| m.sum("chatgate_active_streams", &[]) >= 1.0,
+    )
+    .await;
+    assert_eq!(m.sum("chatgate_active_streams", &[]), 1.0);
+    s.gw.signal(libc::SIGTERM);
+    let (slow_id, body) = slow.await.expect("stream task");
+    assert_eq!(sse_answer(&body), "slowly", "the stream was cut: {body}");
+    ids.push(slow_id);
+    assert!(
+        s.gw.wait_exit(Duration::from_secs(20)),
+        "gateway did not stop"
+    );
+    s.restart_gateway(&pg.url(), "");
+    let rows = rows_at_least(&pg, ids.len(), Duration::from_secs(20)).await;
+    let seen: HashSet<&str> = rows
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(seen, ids.iter().map(String::as_str).collect::<HashSet<_>>());
+    assert_eq!(rows.len(), ids.len());
 }
