@@ -514,3 +514,118 @@ async fn records_still_in_memory_at_the_end_of_a_stop_are_spooled() {
     assert_eq!(seen, ids.iter().map(String::as_str).collect::<HashSet<_>>());
     assert_eq!(rows.len(), ids.len());
 }
+
+/// A record of a typical size: the seed's system prompt, a 300-character question,
+/// a 600-character answer.
+fn sample_record(i: usize) -> chatgate::conversations::Record {
+    let body = json!({"model": "m", "messages": [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": "q".repeat(300)}]});
+    let mut draft = chatgate::conversations::Draft::new("bench_user", body.to_string().as_bytes())
+        .expect("draft");
+    draft.set_answer("a".repeat(600));
+    draft.finish(chatgate::conversations::Finished {
+        request_id: &format!("bench-{i}"),
+        user_id: Some(1),
+        route: "/chatCompletion",
+        outcome: "ok",
+        status: 200,
+        tokens: Some((120, 150)),
+        duration: Duration::from_millis(800),
+        ttfb: Some(Duration::from_millis(200)),
+    })
+}
+
+async fn row_count(pg: &Postgres) -> i64 {
+    let client = pg.client().await;
+    match client
+        .query_one("SELECT count(*) FROM chatgate_conversations", &[])
+        .await
+    {
+        Ok(row) => row.get(0),
+        Err(_) => 0,
+    }
+}
+
+/// Records per second one writer sustains against a local PostgreSQL (fsync on).
+/// Prints figures; asserts only that nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: cargo test --release --test conversations writer_throughput -- --ignored --nocapture"]
+async fn writer_throughput() {
+    use chatgate::conversations::db;
+    use pingora::services::background::BackgroundService;
+
+    let pg = Postgres::start_with_fsync(true);
+    // 1. The batch write alone: 50 batches of 2,000 on one connection.
+    let mut client = db::connect(&pg.url(), Duration::from_secs(5))
+        .await
+        .expect("connect");
+    db::migrate(&mut client).await.expect("migrate");
+    let mut writer = db::Writer::new(client).await.expect("writer");
+    let records: Vec<_> = (0..100_000).map(sample_record).collect();
+    let started = Instant::now();
+    for batch in records.chunks(2_000) {
+        writer.write(batch).await.expect("write");
+    }
+    let took = started.elapsed();
+    println!(
+        "batch writes: {} records in {:.2?}: {:.0} records/s",
+        records.len(),
+        took,
+        records.len() as f64 / took.as_secs_f64()
+    );
+    // Writing them all again (a replay) inserts nothing.
+    assert_eq!(writer.write(&records[..2_000]).await.expect("replay"), 0);
+
+    // 2. The whole writer service, fed at a steady 10,000 records/s for 5 s.
+    let client = pg.client().await;
+    client
+        .batch_execute("TRUNCATE chatgate_conversations")
+        .await
+        .expect("truncate");
+    let spool = tempfile::tempdir().expect("spool");
+    let settings = chatgate::config::ConversationLogSettings {
+        url: Some(chatgate::config::Secret::new(pg.url().into_bytes())),
+        spool_dir: spool.path().to_path_buf(),
+        spool_max_bytes: 1 << 30,
+        retention: Duration::from_secs(86_400),
+        flush_interval: Duration::from_millis(200),
+    };
+    let (log, service) = chatgate::conversations::ConversationLog::new(settings);
+    let (_stop, watch) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move { service.start(watch).await });
+    let rate = 10_000;
+    let total = rate * 5;
+    let started = Instant::now();
+    for (i, record) in records.into_iter().take(total).enumerate() {
+        log.submit(record);
+        if i % 200 == 199 {
+            let due = started + Duration::from_secs_f64((i + 1) as f64 / rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+    let fed = started.elapsed();
+    let dropped = || {
+        let text = String::from_utf8(chatgate::metrics::render().0).expect("metrics");
+        Metrics::parse(&text).sum("chatgate_conversation_log_dropped_total", &[]) as i64
+    };
+    let n = poll(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || row_count(&pg),
+        |n| *n + dropped() >= total as i64,
+    )
+    .await;
+    let drained = started.elapsed();
+    let metrics = String::from_utf8(chatgate::metrics::render().0).expect("metrics");
+    let m = Metrics::parse(&metrics);
+    println!(
+        "writer service: {total} records fed in {fed:.2?} ({:.0}/s), {n} in PostgreSQL after {drained:.2?}: {:.0} records/s; spooled {}, dropped {}",
+        total as f64 / fed.as_secs_f64(),
+        n as f64 / drained.as_secs_f64(),
+        m.sum("chatgate_conversation_log_spooled_total", &[]),
+        m.sum("chatgate_conversation_log_dropped_total", &[]),
+    );
+    assert_eq!(n, total as i64);
+    assert_eq!(m.sum("chatgate_conversation_log_dropped_total", &[]), 0.0);
+}

@@ -885,11 +885,17 @@ pub struct Postgres {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    fsync: bool,
 }
 
 impl Postgres {
     /// Creates a fresh cluster and starts it.
     pub fn start() -> Postgres {
+        Self::start_with_fsync(false)
+    }
+
+    /// [`Postgres::start`] with `fsync` on, as in production (for benchmarks).
+    pub fn start_with_fsync(fsync: bool) -> Postgres {
         let dir = tempfile::tempdir().expect("tempdir");
         let as_root = unsafe { libc::geteuid() } == 0;
         if as_root {
@@ -934,6 +940,7 @@ impl Postgres {
             port: free_port(),
             dir,
             child: None,
+            fsync,
         };
         pg.spawn();
         pg
@@ -963,7 +970,8 @@ impl Postgres {
             .arg("-k")
             .arg(self.dir.path().join("sock"))
             .args(["-p", &self.port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c"])
+            .arg(if self.fsync { "fsync=on" } else { "fsync=off" })
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
