@@ -629,3 +629,73 @@ async fn writer_throughput() {
     assert_eq!(n, total as i64);
     assert_eq!(m.sum("chatgate_conversation_log_dropped_total", &[]), 0.0);
 }
+
+/// Chat throughput with the record on vs off, same run, same simulator, rounds
+/// alternated. Prints figures; asserts only that every recorded exchange arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: cargo test --release --test conversations record_on_vs_off -- --ignored --nocapture"]
+async fn record_on_vs_off() {
+    let pg = Postgres::start_with_fsync(true);
+    let spool = tempfile::tempdir().expect("spool");
+    let on = Recorded::start(&pg.url(), spool.path(), "").await;
+    let redis = Redis::start();
+    let mut off_cfg = config(&redis, &on.sim, &pg.url(), spool.path(), "");
+    off_cfg.extra = String::new();
+    let off_gw = Gateway::start(off_cfg);
+    off_gw.add_user("temporary_user", USER_PASSWORD);
+    let off_token = login(&off_gw, "temporary_user", USER_PASSWORD).await;
+
+    let (requests, concurrency) = (2_000, 16);
+    let round = |url: String, token: String| async move {
+        let http = client();
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let (http, url, token) = (http.clone(), url.clone(), token.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                for i in 0..requests / concurrency {
+                    let t = Instant::now();
+                    let resp = http
+                        .post(&url)
+                        .header("authorization", format!("Bearer {token}"))
+                        .body(user(&format!("question {i} {}", "q".repeat(200))))
+                        .send()
+                        .await
+                        .expect("request");
+                    assert_eq!(resp.status(), 200);
+                    resp.bytes().await.expect("body");
+                    latencies.push(t.elapsed());
+                }
+                latencies
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("task"));
+        }
+        all.sort();
+        let took = started.elapsed();
+        (
+            requests as f64 / took.as_secs_f64(),
+            all[all.len() * 99 / 100],
+        )
+    };
+    let mut figures = Vec::new();
+    for r in 0..3 {
+        let a = round(on.gw.url("/chatCompletionStream"), on.token.clone()).await;
+        let b = round(off_gw.url("/chatCompletionStream"), off_token.clone()).await;
+        println!(
+            "round {r}: record on {:.0} req/s p99 {:.1?}; off {:.0} req/s p99 {:.1?}; on/off {:.2}",
+            a.0,
+            a.1,
+            b.0,
+            b.1,
+            a.0 / b.0
+        );
+        figures.push(a.0 / b.0);
+    }
+    println!("throughput on/off per round: {figures:.2?}");
+    let rows = rows_at_least(&pg, 3 * requests, Duration::from_secs(60)).await;
+    assert_eq!(rows.len(), 3 * requests);
+}
