@@ -454,6 +454,15 @@ async fn past_the_spool_bound_records_are_dropped_and_counted() {
         .sum();
     assert!(on_disk <= 3 * 1024, "spool holds {on_disk} bytes");
     assert!(s.gw.log().contains("records dropped"), "no warning logged");
+
+    let check = std::process::Command::new(chatgate_bin())
+        .args(["check", "--config"])
+        .arg(&s.gw.config_path)
+        .envs(s.gw.env.iter().cloned())
+        .output()
+        .expect("check");
+    let text = String::from_utf8_lossy(&check.stdout).to_string();
+    assert!(text.contains("DOES NOT ANSWER"), "{text}");
 }
 
 #[tokio::test]
@@ -698,4 +707,60 @@ async fn record_on_vs_off() {
     println!("throughput on/off per round: {figures:.2?}");
     let rows = rows_at_least(&pg, 3 * requests, Duration::from_secs(60)).await;
     assert_eq!(rows.len(), 3 * requests);
+}
+
+#[tokio::test]
+async fn schema_creation_is_safe_with_several_instances_at_once() {
+    use chatgate::conversations::db;
+    let pg = Postgres::start();
+    let url = pg.url();
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut client = db::connect(&url, Duration::from_secs(10)).await?;
+                db::migrate(&mut client).await?;
+                db::schema_version(&client).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), Ok(Some(db::SCHEMA_VERSION)));
+    }
+    // And again on a database that has it: nothing to do, no error.
+    let mut client = db::connect(&url, Duration::from_secs(10))
+        .await
+        .expect("connect");
+    db::migrate(&mut client).await.expect("idempotent");
+}
+
+#[tokio::test]
+async fn rows_past_the_retention_are_deleted_in_the_background() {
+    use chatgate::conversations::db;
+    let pg = Postgres::start();
+    let mut client = db::connect(&pg.url(), Duration::from_secs(10))
+        .await
+        .expect("connect");
+    db::migrate(&mut client).await.expect("migrate");
+    client
+        .batch_execute(
+            "INSERT INTO chatgate_conversations (request_id, route, model, messages, outcome, started_at, duration_ms)
+             SELECT 'old-' || i, '/chatCompletion', 'm', '[]', 'ok', now() - interval '3 days', 1
+             FROM generate_series(1, 12000) AS i;
+             INSERT INTO chatgate_conversations (request_id, route, model, messages, outcome, started_at, duration_ms)
+             VALUES ('recent', '/chatCompletion', 'm', '[]', 'ok', now() - interval '1 hour', 1);",
+        )
+        .await
+        .expect("seed rows");
+    let spool = tempfile::tempdir().expect("spool dir");
+    let _s = Recorded::start(&pg.url(), spool.path(), "  retention: 2d\n").await;
+    let left = poll(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || row_count(&pg),
+        |n| *n == 1,
+    )
+    .await;
+    assert_eq!(left, 1, "expired rows not deleted");
+    assert_eq!(pg.conversations().await[0]["request_id"], "recent");
 }

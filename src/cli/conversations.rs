@@ -119,6 +119,16 @@ pub fn check_line(settings: &ConversationLogSettings) -> String {
         "conversation log: postgres {target}: {state}; spool {} (max {} bytes), retention {}\n",
         settings.spool_dir.display(),
         settings.spool_max_bytes,
-        humantime::format_duration(settings.retention)
+        whole_days(settings.retention)
     )
+}
+
+/// `90d` rather than humantime's `2months 29days 2h 52m 48s`.
+fn whole_days(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs % 86_400 == 0 && d.subsec_nanos() == 0 {
+        format!("{}d", secs / 86_400)
+    } else {
+        humantime::format_duration(d).to_string()
+    }
 }

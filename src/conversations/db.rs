@@ -75,7 +75,7 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<Client, String> {
     let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
         .await
         .map_err(|_| format!("no answer within {}", humantime::format_duration(timeout)))?
-        .map_err(|e| e.to_string())?;
+        .map_err(pg_error)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "conversation log: connection closed");
@@ -107,7 +107,7 @@ pub fn describe(url: &str) -> String {
 
 /// Creates or migrates the schema; safe when several instances do it at once.
 pub async fn migrate(client: &mut Client) -> Result<(), String> {
-    let e = |e: tokio_postgres::Error| e.to_string();
+    let e = pg_error;
     let tx = client.transaction().await.map_err(e)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
         .await
@@ -155,7 +155,7 @@ pub async fn schema_version(client: &Client) -> Result<Option<i32>, String> {
             &[],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(pg_error)?;
     if row.get::<_, Option<i32>>(0).is_none() {
         return Ok(None);
     }
@@ -165,7 +165,7 @@ pub async fn schema_version(client: &Client) -> Result<Option<i32>, String> {
             &[],
         )
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(pg_error)?
         .map(|row| row.get(0)))
 }
 
@@ -179,7 +179,7 @@ pub struct Writer {
 impl Writer {
     /// Prepares the staging table and statements on a migrated connection.
     pub async fn new(client: Client) -> Result<Writer, String> {
-        let e = |e: tokio_postgres::Error| e.to_string();
+        let e = pg_error;
         client
             .batch_execute(
                 "CREATE TEMP TABLE IF NOT EXISTS chatgate_conversations_in
@@ -215,7 +215,7 @@ impl Writer {
     /// Writes `records` in one transaction; returns how many rows were new (the rest
     /// were already there: a replay).
     pub async fn write(&mut self, records: &[Record]) -> Result<u64, String> {
-        let e = |e: tokio_postgres::Error| e.to_string();
+        let e = pg_error;
         let tx = self.client.transaction().await.map_err(e)?;
         let sink = tx.copy_in(&self.copy).await.map_err(e)?;
         let writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
@@ -259,7 +259,7 @@ impl Writer {
                 &[&older_than.as_secs_f64(), &batch],
             )
             .await
-            .map_err(|e| e.to_string())
+            .map_err(pg_error)
     }
 }
 
@@ -278,7 +278,7 @@ pub async fn export(
     filter: &ExportFilter,
     out: &mut impl std::io::Write,
 ) -> Result<u64, String> {
-    let e = |e: tokio_postgres::Error| e.to_string();
+    let e = pg_error;
     client
         .batch_execute("SET TIME ZONE 'UTC'")
         .await
@@ -303,6 +303,18 @@ pub async fn export(
         n += 1;
     }
     Ok(n)
+}
+
+/// A short cause: the server's SQLSTATE and message for database errors (whose
+/// `Display` is only "db error"), else the error and its source. Never the URL.
+pub fn pg_error(e: tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    match std::error::Error::source(&e) {
+        Some(source) if !e.to_string().contains(&source.to_string()) => format!("{e}: {source}"),
+        _ => e.to_string(),
+    }
 }
 
 /// Already-encoded JSON text sent as `jsonb` (binary format: version 1, then the text).
