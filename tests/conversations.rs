@@ -183,9 +183,15 @@ async fn every_kind_of_exchange_lands_with_every_column() {
         .chat("/v1/chat/completions", openai_stream.to_string())
         .await;
     let (unrecorded_id, _) = s.chat("/unrecorded", user("not kept")).await;
+    let failed = s.post("/chatCompletion", user("#sim status=503")).await;
+    assert_eq!(failed.status(), 500);
+    let failed_id = failed.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_string();
 
-    let rows = rows_at_least(&pg, 5, Duration::from_secs(10)).await;
-    assert_eq!(rows.len(), 5, "{rows:#?}");
+    let rows = rows_at_least(&pg, 6, Duration::from_secs(10)).await;
+    assert_eq!(rows.len(), 6, "{rows:#?}");
     assert!(rows
         .iter()
         .all(|r| r["request_id"] != unrecorded_id.as_str()));
@@ -239,6 +245,12 @@ async fn every_kind_of_exchange_lands_with_every_column() {
     assert_eq!(r["messages"], openai_stream["messages"]);
     assert_eq!(r["answer"], "line\none ✓");
     assert_eq!(r["outcome"], "ok");
+
+    let r = row(&rows, &failed_id);
+    assert_eq!(r["outcome"], "upstream_error");
+    assert_eq!(r["status"], 500);
+    assert_eq!(r["answer"], Value::Null);
+    assert_eq!(r["messages"][1]["content"], "#sim status=503");
 
     // The export: the same rows, one JSON object per line, filters applied.
     let export = |args: &[&str]| {
@@ -299,7 +311,7 @@ async fn every_kind_of_exchange_lands_with_every_column() {
     assert_no_secrets("export", &all, &s.token);
     assert_no_secrets("the gateway log", &s.gw.log(), &s.token);
     let m = s.gw.metrics().await;
-    assert_eq!(m.sum("chatgate_conversation_log_written_total", &[]), 5.0);
+    assert_eq!(m.sum("chatgate_conversation_log_written_total", &[]), 6.0);
     assert_eq!(m.sum("chatgate_conversation_log_dropped_total", &[]), 0.0);
 }
 

@@ -20,7 +20,8 @@
 //! ```
 //!
 //! `logging` settles a chat call's token reservation from the reported usage, then
-//! writes the access line and the per-request metrics.
+//! writes the access line and the per-request metrics, and hands a recorded route's
+//! finished exchange to the conversation log (a queue; see `conversations`).
 //!
 //! Why not Pingora's proxy phases: the body must be validated and rewritten
 //! before any upstream connection is opened, retries on 429/5xx need the body
