@@ -776,3 +776,54 @@ async fn rows_past_the_retention_are_deleted_in_the_background() {
     assert_eq!(left, 1, "expired rows not deleted");
     assert_eq!(pg.conversations().await[0]["request_id"], "recent");
 }
+
+#[tokio::test]
+async fn a_graceful_upgrade_during_an_outage_hands_the_spool_over() {
+    let mut pg = Postgres::start();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let mut s = Recorded::start(&pg.url(), spool.path(), "").await;
+    let mut ids = vec![s.chat("/chatCompletion", user("first")).await.0];
+    rows_at_least(&pg, 1, Duration::from_secs(10)).await;
+    pg.stop();
+    for i in 0..5 {
+        ids.push(s.chat("/chatCompletion", user(&format!("old {i}"))).await.0);
+    }
+    let mut new = s.gw.spawn_upgrade();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.gw.signal(libc::SIGQUIT);
+    // Blocking is fine here: nothing else runs on this test's runtime meanwhile.
+    assert!(
+        s.gw.wait_exit(Duration::from_secs(30)),
+        "the old process did not exit:\n{}",
+        s.gw.log()
+    );
+    let port = s.gw.port;
+    for i in 0..5 {
+        let resp = client()
+            .post(format!("http://127.0.0.1:{port}/chatCompletion"))
+            .header("authorization", format!("Bearer {}", s.token))
+            .body(user(&format!("new {i}")))
+            .send()
+            .await
+            .expect("request to the upgraded process");
+        assert_eq!(resp.status(), 200);
+        ids.push(
+            resp.headers()["x-request-id"]
+                .to_str()
+                .expect("id")
+                .to_string(),
+        );
+    }
+    pg.restart();
+    let rows = rows_at_least(&pg, ids.len(), Duration::from_secs(30)).await;
+    let seen: Vec<&str> = rows
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(seen.len(), ids.len(), "{seen:?}\n{}", new.log());
+    assert_eq!(
+        seen.iter().copied().collect::<HashSet<_>>(),
+        ids.iter().map(String::as_str).collect::<HashSet<_>>()
+    );
+    assert!(new.is_running(), "{}", new.log());
+}
