@@ -41,6 +41,16 @@ pub struct Record {
 }
 
 impl Record {
+    /// About how much memory it holds: its texts, plus a fixed share for the rest.
+    pub fn weight(&self) -> usize {
+        256 + self.request_id.len()
+            + self.route.len()
+            + self.model.len()
+            + self.messages.len()
+            + self.answer.as_ref().map_or(0, String::len)
+            + self.username.as_ref().map_or(0, String::len)
+    }
+
     /// `started_at` as a time.
     pub fn started_at(&self) -> SystemTime {
         match u64::try_from(self.started_at_us) {

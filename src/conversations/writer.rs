@@ -9,6 +9,7 @@
 //! (see `Drop for State`). A killed process loses what arrived since the last
 //! flush: at most one `flush_interval` of records.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,14 +44,20 @@ const RETENTION_BATCHES_PER_RUN: usize = 20;
 pub struct ConversationWriter {
     settings: ConversationLogSettings,
     queue: Mutex<Option<mpsc::Receiver<Record>>>,
+    queued_bytes: Arc<AtomicUsize>,
     warn: Arc<DropWarning>,
 }
 
 impl ConversationWriter {
-    pub(super) fn new(settings: ConversationLogSettings, queue: mpsc::Receiver<Record>) -> Self {
+    pub(super) fn new(
+        settings: ConversationLogSettings,
+        queue: mpsc::Receiver<Record>,
+        queued_bytes: Arc<AtomicUsize>,
+    ) -> Self {
         ConversationWriter {
             settings,
             queue: Mutex::new(Some(queue)),
+            queued_bytes,
             warn: Arc::new(DropWarning::default()),
         }
     }
@@ -80,6 +87,7 @@ impl BackgroundService for ConversationWriter {
             flush_interval: self.settings.flush_interval,
             retention: self.settings.retention,
             queue,
+            queued_bytes: self.queued_bytes.clone(),
             batch: Vec::with_capacity(MAX_BATCH),
             spool,
             db: None,
@@ -99,6 +107,7 @@ struct State {
     flush_interval: Duration,
     retention: Duration,
     queue: mpsc::Receiver<Record>,
+    queued_bytes: Arc<AtomicUsize>,
     /// Records taken from the queue and not yet written or spooled.
     batch: Vec<Record>,
     spool: Option<Spool>,
@@ -128,7 +137,7 @@ impl State {
                         break;
                     }
                     n = self.queue.recv_many(&mut self.batch, room) => {
-                        metrics::conversation_queued(-(n as i64));
+                        self.taken(n);
                         if n == 0 {
                             closed = true;
                             break;
@@ -149,6 +158,16 @@ impl State {
             }
             self.report();
         }
+    }
+
+    /// The last `n` records of the batch just left the queue.
+    fn taken(&self, n: usize) {
+        metrics::conversation_queued(-(n as i64));
+        let weight: usize = self.batch[self.batch.len() - n..]
+            .iter()
+            .map(Record::weight)
+            .sum();
+        self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
     }
 
     /// Writes the batch to PostgreSQL, or spools it.
@@ -341,6 +360,7 @@ impl Drop for State {
         let mut rest = std::mem::take(&mut self.batch);
         while let Ok(r) = self.queue.try_recv() {
             metrics::conversation_queued(-1);
+            self.queued_bytes.fetch_sub(r.weight(), Ordering::Relaxed);
             rest.push(r);
         }
         if !rest.is_empty() {
