@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing chatgate needs on Debian/Ubuntu, only
-# what is missing: a C toolchain and cmake (Pingora's zlib-ng), redis-server
-# (the tests start their own), and Rust via rustup when cargo is absent.
+# what is missing: a C toolchain and cmake (Pingora's zlib-ng), redis-server and
+# PostgreSQL (the tests start their own), and Rust via rustup when cargo is absent.
 # The client tests add sseclient-py (pip), Node.js with npm and Chromium.
 set -euo pipefail
 
@@ -14,6 +14,8 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+# PostgreSQL server binaries for the conversation-record tests (they start their own).
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
@@ -33,7 +35,8 @@ if [ "${#need[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# The Debian redis-server package starts a service on 6379; the tests never use it.
+# The Debian redis-server package starts a service on 6379, and postgresql one on
+# 5432; the tests never use them.
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
   echo "installing Rust with rustup"
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy

@@ -9,6 +9,7 @@ pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod connections;
+pub mod conversations;
 pub mod error;
 pub mod gateway;
 pub mod limits;

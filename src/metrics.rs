@@ -132,6 +132,62 @@ static CLIENT_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["kind"],
     )
 });
+/// The label values of a metric without labels.
+const NO_LABELS: &[&str] = &[];
+/// Batch write times of the conversation record, from 1 ms to 10 s.
+const WRITE_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+static CONV_WRITTEN: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "chatgate_conversation_log_written_total",
+        "Conversation records written to PostgreSQL (replays from the spool included).",
+        &[],
+    )
+});
+static CONV_SPOOLED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "chatgate_conversation_log_spooled_total",
+        "Conversation records put in the local spool because PostgreSQL did not take them.",
+        &[],
+    )
+});
+static CONV_DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "chatgate_conversation_log_dropped_total",
+        "Conversation records lost, by reason: queue_full, spool_full, spool_error, spool_unreadable.",
+        &["reason"],
+    )
+});
+static CONV_QUEUED: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "chatgate_conversation_log_queued",
+        "Conversation records in memory, waiting for the writer.",
+        &[],
+    )
+});
+static CONV_SPOOL_BYTES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "chatgate_conversation_log_spool_bytes",
+        "Bytes of conversation records waiting in the local spool.",
+        &[],
+    )
+});
+static CONV_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "chatgate_conversation_log_up",
+        "1 while the conversation record's PostgreSQL connection is open, else 0.",
+        &[],
+    )
+});
+static CONV_WRITE: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "chatgate_conversation_log_write_seconds",
+        "Time to write one batch of conversation records to PostgreSQL.",
+        &[],
+        WRITE_BUCKETS,
+    )
+});
 static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge(
         "chatgate_build_info",
@@ -202,6 +258,55 @@ pub fn connection_refused(listener: &str, reason: crate::connections::Refusal) {
 /// A failure the client caused (one of [`CLIENT_ERROR_KINDS`]).
 pub fn client_error(kind: &str) {
     CLIENT_ERRORS.with_label_values(&[kind]).inc();
+}
+
+/// Registers the conversation record's metrics (when it is configured) at zero.
+pub fn conversation_log_init() {
+    CONV_WRITTEN.with_label_values(NO_LABELS);
+    CONV_SPOOLED.with_label_values(NO_LABELS);
+    for reason in [
+        "queue_full",
+        "spool_full",
+        "spool_error",
+        "spool_unreadable",
+    ] {
+        CONV_DROPPED.with_label_values(&[reason]);
+    }
+    CONV_QUEUED.with_label_values(NO_LABELS);
+    CONV_SPOOL_BYTES.with_label_values(NO_LABELS);
+    CONV_UP.with_label_values(NO_LABELS);
+    LazyLock::force(&CONV_WRITE);
+}
+
+/// Conversation records: `n` more in the memory queue (negative: taken out).
+pub fn conversation_queued(n: i64) {
+    CONV_QUEUED.with_label_values(NO_LABELS).add(n);
+}
+
+/// Conversation records: a batch of `n` new rows written in `took`.
+pub fn conversation_written(n: u64, took: Duration) {
+    CONV_WRITTEN.with_label_values(NO_LABELS).inc_by(n);
+    CONV_WRITE
+        .with_label_values(NO_LABELS)
+        .observe(took.as_secs_f64());
+}
+
+/// Conversation records: `n` put in the spool.
+pub fn conversation_spooled(n: u64) {
+    CONV_SPOOLED.with_label_values(NO_LABELS).inc_by(n);
+}
+
+/// Conversation records: `n` lost for `reason`.
+pub fn conversation_dropped(reason: &str, n: u64) {
+    CONV_DROPPED.with_label_values(&[reason]).inc_by(n);
+}
+
+/// Conversation records: the spool's size and whether PostgreSQL is connected.
+pub fn conversation_state(spool_bytes: u64, up: bool) {
+    CONV_SPOOL_BYTES
+        .with_label_values(NO_LABELS)
+        .set(i64::try_from(spool_bytes).unwrap_or(i64::MAX));
+    CONV_UP.with_label_values(NO_LABELS).set(i64::from(up));
 }
 
 /// One finished request on the public listener.

@@ -107,7 +107,12 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
         "drain watch",
         DrainWatch::new(server.watch_execution_phase(), draining.clone()),
     ));
-    let gateway = Gateway::new(
+    let conversation_log = config.conversation_log.clone().map(|settings| {
+        let (log, writer) = crate::conversations::ConversationLog::new(settings);
+        server.add_service(background_service("conversation log", writer));
+        Arc::new(log)
+    });
+    let mut gateway = Gateway::new(
         auth,
         routes,
         config.limits,
@@ -116,6 +121,9 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
         limiter,
         TrustedProxies::new(config.trusted_proxies.clone()),
     );
+    if let Some(log) = conversation_log {
+        gateway = gateway.with_conversation_log(log);
+    }
     let limits = &config.limits;
     let max_connections = limits.max_connections.unwrap_or_else(|| {
         connections::default_max_connections(

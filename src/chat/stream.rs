@@ -33,6 +33,8 @@ pub struct StreamTranscoder {
     events_sent: u64,
     /// The answer so far, while no usage was reported.
     completion: CompletionText,
+    /// The answer text written since the last [`StreamTranscoder::take_text`], when kept.
+    text: Option<String>,
 }
 
 impl StreamTranscoder {
@@ -46,7 +48,20 @@ impl StreamTranscoder {
             usage: None,
             events_sent: 0,
             completion: CompletionText::default(),
+            text: None,
         }
+    }
+
+    /// Keeps the answer text it writes, for [`StreamTranscoder::take_text`] (the
+    /// conversation record).
+    pub fn keep_text(&mut self) {
+        self.text.get_or_insert_with(String::new);
+    }
+
+    /// The answer text written since the last call (empty unless kept): the
+    /// concatenated `data` of the events, before they were split into lines.
+    pub fn take_text(&mut self) -> String {
+        self.text.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Writes the opening empty `message` event; call once, when the upstream answered 200.
@@ -60,10 +75,12 @@ impl StreamTranscoder {
             return self.status.clone();
         }
         let mut completion = std::mem::take(&mut self.completion);
-        let mut sink = EventSink::new(self.writer, out, &mut completion);
+        let mut text = self.text.take();
+        let mut sink = EventSink::new(self.writer, out, &mut completion, text.as_mut());
         let result = self.parser.feed(piece, &mut |event| sink.take(event));
         let status = self.settle(sink, result);
         self.keep_completion(completion);
+        self.text = text;
         status
     }
 
@@ -74,10 +91,12 @@ impl StreamTranscoder {
             return self.status.clone();
         }
         let mut completion = std::mem::take(&mut self.completion);
-        let mut sink = EventSink::new(self.writer, out, &mut completion);
+        let mut text = self.text.take();
+        let mut sink = EventSink::new(self.writer, out, &mut completion, text.as_mut());
         let result = self.parser.finish(&mut |event| sink.take(event));
         let status = self.settle(sink, result);
         self.keep_completion(completion);
+        self.text = text;
         if status != StreamStatus::Open {
             return status;
         }
@@ -109,7 +128,7 @@ impl StreamTranscoder {
         self.completion = completion;
     }
 
-    fn settle(&mut self, sink: EventSink<'_>, result: Result<(), SseError>) -> StreamStatus {
+    fn settle(&mut self, sink: EventSink<'_, '_>, result: Result<(), SseError>) -> StreamStatus {
         self.writer = sink.writer;
         self.events_sent += sink.events_sent;
         if sink.usage.is_some() {
@@ -140,21 +159,28 @@ enum Ending {
 }
 
 /// Collects what the parser reports during one call, writing text events as they come.
-struct EventSink<'o> {
+struct EventSink<'o, 't> {
     writer: DeltaWriter,
     out: &'o mut BytesMut,
     completion: &'o mut CompletionText,
+    text: Option<&'t mut String>,
     events_sent: u64,
     usage: Option<Usage>,
     ending: Option<Ending>,
 }
 
-impl<'o> EventSink<'o> {
-    fn new(writer: DeltaWriter, out: &'o mut BytesMut, completion: &'o mut CompletionText) -> Self {
+impl<'o, 't> EventSink<'o, 't> {
+    fn new(
+        writer: DeltaWriter,
+        out: &'o mut BytesMut,
+        completion: &'o mut CompletionText,
+        text: Option<&'t mut String>,
+    ) -> Self {
         Self {
             writer,
             out,
             completion,
+            text,
             events_sent: 0,
             usage: None,
             ending: None,
@@ -165,6 +191,9 @@ impl<'o> EventSink<'o> {
         match event {
             UpstreamEvent::Delta(text) => {
                 self.completion.push(&text);
+                if let Some(kept) = self.text.as_deref_mut() {
+                    kept.push_str(&text);
+                }
                 if self.writer.write(&text, self.out) {
                     self.events_sent += 1;
                 }
@@ -197,6 +226,31 @@ mod tests {
 
     fn text(out: &BytesMut) -> &str {
         std::str::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn kept_text_is_the_answer_as_sent_split_anywhere() {
+        let body = format!(
+            "{}{}{}data: [DONE]\n\n",
+            chunk("第一"),
+            chunk("\n\n"),
+            chunk("🌍 end\n")
+        );
+        for split in 1..body.len() {
+            let mut stream = transcoder();
+            stream.keep_text();
+            let mut out = BytesMut::new();
+            let (a, b) = body.as_bytes().split_at(split);
+            stream.feed(a, &mut out);
+            let mut text = stream.take_text();
+            stream.feed(b, &mut out);
+            text += &stream.take_text();
+            assert_eq!(text, "第一\n\n🌍 end\n", "split at {split}");
+        }
+        let mut plain = transcoder();
+        let mut out = BytesMut::new();
+        plain.feed(body.as_bytes(), &mut out);
+        assert_eq!(plain.take_text(), "", "text is kept only when asked");
     }
 
     #[test]

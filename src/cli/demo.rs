@@ -92,6 +92,7 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
         body_timeout: Limits::default().body_timeout,
         rate_limits: crate::limits::ChatLimits::default(),
         completion_estimate: crate::limits::LimitSettings::default().completion_estimate,
+        conversation_log: false,
     };
     for addr in [&args.listen, &args.admin_listen, &args.simulator_listen] {
         addr.parse::<std::net::SocketAddr>()
@@ -113,6 +114,7 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
         rate_limits: crate::limits::LimitSettings::default(),
         limits: Limits::default(),
         trusted_proxies: Vec::new(),
+        conversation_log: None,
         auth: AuthSettings {
             token_ttl: std::time::Duration::from_secs(7 * 86400),
             algorithm: crate::auth::token::TokenAlgorithm::HS256,

@@ -1,7 +1,9 @@
-//! The command line: `serve`, `check`, `users ...`, `demo` and `simulate`.
+//! The command line: `serve`, `check`, `users ...`, `conversations export`, `demo`
+//! and `simulate`.
 //! Each subcommand is a thin shell over the library; exit codes are 0 for
 //! success, 1 for an operator error (bad config, unknown user), 2 for usage.
 
+mod conversations;
 mod demo;
 mod users;
 
@@ -60,6 +62,11 @@ enum Command {
         #[command(subcommand)]
         action: users::UsersCommand,
     },
+    /// Read the conversation record (PostgreSQL).
+    Conversations {
+        #[command(subcommand)]
+        action: conversations::ConversationsCommand,
+    },
     /// Try chatgate out: built-in users and simulator, no config, no Redis.
     Demo(demo::DemoArgs),
     /// Run the built-in OpenAI-compatible simulator (for tests and benchmarks).
@@ -111,11 +118,15 @@ pub fn main() -> i32 {
         Command::Check { config } => match Config::load(&config.config) {
             Ok(c) => {
                 print!("{}", summary(&c));
+                if let Some(log) = &c.conversation_log {
+                    print!("{}", conversations::check_line(log));
+                }
                 0
             }
             Err(e) => fail(&e.to_string()),
         },
         Command::Users { action } => users::run(action),
+        Command::Conversations { action } => conversations::run(action),
         Command::Demo(args) => demo::run(args),
         Command::Simulate {
             listen,

@@ -4,6 +4,7 @@
 
 mod duration;
 mod raw;
+mod size;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -15,6 +16,7 @@ use ipnet::IpNet;
 use pingora::server::configuration::ServerConf;
 
 pub use duration::{parse_duration, ConfigDuration};
+pub use size::{parse_bytes, ConfigBytes};
 
 use crate::auth::password::{PasswordParams, DEFAULT_QUEUE_TIMEOUT};
 use crate::auth::store::redis::RedisSettings;
@@ -114,6 +116,24 @@ pub struct Config {
     pub cors: Option<CorsSettings>,
     /// Proxies whose `X-Forwarded-For` names the client; empty: the TCP peer is the client.
     pub trusted_proxies: Vec<IpNet>,
+    /// Where every exchange is recorded; `None`: no conversation record (the default).
+    pub conversation_log: Option<ConversationLogSettings>,
+}
+
+/// The conversation record in PostgreSQL (`conversation_log:`).
+#[derive(Debug, Clone)]
+pub struct ConversationLogSettings {
+    /// The `postgres://` URL; `None` only when secrets were not read
+    /// ([`SecretsPolicy::Skip`]) and `url_env` is unset.
+    pub url: Option<Secret>,
+    /// Where records wait while PostgreSQL is unreachable.
+    pub spool_dir: PathBuf,
+    /// Past this many spooled bytes, records are dropped (and counted).
+    pub spool_max_bytes: u64,
+    /// Rows older than this are deleted in the background.
+    pub retention: Duration,
+    /// How often queued records are written: what a killed process can lose at most.
+    pub flush_interval: Duration,
 }
 
 /// One address of the public listener.
@@ -479,6 +499,9 @@ pub struct RouteSettings {
     /// Completion tokens reserved per call: the route's `max_tokens`, else
     /// `rate_limits.completion_estimate`.
     pub completion_estimate: u64,
+    /// Whether its exchanges go to the conversation record (it is configured and the
+    /// route does not say `conversation_log: false`).
+    pub conversation_log: bool,
 }
 
 /// OpenAI request fields the gateway sets itself; `params` may not override them.
@@ -698,6 +721,10 @@ impl Validator<'_> {
         for (name, u) in raw.upstreams {
             upstreams.push(Arc::new(self.upstream(&name, u)?));
         }
+        let conversation_log = raw
+            .conversation_log
+            .map(|c| self.conversation_log(c))
+            .transpose()?;
         let mut routes = Vec::new();
         let mut seen = HashSet::new();
         for (i, r) in raw.routes.into_iter().enumerate() {
@@ -791,6 +818,7 @@ impl Validator<'_> {
                     chat_limits(l.requests_per_minute, l.tokens_per_minute, l.tokens_per_day)
                 }),
                 completion_estimate,
+                conversation_log: conversation_log.is_some() && r.conversation_log != Some(false),
             });
         }
         if routes.iter().any(|r| r.keepalive_interval.is_zero()) {
@@ -809,6 +837,7 @@ impl Validator<'_> {
         Ok(Config {
             cors,
             trusted_proxies,
+            conversation_log,
             source: self.file.to_string(),
             listen,
             admin_listen: raw.admin_listen,
@@ -855,6 +884,71 @@ impl Validator<'_> {
                 key_file,
                 cert,
             }),
+        })
+    }
+
+    fn conversation_log(
+        &self,
+        c: raw::RawConversationLog,
+    ) -> Result<ConversationLogSettings, ConfigError> {
+        let key = "conversation_log";
+        let url = match (&c.url, &c.url_env) {
+            (Some(u), None) => Some(Secret::new(u.clone().into_bytes())),
+            (None, Some(var)) if self.secrets == SecretsPolicy::Skip => std::env::var(var)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| Secret::new(v.into_bytes())),
+            (None, Some(var)) => Some(self.env_secret(&format!("{key}.url_env"), var)?),
+            (None, None) => {
+                return Err(self.error(key, "conversation_log:", "set url_env (or url)"))
+            }
+            _ => return Err(self.error(key, "url", "set at most one of url or url_env")),
+        };
+        if let Some(url) = &url {
+            // The text is never quoted back: it may hold a password.
+            let parsed: tokio_postgres::Config = url.expose_str().parse().map_err(|_| {
+                self.error(
+                    key,
+                    if c.url.is_some() { "url:" } else { "url_env" },
+                    "not a valid PostgreSQL URL (postgres://user@host:port/database)",
+                )
+            })?;
+            if c.url.is_some() && parsed.get_password().is_some() {
+                return Err(self.error(
+                    &format!("{key}.url"),
+                    "url:",
+                    "holds a password; put the URL in an environment variable and name it in url_env",
+                ));
+            }
+        }
+        let spool_max_bytes = c.spool_max_bytes.map_or(1 << 30, |b| b.0);
+        if spool_max_bytes == 0 {
+            return Err(self.error(
+                &format!("{key}.spool_max_bytes"),
+                "spool_max_bytes",
+                "must be greater than 0",
+            ));
+        }
+        let retention = self.positive(
+            &format!("{key}.retention"),
+            "retention",
+            c.retention
+                .map_or(Duration::from_secs(90 * 86_400), |d| d.0),
+        )?;
+        let flush_interval = self.positive(
+            &format!("{key}.flush_interval"),
+            "flush_interval",
+            c.flush_interval.map_or(Duration::from_millis(200), |d| d.0),
+        )?;
+        Ok(ConversationLogSettings {
+            url,
+            spool_dir: self.resolve_path(
+                &c.spool_dir
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/chatgate/spool")),
+            ),
+            spool_max_bytes,
+            retention,
+            flush_interval,
         })
     }
 

@@ -10,6 +10,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::duration::ConfigDuration;
+use super::size::ConfigBytes;
 use crate::auth::token::TokenAlgorithm;
 use crate::chat::DataFormat;
 
@@ -34,6 +35,19 @@ pub(super) struct RawConfig {
     pub cors: Option<RawCors>,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    #[serde(default)]
+    pub conversation_log: Option<RawConversationLog>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConversationLog {
+    pub url: Option<String>,
+    pub url_env: Option<String>,
+    pub spool_dir: Option<PathBuf>,
+    pub spool_max_bytes: Option<ConfigBytes>,
+    pub retention: Option<ConfigDuration>,
+    pub flush_interval: Option<ConfigDuration>,
 }
 
 /// A public listener, written either as `"IP:port"` or as `{address, tls}`.
@@ -303,4 +317,5 @@ pub(super) struct RawRoute {
     pub keepalive_interval: Option<ConfigDuration>,
     pub max_body_bytes: Option<usize>,
     pub rate_limits: Option<RawRouteLimits>,
+    pub conversation_log: Option<bool>,
 }

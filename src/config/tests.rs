@@ -610,3 +610,79 @@ fn failed_login_ceiling_per_name_defaults_overrides_and_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn conversation_log_defaults_overrides_and_errors() {
+    set_secret("CG_TEST_SECRET_CONV", &"s".repeat(40));
+    let base = sample("CG_TEST_SECRET_CONV");
+    let c = parse(&base).expect("valid");
+    assert!(c.conversation_log.is_none());
+    assert!(c.routes.iter().all(|r| !r.conversation_log));
+
+    set_secret("CG_TEST_CONV_DB", "postgres://app:pw@db:5432/chat");
+    let with = |block: &str| {
+        format!("{base}conversation_log:\n{block}").replace(
+            "    data_format: json\n",
+            "    data_format: json\n    conversation_log: false\n",
+        )
+    };
+    let c = parse(&with("  url_env: CG_TEST_CONV_DB\n")).expect("valid");
+    let log = c.conversation_log.expect("configured");
+    assert_eq!(
+        log.url.expect("url").expose(),
+        b"postgres://app:pw@db:5432/chat"
+    );
+    assert_eq!(log.spool_dir, PathBuf::from("/var/lib/chatgate/spool"));
+    assert_eq!(log.spool_max_bytes, 1 << 30);
+    assert_eq!(log.retention, Duration::from_secs(90 * 86400));
+    assert_eq!(log.flush_interval, Duration::from_millis(200));
+    assert!(c.routes[0].conversation_log);
+    assert!(!c.routes[1].conversation_log, "route opted out");
+
+    let c = parse(&with(
+        "  url: postgres://app@db/chat\n  spool_dir: spool\n  spool_max_bytes: 64MiB\n  retention: 30d\n  flush_interval: 1s\n",
+    ))
+    .expect("valid");
+    let log = c.conversation_log.expect("configured");
+    assert_eq!(log.spool_dir, PathBuf::from("/etc/chatgate/spool"));
+    assert_eq!(log.spool_max_bytes, 64 << 20);
+    assert_eq!(log.retention, Duration::from_secs(30 * 86400));
+
+    for (block, needle) in [
+        ("  spool_dir: /x\n", "set url_env"),
+        (
+            "  url: postgres://app:hunter2@db/chat\n",
+            "holds a password",
+        ),
+        (
+            "  url: \"host=db port=notaport\"\n",
+            "not a valid PostgreSQL URL",
+        ),
+        (
+            "  url_env: CG_TEST_CONV_DB\n  spool_max_bytes: 0\n",
+            "must be greater than 0",
+        ),
+        (
+            "  url_env: CG_TEST_CONV_DB\n  retention: 0s\n",
+            "must be greater than 0",
+        ),
+        (
+            "  url_env: CG_TEST_CONV_UNSET\n",
+            "CG_TEST_CONV_UNSET is not set",
+        ),
+    ] {
+        let e = parse(&with(block)).expect_err(block).to_string();
+        assert!(e.contains(needle), "{block}: {e}");
+        assert!(e.starts_with("test.yaml:"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+    // User administration does not need the database URL.
+    let c = Config::from_yaml(
+        "test.yaml",
+        &with("  url_env: CG_TEST_CONV_UNSET\n"),
+        Path::new("/etc/chatgate"),
+        SecretsPolicy::Skip,
+    )
+    .expect("valid without secrets");
+    assert!(c.conversation_log.expect("configured").url.is_none());
+}

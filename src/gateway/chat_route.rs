@@ -17,6 +17,7 @@ use crate::chat::sse_out::{write_error_event, KEEPALIVE_COMMENT};
 use crate::chat::stream::{StreamStatus, StreamTranscoder};
 use crate::chat::token_count::estimate_stream;
 use crate::config::RouteKind;
+use crate::conversations::Draft;
 use crate::error::{json_object1, upstream_failure_message, ApiError};
 use crate::limits::Limiter;
 use crate::metrics::ActiveStream;
@@ -52,6 +53,9 @@ pub(super) async fn handle(
         },
     ));
     drop(messages);
+    if settings.conversation_log {
+        ctx.conversation = Draft::new(&caller.username, &upstream_body).map(Box::new);
+    }
 
     let deadline = Instant::now() + route.upstream.settings.total_timeout;
     let opened =
@@ -88,6 +92,11 @@ pub(super) async fn handle(
         &[],
     )
     .await;
+    if let Some(draft) = ctx.conversation.as_deref_mut() {
+        if ctx.outcome == "ok" {
+            draft.set_answer(completion.content);
+        }
+    }
     Ok(())
 }
 
@@ -116,6 +125,9 @@ async fn stream_reply(
     // Small: it lives as long as the stream, and grows for large events.
     let mut out = BytesMut::with_capacity(1024);
     let mut transcoder = StreamTranscoder::new(settings.data_format, MAX_UPSTREAM_EVENT_BYTES);
+    if ctx.conversation.is_some() {
+        transcoder.keep_text();
+    }
     transcoder.start(&mut out);
     let started = async {
         let mut h = reply::header(200, ctx, "text/event-stream; charset=utf-8", None)?;
@@ -136,6 +148,9 @@ async fn stream_reply(
     if started.is_err() {
         ctx.outcome = "client_gone";
         return;
+    }
+    if let Some(draft) = ctx.conversation.as_deref_mut() {
+        draft.answer_started();
     }
 
     let idle = upstream.settings.idle_timeout;
@@ -178,6 +193,9 @@ async fn stream_reply(
             }
             if !keepalive {
                 active.sent();
+                if let Some(draft) = ctx.conversation.as_deref_mut() {
+                    draft.answer_sent(&transcoder.take_text());
+                }
             }
         }
         match status {

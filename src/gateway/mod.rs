@@ -21,7 +21,8 @@
 //!
 //! `logging` settles a chat call's token reservation from the usage (the upstream's,
 //! or on streams without any, chatgate's own count), then writes the access line and
-//! the per-request metrics.
+//! the per-request metrics, and hands a recorded route's finished exchange to the
+//! conversation log (a queue; see `conversations`).
 //!
 //! Why not Pingora's proxy phases: the body must be validated and rewritten
 //! before any upstream connection is opened, retries on 429/5xx need the body
@@ -51,6 +52,7 @@ use pingora::upstreams::peer::HttpPeer;
 use crate::auth::Authenticator;
 use crate::config::{CorsSettings, Limits, RouteKind, RouteSettings};
 use crate::connections;
+use crate::conversations::{ConversationLog, Draft, Finished};
 use crate::error::ApiError;
 use crate::limits::{Limiter, Reservation};
 use crate::metrics::{self, AuthOutcome};
@@ -76,6 +78,8 @@ pub struct Gateway {
     cors: Option<CorsSettings>,
     draining: drain::Draining,
     trusted_proxies: TrustedProxies,
+    /// Where finished exchanges are recorded, when the conversation log is on.
+    conversations: Option<Arc<ConversationLog>>,
 }
 
 impl Gateway {
@@ -110,7 +114,14 @@ impl Gateway {
             limits,
             cors,
             draining,
+            conversations: None,
         }
+    }
+
+    /// Records the exchanges of routes with `conversation_log` on into `log`.
+    pub fn with_conversation_log(mut self, log: Arc<ConversationLog>) -> Self {
+        self.conversations = Some(log);
+        self
     }
 }
 
@@ -137,6 +148,8 @@ pub struct RequestCtx {
     cors_credentials: bool,
     /// Cut the connection instead of finishing the reply (a broken pass-through stream).
     abort: bool,
+    /// The conversation record being collected (routes with `conversation_log` on).
+    conversation: Option<Box<Draft>>,
 }
 
 /// Longest accepted client `X-Request-Id`.
@@ -202,6 +215,7 @@ impl ProxyHttp for Gateway {
             cors_origin: None,
             cors_credentials: false,
             abort: false,
+            conversation: None,
         }
     }
 
@@ -349,6 +363,18 @@ impl ProxyHttp for Gateway {
             metrics::tokens(&ctx.route, prompt, completion, ctx.tokens_estimated);
         }
         metrics::request_done(&ctx.route, status, duration);
+        if let (Some(draft), Some(log)) = (ctx.conversation.take(), &self.conversations) {
+            log.submit(draft.finish(Finished {
+                request_id: &ctx.request_id,
+                user_id: ctx.user_id,
+                route: &ctx.route,
+                outcome: ctx.outcome,
+                status,
+                tokens: ctx.tokens,
+                duration,
+                ttfb: ctx.time_to_first_byte,
+            }));
+        }
         let req = session.req_header();
         tracing::info!(
             target: "access",

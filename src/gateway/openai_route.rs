@@ -13,10 +13,12 @@ use pingora::proxy::Session;
 use super::{exchange, reply, ChatRoute, RequestCtx};
 use crate::auth::Authenticator;
 use crate::chat::openai::{apply_model_policy, reply_usage};
+use crate::chat::reply::parse_completion;
 use crate::chat::sse_in::{UpstreamEvent, UpstreamSseParser};
 use crate::chat::token_count::{estimate_stream, CompletionText};
 use crate::chat::usage_strip::UsageChunkFilter;
 use crate::chat::Usage;
+use crate::conversations::Draft;
 use crate::error::ApiError;
 use crate::limits::Limiter;
 use crate::metrics::ActiveStream;
@@ -48,6 +50,9 @@ pub(super) async fn handle(
     exchange::reserve(limiter, route, &caller, raw.len(), completion, ctx).await?;
     drop(raw);
     let upstream_body = Bytes::from(request.body);
+    if settings.conversation_log {
+        ctx.conversation = Draft::new(&caller.username, &upstream_body).map(Box::new);
+    }
 
     let deadline = Instant::now() + route.upstream.settings.total_timeout;
     let opened = exchange::open_upstream(
@@ -86,11 +91,13 @@ pub(super) async fn handle(
     let sent = async {
         let h = reply::header(200, ctx, &content_type, Some(body.len()))?;
         session.write_response_header(Box::new(h), false).await?;
-        session.write_response_body(Some(body), true).await
+        session.write_response_body(Some(body.clone()), true).await
     }
     .await;
     if sent.is_err() {
         ctx.outcome = "client_gone";
+    } else if let Some(draft) = ctx.conversation.as_deref_mut() {
+        draft.set_answer(parse_completion(&body).map_or_else(|_| String::new(), |c| c.content));
     }
     Ok(())
 }
@@ -129,9 +136,15 @@ async fn pass_stream(
         ctx.outcome = "client_gone";
         return;
     }
-
     let mut parser = UpstreamSseParser::new(MAX_UPSTREAM_EVENT_BYTES);
-    let mut seen = Seen::default();
+    let mut seen = Seen {
+        // The answer text of the piece in hand, when the exchange is recorded.
+        text: ctx.conversation.as_deref_mut().map(|draft| {
+            draft.answer_started();
+            String::new()
+        }),
+        ..Seen::default()
+    };
     let mut out = BytesMut::new();
     let idle = upstream.settings.idle_timeout;
     let failure = loop {
@@ -188,6 +201,10 @@ async fn pass_stream(
             break None;
         }
         active.sent();
+        if let (Some(draft), Some(text)) = (ctx.conversation.as_deref_mut(), seen.text.as_mut()) {
+            draft.answer_sent(text);
+            text.clear();
+        }
     };
     ctx.tokens = seen.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
     match failure {
@@ -210,11 +227,13 @@ async fn pass_stream(
     }
 }
 
-/// What the stream said, read on the side: its usage, and its text while no usage came.
+/// What the stream said, read on the side: its usage, its text while no usage came, and
+/// (when the exchange is recorded) the text of the piece in hand.
 #[derive(Default)]
 struct Seen {
     usage: Option<Usage>,
     completion: CompletionText,
+    text: Option<String>,
 }
 
 impl Seen {
@@ -224,7 +243,14 @@ impl Seen {
                 self.usage = Some(u);
                 self.completion.clear();
             }
-            UpstreamEvent::Delta(text) if self.usage.is_none() => self.completion.push(&text),
+            UpstreamEvent::Delta(text) => {
+                if let Some(kept) = self.text.as_mut() {
+                    kept.push_str(&text);
+                }
+                if self.usage.is_none() {
+                    self.completion.push(&text);
+                }
+            }
             _ => {}
         }
     }

@@ -895,3 +895,219 @@ impl Drop for RedisCluster {
         }
     }
 }
+
+/// The newest installed PostgreSQL's `bin` directory (Debian's `postgresql` package).
+pub fn postgres_bin_dir() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL must be installed (scripts/install-deps.sh installs it)")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    found.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    found
+        .pop()
+        .expect("no /usr/lib/postgresql/<version>/bin/initdb")
+}
+
+/// A private PostgreSQL server on a free port, its data in a temporary
+/// directory; stopped on drop. `initdb` and `postgres` refuse to run as root,
+/// so when the tests run as root both run as the `postgres` user (`runuser`)
+/// in a directory that user owns. `fsync` is off: a test server's data need
+/// not survive a power cut.
+pub struct Postgres {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    fsync: bool,
+}
+
+impl Postgres {
+    /// Creates a fresh cluster and starts it.
+    pub fn start() -> Postgres {
+        Self::start_with_fsync(false)
+    }
+
+    /// [`Postgres::start`] with `fsync` on, as in production (for benchmarks).
+    pub fn start_with_fsync(fsync: bool) -> Postgres {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let as_root = unsafe { libc::geteuid() } == 0;
+        if as_root {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+            let status = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown postgres failed");
+        }
+        let out = Self::as_postgres(as_root, "initdb")
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+                "-D",
+            ])
+            .arg(dir.path().join("data"))
+            .output()
+            .expect("initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::create_dir_all(dir.path().join("sock")).expect("socket dir");
+        if as_root {
+            let _ = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(dir.path().join("sock"))
+                .status();
+        }
+        let mut pg = Postgres {
+            port: free_port(),
+            dir,
+            child: None,
+            fsync,
+        };
+        pg.spawn();
+        pg
+    }
+
+    fn as_postgres(as_root: bool, program: &str) -> Command {
+        let path = postgres_bin_dir().join(program);
+        if as_root {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(path);
+            cmd
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn spawn(&mut self) {
+        let as_root = unsafe { libc::geteuid() } == 0;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .expect("postgres log");
+        let child = Self::as_postgres(as_root, "postgres")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-k")
+            .arg(self.dir.path().join("sock"))
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c"])
+            .arg(if self.fsync { "fsync=on" } else { "fsync=off" })
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn postgres");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Listening is not ready: it answers "starting up" for a moment.
+        while Instant::now() < deadline {
+            if wait_for_port(self.port, Duration::from_millis(200)) {
+                let ok = std::process::Command::new(postgres_bin_dir().join("pg_isready"))
+                    .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q"])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("postgres did not start: {}", self.log());
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server (fast shutdown: clients are disconnected); its data stays.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid_file = self.dir.path().join("data").join("postmaster.pid");
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
+        match pid {
+            // SAFETY: kill(2) on the postmaster this fixture started.
+            Some(pid) => unsafe {
+                libc::kill(pid, libc::SIGINT);
+            },
+            None => {
+                let _ = child.kill();
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        kill(&mut child);
+    }
+
+    /// Starts it again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// A client connection (its driver runs on the current tokio runtime).
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test postgres");
+        tokio::spawn(connection);
+        client
+    }
+
+    /// Every row of `chatgate_conversations` as JSON (columns as keys), oldest first;
+    /// empty while the table does not exist.
+    pub async fn conversations(&self) -> Vec<serde_json::Value> {
+        let client = self.client().await;
+        let Ok(rows) = client
+            .query(
+                "SELECT row_to_json(c)::text FROM chatgate_conversations c ORDER BY started_at, request_id",
+                &[],
+            )
+            .await
+        else {
+            return Vec::new();
+        };
+        rows.iter()
+            .map(|r| serde_json::from_str(r.get::<_, &str>(0)).expect("row json"))
+            .collect()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

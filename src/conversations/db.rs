@@ -1,0 +1,340 @@
+//! PostgreSQL side of the conversation record: connecting, the schema (created
+//! or migrated at start under an advisory lock, so instances starting together
+//! do not race), batched writes by binary COPY into a session-local staging
+//! table then one `INSERT ... ON CONFLICT (request_id) DO NOTHING` (COPY alone
+//! cannot skip rows that a replay already wrote), retention deletes and export.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::{BufMut, BytesMut};
+use futures::{pin_mut, TryStreamExt};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use tokio_postgres::{Client, NoTls, Statement};
+
+use super::record::Record;
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// `pg_advisory_xact_lock` key taken while the schema is created or migrated.
+const SCHEMA_LOCK: i64 = 0x6368_6174_6761_7465; // "chatgate"
+
+/// The table's columns, in COPY order.
+const COLUMNS: &str = "request_id, user_id, username, route, model, messages, answer, outcome, \
+     status, prompt_tokens, completion_tokens, started_at, duration_ms, ttfb_ms";
+
+const COLUMN_TYPES: [Type; 14] = [
+    Type::TEXT,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::JSONB,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT4,
+    Type::INT4,
+    Type::INT4,
+    Type::TIMESTAMPTZ,
+    Type::FLOAT8,
+    Type::FLOAT8,
+];
+
+/// Version 1 of the schema (the CONTRACT's columns plus status and time to first byte).
+const SCHEMA_V1: &str = "
+CREATE TABLE IF NOT EXISTS chatgate_conversations (
+    request_id text PRIMARY KEY,
+    user_id bigint,
+    username text,
+    route text NOT NULL,
+    model text NOT NULL,
+    messages jsonb NOT NULL,
+    answer text,
+    outcome text NOT NULL,
+    status integer,
+    prompt_tokens integer,
+    completion_tokens integer,
+    started_at timestamptz NOT NULL,
+    duration_ms double precision NOT NULL,
+    ttfb_ms double precision
+);
+CREATE INDEX IF NOT EXISTS chatgate_conversations_started_at ON chatgate_conversations (started_at);
+CREATE INDEX IF NOT EXISTS chatgate_conversations_user ON chatgate_conversations (username, started_at);
+";
+
+/// Opens a connection (driven by a task on the current runtime) within `timeout`.
+pub async fn connect(url: &str, timeout: Duration) -> Result<Client, String> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|_| "not a valid PostgreSQL URL".to_string())?;
+    config.connect_timeout(timeout);
+    if config.get_application_name().is_none() {
+        config.application_name("chatgate");
+    }
+    let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
+        .await
+        .map_err(|_| format!("no answer within {}", humantime::format_duration(timeout)))?
+        .map_err(pg_error)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "conversation log: connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// `user@host:port/database` of a URL: the parts an operator may see (never the password).
+pub fn describe(url: &str) -> String {
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return "(invalid URL)".into();
+    };
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{}@{host}:{port}/{}",
+        config.get_user().unwrap_or("(default user)"),
+        config
+            .get_dbname()
+            .or(config.get_user())
+            .unwrap_or("(default)")
+    )
+}
+
+/// Creates or migrates the schema; safe when several instances do it at once.
+pub async fn migrate(client: &mut Client) -> Result<(), String> {
+    let e = pg_error;
+    let tx = client.transaction().await.map_err(e)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+        .await
+        .map_err(e)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS chatgate_schema (component text PRIMARY KEY, version integer NOT NULL)",
+    )
+    .await
+    .map_err(e)?;
+    let version: Option<i32> = tx
+        .query_opt(
+            "SELECT version FROM chatgate_schema WHERE component = 'conversations'",
+            &[],
+        )
+        .await
+        .map_err(e)?
+        .map(|row| row.get(0));
+    match version {
+        Some(v) if v == SCHEMA_VERSION => {}
+        Some(v) if v > SCHEMA_VERSION => {
+            return Err(format!(
+                "the schema is at version {v}, newer than this gateway's {SCHEMA_VERSION}"
+            ))
+        }
+        // Version 1 is the first: anything older (none yet) would be migrated here, step by step.
+        _ => {
+            tx.batch_execute(SCHEMA_V1).await.map_err(e)?;
+            tx.execute(
+                "INSERT INTO chatgate_schema (component, version) VALUES ('conversations', $1)
+                 ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
+                &[&SCHEMA_VERSION],
+            )
+            .await
+            .map_err(e)?;
+        }
+    }
+    tx.commit().await.map_err(e)
+}
+
+/// The schema version in the database; `None` when it was never created.
+pub async fn schema_version(client: &Client) -> Result<Option<i32>, String> {
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN to_regclass('chatgate_schema') IS NULL THEN NULL ELSE 1 END",
+            &[],
+        )
+        .await
+        .map_err(pg_error)?;
+    if row.get::<_, Option<i32>>(0).is_none() {
+        return Ok(None);
+    }
+    Ok(client
+        .query_opt(
+            "SELECT version FROM chatgate_schema WHERE component = 'conversations'",
+            &[],
+        )
+        .await
+        .map_err(pg_error)?
+        .map(|row| row.get(0)))
+}
+
+/// A connection ready to take batches.
+pub struct Writer {
+    client: Client,
+    copy: Statement,
+    insert: Statement,
+}
+
+impl Writer {
+    /// Prepares the staging table and statements on a migrated connection.
+    pub async fn new(client: Client) -> Result<Writer, String> {
+        let e = pg_error;
+        client
+            .batch_execute(
+                "CREATE TEMP TABLE IF NOT EXISTS chatgate_conversations_in
+                 (LIKE chatgate_conversations) ON COMMIT DELETE ROWS",
+            )
+            .await
+            .map_err(e)?;
+        let copy = client
+            .prepare(&format!(
+                "COPY chatgate_conversations_in ({COLUMNS}) FROM STDIN BINARY"
+            ))
+            .await
+            .map_err(e)?;
+        let insert = client
+            .prepare(&format!(
+                "INSERT INTO chatgate_conversations ({COLUMNS}) SELECT {COLUMNS} FROM chatgate_conversations_in
+                 ON CONFLICT (request_id) DO NOTHING"
+            ))
+            .await
+            .map_err(e)?;
+        Ok(Writer {
+            client,
+            copy,
+            insert,
+        })
+    }
+
+    /// Whether the connection is gone.
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Writes `records` in one transaction; returns how many rows were new (the rest
+    /// were already there: a replay).
+    pub async fn write(&mut self, records: &[Record]) -> Result<u64, String> {
+        let e = pg_error;
+        let tx = self.client.transaction().await.map_err(e)?;
+        let sink = tx.copy_in(&self.copy).await.map_err(e)?;
+        let writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
+        pin_mut!(writer);
+        for r in records {
+            let started_at = r.started_at();
+            writer
+                .as_mut()
+                .write(&[
+                    &r.request_id,
+                    &r.user_id,
+                    &r.username,
+                    &r.route,
+                    &r.model,
+                    &JsonText(&r.messages),
+                    &r.answer,
+                    &r.outcome,
+                    &r.status,
+                    &r.prompt_tokens,
+                    &r.completion_tokens,
+                    &started_at,
+                    &r.duration_ms,
+                    &r.ttfb_ms,
+                ])
+                .await
+                .map_err(e)?;
+        }
+        writer.finish().await.map_err(e)?;
+        let inserted = tx.execute(&self.insert, &[]).await.map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        Ok(inserted)
+    }
+
+    /// Deletes up to `batch` rows that started before `older_than` ago; returns how many.
+    pub async fn delete_expired(&self, older_than: Duration, batch: i64) -> Result<u64, String> {
+        self.client
+            .execute(
+                "DELETE FROM chatgate_conversations WHERE ctid = ANY(ARRAY(
+                   SELECT ctid FROM chatgate_conversations
+                   WHERE started_at < now() - make_interval(secs => $1) LIMIT $2))",
+                &[&older_than.as_secs_f64(), &batch],
+            )
+            .await
+            .map_err(pg_error)
+    }
+}
+
+/// Which rows `chatgate conversations export` prints.
+#[derive(Debug, Default, Clone)]
+pub struct ExportFilter {
+    pub username: Option<String>,
+    pub since: Option<SystemTime>,
+    pub route: Option<String>,
+}
+
+/// Writes every matching row as one JSON object per line (columns as keys), oldest
+/// first; returns how many.
+pub async fn export(
+    client: &Client,
+    filter: &ExportFilter,
+    out: &mut impl std::io::Write,
+) -> Result<u64, String> {
+    let e = pg_error;
+    client
+        .batch_execute("SET TIME ZONE 'UTC'")
+        .await
+        .map_err(e)?;
+    let params: [&(dyn ToSql + Sync); 3] = [&filter.username, &filter.since, &filter.route];
+    let rows = client
+        .query_raw(
+            "SELECT row_to_json(c)::text FROM chatgate_conversations c
+             WHERE ($1::text IS NULL OR c.username = $1)
+               AND ($2::timestamptz IS NULL OR c.started_at >= $2)
+               AND ($3::text IS NULL OR c.route = $3)
+             ORDER BY c.started_at, c.request_id",
+            params,
+        )
+        .await
+        .map_err(e)?;
+    pin_mut!(rows);
+    let mut n = 0;
+    while let Some(row) = rows.try_next().await.map_err(e)? {
+        let line: &str = row.get(0);
+        writeln!(out, "{line}").map_err(|e| e.to_string())?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// A short cause: the server's SQLSTATE and message for database errors (whose
+/// `Display` is only "db error"), else the error and its source. Never the URL.
+pub fn pg_error(e: tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    match std::error::Error::source(&e) {
+        Some(source) if !e.to_string().contains(&source.to_string()) => format!("{e}: {source}"),
+        _ => e.to_string(),
+    }
+}
+
+/// Already-encoded JSON text sent as `jsonb` (binary format: version 1, then the text).
+#[derive(Debug)]
+struct JsonText<'a>(&'a str);
+
+impl ToSql for JsonText<'_> {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.put_u8(1);
+        out.put_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+
+    to_sql_checked!();
+}
