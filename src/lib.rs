@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod redact;
 pub mod server;
 pub mod simulator;
+mod stream_wrap;
 pub mod tls;
 pub mod upstream;
 
