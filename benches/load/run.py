@@ -166,6 +166,28 @@ class Bench:
         )
         assert wait_port(self.redis_port), "redis-server did not start"
 
+    def start_postgres(self):
+        """A private PostgreSQL server (trust auth, loopback only) for the record step;
+        initdb and postgres refuse root, so they run as the postgres user when we are root."""
+        bindir = sorted(d for d in os.listdir("/usr/lib/postgresql"))[-1]
+        bindir = os.path.join("/usr/lib/postgresql", bindir, "bin")
+        data = os.path.join(self.work, "pg")
+        os.makedirs(data)
+        as_pg = []
+        if os.geteuid() == 0:
+            shutil.chown(data, "postgres", "postgres")
+            os.chmod(self.work, 0o755)
+            as_pg = ["runuser", "-u", "postgres", "--"]
+        subprocess.run([*as_pg, os.path.join(bindir, "initdb"), "-D", data, "-A", "trust",
+                        "-U", "postgres"], check=True, capture_output=True)
+        port = free_port()
+        self.procs.start("postgres", [*as_pg, os.path.join(bindir, "postgres"), "-D", data,
+                                      "-p", str(port), "-k", data, "-c", "listen_addresses=127.0.0.1"],
+                         stdout=subprocess.DEVNULL,
+                         stderr=open(os.path.join(self.work, "pg.log"), "w"))
+        assert wait_port(port, 30), "postgres did not start"
+        return port
+
     def start_simulator(self, extra=()):
         port = free_port()
         p = self.procs.start(
@@ -177,9 +199,9 @@ class Bench:
         assert wait_port(port), "simulator did not start"
         return port, p
 
-    def gateway_config(self, port, admin, sim_port):
+    def gateway_config(self, port, admin, sim_port, extra=""):
         w = self.work
-        return write(os.path.join(w, f"gw-{port}.yaml"), f"""listen: ["127.0.0.1:{port}"]
+        return write(os.path.join(w, f"gw-{port}.yaml"), extra + f"""listen: ["127.0.0.1:{port}"]
 admin_listen: "127.0.0.1:{admin}"
 pingora:
   threads: 2
@@ -230,9 +252,9 @@ routes:
                     "  tokens_per_day: 100000000000")
         return "  requests_per_minute: 0\n  tokens_per_minute: 0\n  tokens_per_day: 0"
 
-    def start_gateway(self, sim_port, rust_log):
+    def start_gateway(self, sim_port, rust_log, extra=""):
         port, admin = free_port(), free_port()
-        cfg = self.gateway_config(port, admin, sim_port)
+        cfg = self.gateway_config(port, admin, sim_port, extra)
         env = {**os.environ, "CHATGATE_JWT_SECRET": JWT_SECRET, "RUST_LOG": rust_log}
         logf = open(os.path.join(self.work, f"gw-{port}.log"), "w")
         p = self.procs.start("gateway", [self.bin, "serve", "--config", cfg], env=env,
@@ -367,7 +389,31 @@ http {{
         if "streams" in STEPS:
             self.stream_steps(streams, sim_port, gw_port, gw, bearer)
         flood = self.flood_step(gw_port, bearer) if "flood" in STEPS else None
-        return self.table(res, fixed, streams, flood)
+        record = self.record_step(sim_port, gw_port, gw, bearer) if "record" in STEPS else None
+        return self.table(res, fixed, streams, flood, record)
+
+    def record_step(self, sim_port, gw_port, gw, bearer, rounds=3):
+        """Chat throughput and p99 with the conversation record on vs off: the same load
+        alternated between this gateway (record off) and one writing to PostgreSQL."""
+        pg_port = self.start_postgres()
+        spool = os.path.join(self.work, "spool")
+        extra = (f"conversation_log:\n  url: postgres://postgres@127.0.0.1:{pg_port}/postgres\n"
+                 f"  spool_dir: {spool}\n")
+        on_port, on, _ = self.start_gateway(sim_port, "warn", extra)
+        self.wrk(on_port, "/chatCompletion", CHAT_BODY, bearer, seconds=2)
+        off_runs, on_runs = [], []
+        for _ in range(rounds):
+            off_runs.append(self.closed_loop("record off", gw_port, "/chatCompletion", CHAT_BODY,
+                                             lambda: [gw.pid], bearer))
+            on_runs.append(self.closed_loop("record on", on_port, "/chatCompletion", CHAT_BODY,
+                                            lambda: [on.pid], bearer))
+        time.sleep(2)  # the writer's last batch
+        rows = subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres",
+                               "-tAc", "select count(*) from chatgate_conversations"],
+                              capture_output=True, text=True).stdout.strip()
+        sent = sum(r["requests"] for r in on_runs)
+        stop(on)
+        return off_runs, on_runs, rows, sent
 
     def closed_steps(self, res, sim_port, nginx_port, floor_port, gw_port, bearer, sim_pids,
                      nginx_pids, floor_pids, gw_pids):
@@ -450,7 +496,7 @@ http {{
         return flood_rate, quiet, flooded, flood_stats
 
     # ---- report ----------------------------------------------------------------------
-    def table(self, res, fixed, streams, flood):
+    def table(self, res, fixed, streams, flood, record=None):
         ms = lambda us: f"{us / 1000:.2f}"
         lines = []
         if res:
@@ -461,7 +507,23 @@ http {{
             self.stream_table(lines, streams)
         if flood:
             self.flood_table(lines, *flood)
+        if record:
+            self.record_table(lines, *record)
         return "\n".join(lines)
+
+    def record_table(self, lines, off_runs, on_runs, rows, sent):
+        ms = lambda us: f"{us / 1000:.2f}"
+        lines.append(f"\n### Conversation record on vs off (wrk closed loop, {CONNECTIONS} connections, "
+                     f"{DURATION} s per round, rounds alternated)\n")
+        lines.append("| round | off req/s | on req/s | on / off | off p99 ms | on p99 ms | CPU s / 1,000 req off / on |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|")
+        for i, (f, n) in enumerate(zip(off_runs, on_runs), 1):
+            lines.append(f"| {i} | {f['rps']:.0f} | {n['rps']:.0f} | {n['rps'] / max(f['rps'], 1e-9):.2f} | "
+                         f"{ms(f['p99_us'])} | {ms(n['p99_us'])} | {f['cpu_per_1k']:.3f} / {n['cpu_per_1k']:.3f} |")
+        off = sum(r["rps"] for r in off_runs)
+        on = sum(r["rps"] for r in on_runs)
+        lines.append(f"\nThroughput with the record on / off: **{on / max(off, 1e-9):.2f}** (target ≥ 0.90); "
+                     f"rows in PostgreSQL {rows} for {sent} answered requests (warm-up included in the rows)\n")
 
     def closed_table(self, lines, res):
         ms = lambda us: f"{us / 1000:.2f}"
