@@ -621,19 +621,27 @@ async fn file_backend_sees_cli_changes_without_restart() {
     assert!(text.contains("$argon2id$") && !text.contains("bob-pw"));
 }
 
-#[test]
-fn check_reports_config_errors_with_file_line_and_key() {
-    let redis_url = "redis://127.0.0.1:1/0";
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = GatewayConfig {
-        credentials: format!("    backend: redis\n    redis:\n      url: {redis_url}\n"),
+/// A config for `chatgate check` alone: Redis at `redis_url`, nothing started.
+fn check_only_config(redis_url: &str) -> GatewayConfig {
+    GatewayConfig {
+        credentials: format!("    backend: redis\n    redis:\n      url: \"{redis_url}\"\n"),
         upstreams: upstream_block("main", &["127.0.0.1:9".to_string()], ""),
         routes: seed_routes("main"),
         auth_extra: String::new(),
         extra: String::new(),
         env: Vec::new(),
-    };
-    let path = write_config(dir.path(), 1, 2, &cfg);
+    }
+}
+
+#[test]
+fn check_reports_config_errors_with_file_line_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(
+        dir.path(),
+        1,
+        2,
+        &check_only_config("redis://127.0.0.1:1/0"),
+    );
     let good = std::fs::read_to_string(&path).expect("config");
     let run = |text: &str, secret: &str| {
         std::fs::write(&path, text).expect("write");
@@ -710,15 +718,7 @@ fn check_never_prints_a_redis_password() {
         "http://user:S3cretPw9@127.0.0.1:1/0",
     ];
     for url in urls {
-        let cfg = GatewayConfig {
-            credentials: format!("    backend: redis\n    redis:\n      url: \"{url}\"\n"),
-            upstreams: upstream_block("main", &["127.0.0.1:9".to_string()], ""),
-            routes: seed_routes("main"),
-            auth_extra: String::new(),
-            extra: String::new(),
-            env: Vec::new(),
-        };
-        let path = write_config(dir.path(), 1, 2, &cfg);
+        let path = write_config(dir.path(), 1, 2, &check_only_config(url));
         let out = std::process::Command::new(chatgate_bin())
             .args(["check", "--config"])
             .arg(&path)

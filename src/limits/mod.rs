@@ -882,17 +882,23 @@ mod tests {
         (results, ran.load(Ordering::SeqCst) as usize)
     }
 
-    /// Ten right passwords at once for a name allowing 5 failures: attempts still in flight
-    /// are no failures, so all ten succeed (the later five wait for the first five).
-    #[tokio::test]
-    async fn parallel_right_passwords_all_succeed() {
+    /// A local limiter allowing 5 failed logins a minute per name (20 per address), and
+    /// the address the attempts come from.
+    fn five_failures_a_minute() -> (Arc<Limiter>, IpAddr) {
         let settings = LimitSettings {
             login_per_username: Some(Rate::per_minute(5)),
             login_per_ip: Some(Rate::per_minute(20)),
             ..LimitSettings::default()
         };
-        let l = Arc::new(Limiter::new(settings, None));
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        (Arc::new(Limiter::new(settings, None)), ip)
+    }
+
+    /// Ten right passwords at once for a name allowing 5 failures: attempts still in flight
+    /// are no failures, so all ten succeed (the later five wait for the first five).
+    #[tokio::test]
+    async fn parallel_right_passwords_all_succeed() {
+        let (l, ip) = five_failures_a_minute();
         let (results, ran) = logins_at_once(&l, "alice", ip, 10, 5, Ok(())).await;
         assert_eq!(results, vec![Ok(()); 10]);
         assert_eq!(ran, 10);
@@ -902,13 +908,7 @@ mod tests {
     /// with the true wait (a full minute's worth of one failure: 12 s).
     #[tokio::test]
     async fn parallel_wrong_passwords_cannot_overshoot_the_limit() {
-        let settings = LimitSettings {
-            login_per_username: Some(Rate::per_minute(5)),
-            login_per_ip: Some(Rate::per_minute(20)),
-            ..LimitSettings::default()
-        };
-        let l = Arc::new(Limiter::new(settings, None));
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let (l, ip) = five_failures_a_minute();
         let (results, ran) =
             logins_at_once(&l, "alice", ip, 10, 5, Err(ApiError::CredentialsRejected)).await;
         assert_eq!(ran, 5);

@@ -333,35 +333,31 @@ impl Gateway {
 
     /// [`Gateway::start`] with Pingora's grace period and shutdown timeout set.
     pub fn start_with_grace(cfg: GatewayConfig, grace: u64, shutdown_timeout: u64) -> Gateway {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (port, admin_port) = (free_port(), free_port());
-        let config_path =
-            write_config_with_grace(dir.path(), port, admin_port, &cfg, grace, shutdown_timeout);
-        let mut env = vec![("CHATGATE_JWT_SECRET".to_string(), JWT_SECRET.to_string())];
-        env.extend(cfg.env.iter().cloned());
-        let child = spawn_serve(dir.path(), &config_path, &env, false, "gateway.log");
-        let mut gw = Gateway {
-            port,
-            admin_port,
-            child,
-            dir,
-            config_path,
-            env,
-        };
-        if !wait_for_port(port, Duration::from_secs(15)) {
-            let _ = gw.child.kill();
-            panic!("gateway did not start; log:\n{}", gw.log());
-        }
-        gw
+        Self::launch(cfg, grace, shutdown_timeout, &[], &[])
     }
 
     /// [`Gateway::start`] with more `listen:` entries (YAML flow form, e.g. a TLS
     /// listener) after the plain one; waits until every port in `ports` listens too.
     pub fn start_with_listeners(cfg: GatewayConfig, extra: &[String], ports: &[u16]) -> Gateway {
+        Self::launch(cfg, 1, 1, extra, ports)
+    }
+
+    /// Writes the config (plus `extra` listeners), starts `serve` and waits until the
+    /// public port and every port in `ports` listen.
+    fn launch(
+        cfg: GatewayConfig,
+        grace: u64,
+        shutdown_timeout: u64,
+        extra: &[String],
+        ports: &[u16],
+    ) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let (port, admin_port) = (free_port(), free_port());
-        let config_path = write_config(dir.path(), port, admin_port, &cfg);
-        add_listeners(&config_path, port, extra);
+        let config_path =
+            write_config_with_grace(dir.path(), port, admin_port, &cfg, grace, shutdown_timeout);
+        if !extra.is_empty() {
+            add_listeners(&config_path, port, extra);
+        }
         let mut env = vec![("CHATGATE_JWT_SECRET".to_string(), JWT_SECRET.to_string())];
         env.extend(cfg.env.iter().cloned());
         let child = spawn_serve(dir.path(), &config_path, &env, false, "gateway.log");
