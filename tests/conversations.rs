@@ -827,3 +827,54 @@ async fn a_graceful_upgrade_during_an_outage_hands_the_spool_over() {
     );
     assert!(new.is_running(), "{}", new.log());
 }
+
+/// The writer is not woken per record, only for a whole batch: a full batch is
+/// written long before a (here very long) flush interval is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_batch_is_written_before_the_flush_interval() {
+    use pingora::services::background::BackgroundService;
+
+    let pg = Postgres::start();
+    let spool = tempfile::tempdir().expect("spool");
+    let settings = chatgate::config::ConversationLogSettings {
+        url: Some(chatgate::config::Secret::new(pg.url().into_bytes())),
+        spool_dir: spool.path().to_path_buf(),
+        spool_max_bytes: 1 << 30,
+        retention: Duration::from_secs(86_400),
+        flush_interval: Duration::from_secs(120),
+    };
+    let (log, service) = chatgate::conversations::ConversationLog::new(settings);
+    let (_stop, watch) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move { service.start(watch).await });
+    let batch = chatgate::conversations::MAX_BATCH;
+    // The writer connects and creates the schema before it waits for records.
+    poll(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async {
+            pg.client()
+                .await
+                .query_opt("SELECT to_regclass('chatgate_conversations')::text", &[])
+                .await
+                .ok()
+                .flatten()
+                .and_then(|r| r.get::<_, Option<String>>(0))
+        },
+        |t| t.is_some(),
+    )
+    .await;
+    for i in 0..batch {
+        log.submit(sample_record(i));
+    }
+    let n = poll(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || row_count(&pg),
+        |n| *n >= batch as i64,
+    )
+    .await;
+    assert_eq!(
+        n, batch as i64,
+        "a full batch waits for the 120 s flush interval"
+    );
+}

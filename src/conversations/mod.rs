@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 pub use record::{Draft, Finished, Record};
 pub use writer::ConversationWriter;
@@ -25,6 +25,9 @@ use crate::metrics;
 pub const QUEUE_CAPACITY: usize = 20_000;
 /// Bytes of text the memory queue holds at most (large bodies fill it before the count).
 pub const QUEUE_MAX_BYTES: usize = 256 << 20;
+/// Records per write (and per replayed chunk); a queue this long wakes the writer
+/// before its flush interval is up.
+pub const MAX_BATCH: usize = 2_000;
 
 /// The request path's handle: queue a record for the writer.
 pub struct ConversationLog {
@@ -32,6 +35,9 @@ pub struct ConversationLog {
     /// Text bytes of the records in the queue (see [`Record::weight`]).
     queued_bytes: Arc<AtomicUsize>,
     max_bytes: usize,
+    /// Wakes the writer early when a whole batch is waiting. Only then: a wake-up
+    /// per record would cost more than the record itself.
+    batch_ready: Arc<Notify>,
     warn: DropWarning,
 }
 
@@ -49,14 +55,16 @@ impl ConversationLog {
         metrics::conversation_log_init();
         let (queue, rx) = mpsc::channel(capacity);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let batch_ready = Arc::new(Notify::new());
         (
             ConversationLog {
                 queue,
                 queued_bytes: queued_bytes.clone(),
                 max_bytes,
+                batch_ready: batch_ready.clone(),
                 warn: DropWarning::default(),
             },
-            ConversationWriter::new(settings, rx, queued_bytes),
+            ConversationWriter::new(settings, rx, queued_bytes, batch_ready),
         )
     }
 
@@ -70,7 +78,12 @@ impl ConversationLog {
             return self.drop_one();
         }
         match self.queue.try_send(record) {
-            Ok(()) => metrics::conversation_queued(1),
+            Ok(()) => {
+                metrics::conversation_queued(1);
+                if self.queue.max_capacity() - self.queue.capacity() >= MAX_BATCH {
+                    self.batch_ready.notify_one();
+                }
+            }
             Err(_) => {
                 self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
                 self.drop_one();

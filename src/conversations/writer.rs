@@ -16,16 +16,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::db::{self, Writer};
 use super::spool::Spool;
-use super::{DropWarning, Record};
+use super::{DropWarning, Record, MAX_BATCH};
 use crate::config::ConversationLogSettings;
 use crate::metrics;
 
-/// Records per write (and per replayed chunk).
-const MAX_BATCH: usize = 2_000;
 /// How long connecting (and migrating) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one batch write may take before it goes to the spool instead.
@@ -45,6 +43,7 @@ pub struct ConversationWriter {
     settings: ConversationLogSettings,
     queue: Mutex<Option<mpsc::Receiver<Record>>>,
     queued_bytes: Arc<AtomicUsize>,
+    batch_ready: Arc<Notify>,
     warn: Arc<DropWarning>,
 }
 
@@ -53,11 +52,13 @@ impl ConversationWriter {
         settings: ConversationLogSettings,
         queue: mpsc::Receiver<Record>,
         queued_bytes: Arc<AtomicUsize>,
+        batch_ready: Arc<Notify>,
     ) -> Self {
         ConversationWriter {
             settings,
             queue: Mutex::new(Some(queue)),
             queued_bytes,
+            batch_ready,
             warn: Arc::new(DropWarning::default()),
         }
     }
@@ -88,6 +89,7 @@ impl BackgroundService for ConversationWriter {
             retention: self.settings.retention,
             queue,
             queued_bytes: self.queued_bytes.clone(),
+            batch_ready: self.batch_ready.clone(),
             batch: Vec::with_capacity(MAX_BATCH),
             spool,
             db: None,
@@ -108,6 +110,7 @@ struct State {
     retention: Duration,
     queue: mpsc::Receiver<Record>,
     queued_bytes: Arc<AtomicUsize>,
+    batch_ready: Arc<Notify>,
     /// Records taken from the queue and not yet written or spooled.
     batch: Vec<Record>,
     spool: Option<Spool>,
@@ -126,29 +129,18 @@ impl State {
         let mut stopping = false;
         self.connected().await;
         loop {
-            let flush_at = tokio::time::Instant::now() + self.flush_interval;
-            let mut closed = false;
-            loop {
-                let room = MAX_BATCH - self.batch.len();
+            // The queue is not polled while waiting: submitting a record then wakes
+            // nobody, unless a whole batch is waiting.
+            if self.queue.len() < MAX_BATCH {
+                let flush_at = tokio::time::Instant::now() + self.flush_interval;
                 tokio::select! {
                     biased;
-                    _ = shutdown.changed(), if !stopping => {
-                        stopping = true;
-                        break;
-                    }
-                    n = self.queue.recv_many(&mut self.batch, room) => {
-                        self.taken(n);
-                        if n == 0 {
-                            closed = true;
-                            break;
-                        }
-                        if self.batch.len() >= MAX_BATCH {
-                            break;
-                        }
-                    }
-                    _ = tokio::time::sleep_until(flush_at) => break,
+                    _ = shutdown.changed(), if !stopping => stopping = true,
+                    _ = self.batch_ready.notified() => {}
+                    _ = tokio::time::sleep_until(flush_at) => {}
                 }
             }
+            let closed = self.take_queued();
             self.flush().await;
             if closed {
                 return;
@@ -158,6 +150,28 @@ impl State {
             }
             self.report();
         }
+    }
+
+    /// Moves up to a batch of queued records into the batch; whether the queue is
+    /// closed and empty (every sender gone: the process is stopping).
+    fn take_queued(&mut self) -> bool {
+        let before = self.batch.len();
+        let mut closed = false;
+        while self.batch.len() < MAX_BATCH {
+            match self.queue.try_recv() {
+                Ok(record) => self.batch.push(record),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let n = self.batch.len() - before;
+        if n > 0 {
+            self.taken(n);
+        }
+        closed
     }
 
     /// The last `n` records of the batch just left the queue.
