@@ -577,7 +577,7 @@ async fn writer_throughput() {
     use pingora::services::background::BackgroundService;
 
     let pg = Postgres::start_with_fsync(true);
-    // 1. The batch write alone: 50 batches of 2,000 on one connection.
+    // 1. The batch write alone (new records: COPY into the table): 50 batches of 2,000.
     let mut client = db::connect(&pg.url(), Duration::from_secs(5))
         .await
         .expect("connect");
@@ -586,7 +586,7 @@ async fn writer_throughput() {
     let records: Vec<_> = (0..100_000).map(sample_record).collect();
     let started = Instant::now();
     for batch in records.chunks(2_000) {
-        writer.write(batch).await.expect("write");
+        writer.write_new(batch).await.expect("write");
     }
     let took = started.elapsed();
     println!(
@@ -877,4 +877,29 @@ async fn a_full_batch_is_written_before_the_flush_interval() {
         n, batch as i64,
         "a full batch waits for the 120 s flush interval"
     );
+}
+
+/// New records go straight into the table; a batch holding a request id that is
+/// already there (a client repeating its `X-Request-Id`) still lands, each id once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_a_repeated_request_id_still_lands() {
+    use chatgate::conversations::db;
+
+    let pg = Postgres::start();
+    let mut client = db::connect(&pg.url(), Duration::from_secs(5))
+        .await
+        .expect("connect");
+    db::migrate(&mut client).await.expect("migrate");
+    let mut writer = db::Writer::new(client).await.expect("writer");
+    let first: Vec<_> = (0..10).map(sample_record).collect();
+    assert_eq!(writer.write_new(&first).await.expect("write"), 10);
+    // Ids 5..15: five already written, and one repeated inside the batch.
+    let mut second: Vec<_> = (5..15).map(sample_record).collect();
+    second.push(sample_record(12));
+    assert_eq!(writer.write_new(&second).await.expect("write"), 5);
+    assert_eq!(row_count(&pg).await, 15);
+    // The connection is still good for the next batch.
+    let third: Vec<_> = (15..20).map(sample_record).collect();
+    assert_eq!(writer.write_new(&third).await.expect("write"), 5);
+    assert_eq!(row_count(&pg).await, 20);
 }

@@ -192,7 +192,7 @@ impl State {
         if self.connected().await {
             if let Some(db) = &mut self.db {
                 let started = Instant::now();
-                match tokio::time::timeout(WRITE_TIMEOUT, db.write(&self.batch)).await {
+                match tokio::time::timeout(WRITE_TIMEOUT, db.write_new(&self.batch)).await {
                     Ok(Ok(new)) => {
                         metrics::conversation_written(new, started.elapsed());
                         self.batch.clear();
