@@ -115,9 +115,10 @@ fn defined_metrics() -> BTreeSet<String> {
 /// defined in src/metrics.rs.
 fn is_defined(name: &str, defined: &BTreeSet<String>) -> bool {
     defined.contains(name)
-        || ["_bucket", "_sum", "_count"]
-            .iter()
-            .any(|s| name.strip_suffix(s).is_some_and(|base| defined.contains(base)))
+        || ["_bucket", "_sum", "_count"].iter().any(|s| {
+            name.strip_suffix(s)
+                .is_some_and(|base| defined.contains(base))
+        })
 }
 
 /// Every metric the expressions name is defined (or known to come later).
@@ -227,7 +228,10 @@ fn dashboard_uses_the_current_schema_and_its_variables() {
     let mut ids = BTreeSet::new();
     for p in panels(&dash) {
         let title = p["title"].as_str().unwrap_or("");
-        assert!(ids.insert(p["id"].as_u64().expect("panel id")), "{title}: id");
+        assert!(
+            ids.insert(p["id"].as_u64().expect("panel id")),
+            "{title}: id"
+        );
         assert!(p["gridPos"]["w"].is_u64(), "{title}: gridPos");
         match p["type"].as_str() {
             Some("row") => continue,
@@ -263,7 +267,10 @@ fn substitute(expr: &str, instance: &str) -> String {
     let out = expr
         .replace("$__rate_interval", RATE_INTERVAL)
         .replace("$instance", instance);
-    assert!(!out.contains('$'), "a variable the test does not know: {expr}");
+    assert!(
+        !out.contains('$'),
+        "a variable the test does not know: {expr}"
+    );
     out
 }
 
@@ -357,10 +364,9 @@ async fn prometheus_scrapes_a_live_gateway_and_every_rule_and_dashboard_query_wo
     // rate-limited call, an upstream error and a dead upstream.
     gw.add_user("temporary_user", "default_password");
     let token = login(&gw, "temporary_user", "default_password").await;
-    let failed: Vec<u16> = futures::future::join_all(
-        (0..4).map(|_| login_status(&gw, "temporary_user", "wrong")),
-    )
-    .await;
+    let failed: Vec<u16> =
+        futures::future::join_all((0..4).map(|_| login_status(&gw, "temporary_user", "wrong")))
+            .await;
     assert!(failed.contains(&401) && failed.contains(&429), "{failed:?}");
     for q in ["one", "two"] {
         assert_eq!(post_as(&gw, &token, "/chatCompletion", q).await, 200);
@@ -396,11 +402,17 @@ async fn prometheus_scrapes_a_live_gateway_and_every_rule_and_dashboard_query_wo
         Duration::from_secs(15),
         Duration::from_millis(250),
         || prom.api(&values_path),
-        |v: &Value| v["data"].as_array().is_some_and(|a| a.contains(&Value::from(instance.as_str()))),
+        |v: &Value| {
+            v["data"]
+                .as_array()
+                .is_some_and(|a| a.contains(&Value::from(instance.as_str())))
+        },
     )
     .await;
     assert!(
-        values["data"].as_array().is_some_and(|a| a.contains(&Value::from(instance.as_str()))),
+        values["data"]
+            .as_array()
+            .is_some_and(|a| a.contains(&Value::from(instance.as_str()))),
         "{var_query} found {values}"
     );
 
@@ -430,7 +442,11 @@ async fn prometheus_scrapes_a_live_gateway_and_every_rule_and_dashboard_query_wo
     for rule in &alerts {
         let expr = rule["expr"].as_str().expect("expr");
         let answer = prom.query(expr).await;
-        assert_eq!(answer["status"], "success", "rule {}: {answer}", rule["alert"]);
+        assert_eq!(
+            answer["status"], "success",
+            "rule {}: {answer}",
+            rule["alert"]
+        );
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let expected_rules = alerts.len();
@@ -488,7 +504,10 @@ async fn prometheus_scrapes_a_live_gateway_and_every_rule_and_dashboard_query_wo
     ] {
         assert!(active.contains(name), "{name} not pending: {active:?}");
     }
-    assert!(!active.contains("ChatgateConversationRecordsDropped"), "{active:?}");
+    assert!(
+        !active.contains("ChatgateConversationRecordsDropped"),
+        "{active:?}"
+    );
     let open = format!("chatgate_redis_breaker_open{{instance=\"{instance}\"}} == 1");
     let breaker = poll(
         Duration::from_secs(15),
@@ -497,5 +516,9 @@ async fn prometheus_scrapes_a_live_gateway_and_every_rule_and_dashboard_query_wo
         |v: &Value| v["data"]["result"].as_array().is_some_and(|r| r.len() == 1),
     )
     .await;
-    assert_eq!(breaker["data"]["result"].as_array().map(Vec::len), Some(1), "{breaker}");
+    assert_eq!(
+        breaker["data"]["result"].as_array().map(Vec::len),
+        Some(1),
+        "{breaker}"
+    );
 }
