@@ -365,7 +365,7 @@ async fn prometheus_scrapes_a_live_gateway_and_every_rule_and_dashboard_query_wo
     let prom = Prometheus::start(std::slice::from_ref(&instance), &[&rules_path]).await;
 
     // Traffic: logins that work, fail and get locked out; answers, streams, a
-    // rate-limited call, an upstream error and a dead upstream.
+    // rate-limited call, an upstream error, a dead upstream and a connection burst.
     gw.add_user("temporary_user", "default_password");
     let token = login(&gw, "temporary_user", "default_password").await;
     let failed: Vec<u16> =
@@ -386,15 +386,15 @@ async fn prometheus_scrapes_a_live_gateway_and_every_rule_and_dashboard_query_wo
     let held: Vec<std::net::TcpStream> = (0..12)
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", gw.port)).expect("connect"))
         .collect();
-    let refused = |m: &Metrics| m.sum("chatgate_connections_refused_total", &[]);
+    let refusals = |m: &Metrics| m.sum("chatgate_connections_refused_total", &[]);
     let m = poll(
         Duration::from_secs(10),
         Duration::from_millis(50),
         || gw.metrics(),
-        |m| refused(m) > 0.0,
+        |m| refusals(m) > 0.0,
     )
     .await;
-    assert!(refused(&m) > 0.0, "{}", m.text);
+    assert!(refusals(&m) > 0.0, "{}", m.text);
     drop(held);
 
     // The instance variable's query finds this gateway.
