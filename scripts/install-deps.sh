@@ -2,7 +2,8 @@
 # Installs what building and testing chatgate needs on Debian/Ubuntu, only
 # what is missing: a C toolchain and cmake (Pingora's zlib-ng), redis-server and
 # PostgreSQL (the tests start their own), and Rust via rustup when cargo is absent.
-# The client tests add sseclient-py (pip), Node.js with npm and Chromium.
+# The client tests add sseclient-py (pip), Node.js with npm and Chromium; the
+# dashboard and alert tests add Prometheus (prometheus and promtool).
 set -euo pipefail
 
 SUDO=""
@@ -28,15 +29,26 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
   need+=(ca-certificates)
 fi
+# Prometheus for tests/observability.rs (it starts its own on a free port), without
+# the node exporter the package recommends.
+prometheus=()
+{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || prometheus=(prometheus)
 
-if [ "${#need[@]}" -gt 0 ]; then
-  echo "installing: ${need[*]}"
+if [ "${#need[@]}" -gt 0 ] || [ "${#prometheus[@]}" -gt 0 ]; then
+  echo "installing: ${need[*]} ${prometheus[*]}"
   $SUDO apt-get update -qq
+fi
+if [ "${#need[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+if [ "${#prometheus[@]}" -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    "${prometheus[@]}" >/dev/null
+fi
 
-# The Debian redis-server package starts a service on 6379, and postgresql one on
-# 5432; the tests never use them.
+# The Debian redis-server package starts a service on 6379, postgresql one on
+# 5432 and prometheus one on 9090 (also chatgate's default admin_listen: give one
+# of them another port on a machine that runs both); the tests never use them.
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
   echo "installing Rust with rustup"
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy

@@ -51,14 +51,25 @@ pub enum Admission {
 pub struct Breaker {
     settings: BreakerSettings,
     state: Mutex<State>,
+    /// Told `true` when the breaker opens and `false` when a call closes it again
+    /// (a metric); called under the state lock, so reports arrive in order.
+    on_change: fn(bool),
 }
 
 impl Breaker {
     /// A closed breaker.
     pub fn new(settings: BreakerSettings) -> Self {
+        Self::observed(settings, |_| {})
+    }
+
+    /// A closed breaker that reports each opening and closing to `on_change`,
+    /// starting with `false` now.
+    pub fn observed(settings: BreakerSettings, on_change: fn(bool)) -> Self {
+        on_change(false);
         Breaker {
             settings,
             state: Mutex::new(State::Closed { failures: 0 }),
+            on_change,
         }
     }
 
@@ -91,6 +102,7 @@ impl Breaker {
             return;
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let was_closed = matches!(*state, State::Closed { .. });
         *state = match (*state, reached) {
             (_, true) => State::Closed { failures: 0 },
             (State::Closed { failures }, false) if failures + 1 < self.settings.failures => {
@@ -102,6 +114,10 @@ impl Breaker {
                 until: now + self.settings.open_for,
             },
         };
+        let closed = matches!(*state, State::Closed { .. });
+        if closed != was_closed {
+            (self.on_change)(!closed);
+        }
     }
 
     /// Whether calls are being refused right now (for logs and readiness).
@@ -174,6 +190,27 @@ mod tests {
         assert_eq!(b.admit(t + OPEN_FOR), Admission::Proceed);
         // The probe never reports; after another period a new probe may go.
         assert_eq!(b.admit(t + OPEN_FOR * 2), Admission::Proceed);
+    }
+
+    #[test]
+    fn reports_each_opening_and_closing_once() {
+        static SEEN: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+        let b = Breaker::observed(
+            BreakerSettings {
+                failures: 2,
+                open_for: OPEN_FOR,
+            },
+            |open| SEEN.lock().unwrap().push(open),
+        );
+        let t = Instant::now();
+        b.record(false, t);
+        b.record(false, t); // opens
+        let probe = t + OPEN_FOR;
+        assert_eq!(b.admit(probe), Admission::Proceed);
+        b.record(false, probe); // a failed probe: still open, no new report
+        b.record(true, probe + OPEN_FOR); // closes
+        b.record(true, probe + OPEN_FOR);
+        assert_eq!(*SEEN.lock().unwrap(), [false, true, false]);
     }
 
     #[test]

@@ -132,6 +132,13 @@ static CLIENT_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["kind"],
     )
 });
+static REDIS_BREAKER_OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "chatgate_redis_breaker_open",
+        "1 from the moment the Redis circuit breaker opens (calls fail at once) until a call succeeds again, else 0; only with a Redis credential store.",
+        &[],
+    )
+});
 /// The label values of a metric without labels.
 const NO_LABELS: &[&str] = &[];
 /// Batch write times of the conversation record, from 1 ms to 10 s.
@@ -276,6 +283,13 @@ pub fn conversation_log_init() {
     CONV_SPOOL_BYTES.with_label_values(NO_LABELS);
     CONV_UP.with_label_values(NO_LABELS);
     LazyLock::force(&CONV_WRITE);
+}
+
+/// Whether the Redis circuit breaker is open (see [`crate::breaker`]).
+pub fn redis_breaker_open(open: bool) {
+    REDIS_BREAKER_OPEN
+        .with_label_values(NO_LABELS)
+        .set(i64::from(open));
 }
 
 /// Conversation records: `n` more in the memory queue (negative: taken out).

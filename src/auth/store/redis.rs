@@ -203,7 +203,7 @@ impl RedisStore {
             connection: OnceCell::new(),
             keys: Keys::new(&settings.key_prefix),
             timeout,
-            breaker: Breaker::new(settings.breaker),
+            breaker: Breaker::observed(settings.breaker, crate::metrics::redis_breaker_open),
             description: format!("redis {target} (prefix {:?})", settings.key_prefix),
         })
     }
