@@ -578,7 +578,7 @@ async fn writer_throughput() {
 
     let pg = Postgres::start_with_fsync(true);
     // 1. The batch write alone (new records: COPY into the table): 50 batches of 2,000.
-    let mut client = db::connect(&pg.url(), Duration::from_secs(5))
+    let mut client = db::connect(&pg.url(), None, Duration::from_secs(5))
         .await
         .expect("connect");
     db::migrate(&mut client).await.expect("migrate");
@@ -611,6 +611,7 @@ async fn writer_throughput() {
         spool_max_bytes: 1 << 30,
         retention: Duration::from_secs(86_400),
         flush_interval: Duration::from_millis(200),
+        ca_file: None,
     };
     let (log, service) = chatgate::conversations::ConversationLog::new(settings);
     let (_stop, watch) = tokio::sync::watch::channel(false);
@@ -730,7 +731,7 @@ async fn schema_creation_is_safe_with_several_instances_at_once() {
         .map(|_| {
             let url = url.clone();
             tokio::spawn(async move {
-                let mut client = db::connect(&url, Duration::from_secs(10)).await?;
+                let mut client = db::connect(&url, None, Duration::from_secs(10)).await?;
                 db::migrate(&mut client).await?;
                 db::schema_version(&client).await
             })
@@ -740,7 +741,7 @@ async fn schema_creation_is_safe_with_several_instances_at_once() {
         assert_eq!(t.await.expect("task"), Ok(Some(db::SCHEMA_VERSION)));
     }
     // And again on a database that has it: nothing to do, no error.
-    let mut client = db::connect(&url, Duration::from_secs(10))
+    let mut client = db::connect(&url, None, Duration::from_secs(10))
         .await
         .expect("connect");
     db::migrate(&mut client).await.expect("idempotent");
@@ -750,7 +751,7 @@ async fn schema_creation_is_safe_with_several_instances_at_once() {
 async fn rows_past_the_retention_are_deleted_in_the_background() {
     use chatgate::conversations::db;
     let pg = Postgres::start();
-    let mut client = db::connect(&pg.url(), Duration::from_secs(10))
+    let mut client = db::connect(&pg.url(), None, Duration::from_secs(10))
         .await
         .expect("connect");
     db::migrate(&mut client).await.expect("migrate");
@@ -842,6 +843,7 @@ async fn a_full_batch_is_written_before_the_flush_interval() {
         spool_max_bytes: 1 << 30,
         retention: Duration::from_secs(86_400),
         flush_interval: Duration::from_secs(120),
+        ca_file: None,
     };
     let (log, service) = chatgate::conversations::ConversationLog::new(settings);
     let (_stop, watch) = tokio::sync::watch::channel(false);
@@ -886,7 +888,7 @@ async fn a_batch_with_a_repeated_request_id_still_lands() {
     use chatgate::conversations::db;
 
     let pg = Postgres::start();
-    let mut client = db::connect(&pg.url(), Duration::from_secs(5))
+    let mut client = db::connect(&pg.url(), None, Duration::from_secs(5))
         .await
         .expect("connect");
     db::migrate(&mut client).await.expect("migrate");
@@ -902,4 +904,62 @@ async fn a_batch_with_a_repeated_request_id_still_lands() {
     let third: Vec<_> = (15..20).map(sample_record).collect();
     assert_eq!(writer.write_new(&third).await.expect("write"), 5);
     assert_eq!(row_count(&pg).await, 20);
+}
+
+/// TLS to PostgreSQL (`sslmode=require`): the record lands over TLS when the
+/// server's CA is in `ca_file`; a certificate from an unknown CA or for another
+/// name is refused, and so is plain TCP where the server takes only TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_record_lands_and_the_certificate_is_verified() {
+    use chatgate::conversations::db;
+
+    let certs = tempfile::tempdir().expect("certs");
+    certs::make_certificates(certs.path());
+    let ca = certs.path().join("ca.pem");
+    let pg = Postgres::start_tls(certs.path());
+    let tls_url = format!(
+        "postgres://postgres:{PG_PASSWORD}@localhost:{}/postgres?sslmode=require",
+        pg.port
+    );
+    let spool = tempfile::tempdir().expect("spool");
+    let rec = Recorded::start(
+        &tls_url,
+        spool.path(),
+        &format!("  ca_file: {}\n", ca.display()),
+    )
+    .await;
+    let (id, _) = rec.chat("/chatCompletion", user("asked over TLS")).await;
+    let rows = rows_at_least(&pg, 1, Duration::from_secs(20)).await;
+    assert_eq!(rows[0]["request_id"], id);
+    let over_tls: bool = pg
+        .client()
+        .await
+        .query_one(
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'chatgate'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(over_tls, "the gateway's session is not encrypted");
+
+    let timeout = Duration::from_secs(5);
+    let unknown_ca = db::connect(&tls_url, None, timeout)
+        .await
+        .expect_err("a certificate from a CA that is not trusted");
+    assert!(unknown_ca.contains("certificate"), "{unknown_ca}");
+    let by_address = tls_url.replace("@localhost:", "@127.0.0.1:");
+    let wrong_name = db::connect(&by_address, Some(&ca), timeout)
+        .await
+        .expect_err("a certificate for localhost, reached as 127.0.0.1");
+    assert!(wrong_name.contains("certificate"), "{wrong_name}");
+    let plain = tls_url.replace("sslmode=require", "sslmode=disable");
+    let refused = db::connect(&plain, Some(&ca), timeout)
+        .await
+        .expect_err("plain TCP to a TLS-only server");
+    for text in [&unknown_ca, &wrong_name, &refused] {
+        assert!(!text.contains(PG_PASSWORD), "{text}");
+    }
+    assert!(db::connect(&tls_url, Some(&ca), timeout).await.is_ok());
 }

@@ -57,7 +57,11 @@ pub fn run(command: ConversationsCommand) -> i32 {
             };
             let result = runtime().and_then(|rt| {
                 rt.block_on(async {
-                    let client = db::connect(&url, CLI_TIMEOUT).await?;
+                    let ca_file = config
+                        .conversation_log
+                        .as_ref()
+                        .and_then(|c| c.ca_file.as_deref());
+                    let client = db::connect(&url, ca_file, CLI_TIMEOUT).await?;
                     let stdout = std::io::stdout();
                     let mut out = std::io::BufWriter::new(stdout.lock());
                     let n = db::export(&client, &filter, &mut out).await?;
@@ -100,7 +104,7 @@ pub fn check_line(settings: &ConversationLogSettings) -> String {
     let target = db::describe(&url);
     let status = runtime().and_then(|rt| {
         rt.block_on(async {
-            let client = db::connect(&url, CLI_TIMEOUT).await?;
+            let client = db::connect(&url, settings.ca_file.as_deref(), CLI_TIMEOUT).await?;
             db::schema_version(&client).await
         })
     });

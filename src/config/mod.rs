@@ -134,6 +134,8 @@ pub struct ConversationLogSettings {
     pub retention: Duration,
     /// How often queued records are written: what a killed process can lose at most.
     pub flush_interval: Duration,
+    /// PEM file of the CAs trusted for PostgreSQL's certificate; `None`: the system's.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One address of the public listener.
@@ -619,6 +621,22 @@ impl Validator<'_> {
         }
     }
 
+    /// A CA file (`key`, as written `ca`), resolved against the config's folder and
+    /// checked to hold at least one PEM certificate.
+    fn ca_file(&self, key: &str, ca: &Path) -> Result<PathBuf, ConfigError> {
+        let full = self.resolve_path(ca);
+        let mut store = pingora::tls::RootCertStore::empty();
+        let loaded = pingora::tls::load_ca_file_into_store(&full, &mut store);
+        if loaded.is_err() || store.is_empty() {
+            return Err(self.error(
+                key,
+                &ca.display().to_string(),
+                format!("{} holds no usable PEM certificate", full.display()),
+            ));
+        }
+        Ok(full)
+    }
+
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         if raw.listen.is_empty() {
             return Err(self.error("listen", "listen:", "at least one address is required"));
@@ -940,6 +958,10 @@ impl Validator<'_> {
             "flush_interval",
             c.flush_interval.map_or(Duration::from_millis(200), |d| d.0),
         )?;
+        let ca_file = match c.ca_file {
+            Some(ca) => Some(self.ca_file(&format!("{key}.ca_file"), &ca)?),
+            None => None,
+        };
         Ok(ConversationLogSettings {
             url,
             spool_dir: self.resolve_path(
@@ -949,6 +971,7 @@ impl Validator<'_> {
             spool_max_bytes,
             retention,
             flush_interval,
+            ca_file,
         })
     }
 
@@ -1285,17 +1308,7 @@ impl Validator<'_> {
         s.tls = u.tls;
         s.sni = u.sni;
         if let Some(ca) = u.ca_file {
-            let full = self.resolve_path(&ca);
-            let mut store = pingora::tls::RootCertStore::empty();
-            let loaded = pingora::tls::load_ca_file_into_store(&full, &mut store);
-            if loaded.is_err() || store.is_empty() {
-                return Err(self.error(
-                    &format!("{key}.ca_file"),
-                    &ca.display().to_string(),
-                    format!("{} holds no usable PEM certificate", full.display()),
-                ));
-            }
-            s.ca_file = Some(full);
+            s.ca_file = Some(self.ca_file(&format!("{key}.ca_file"), &ca)?);
         }
         s.host_header = u.host_header;
         if let Some(bp) = u.base_path {

@@ -48,6 +48,7 @@ pub(super) struct RawConversationLog {
     pub spool_max_bytes: Option<ConfigBytes>,
     pub retention: Option<ConfigDuration>,
     pub flush_interval: Option<ConfigDuration>,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A public listener, written either as `"IP:port"` or as `{address, tls}`.

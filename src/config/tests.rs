@@ -670,6 +670,10 @@ fn conversation_log_defaults_overrides_and_errors() {
             "  url_env: CG_TEST_CONV_UNSET\n",
             "CG_TEST_CONV_UNSET is not set",
         ),
+        (
+            "  url_env: CG_TEST_CONV_DB\n  ca_file: /nonexistent/pg-ca.pem\n",
+            "conversation_log.ca_file",
+        ),
     ] {
         let e = parse(&with(block)).expect_err(block).to_string();
         assert!(e.contains(needle), "{block}: {e}");

@@ -4,14 +4,18 @@
 //! table then one `INSERT ... ON CONFLICT (request_id) DO NOTHING` (COPY alone
 //! cannot skip rows that a replay already wrote), retention deletes and export.
 
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut, BytesMut};
 use futures::{pin_mut, TryStreamExt};
+use pingora::tls::{ClientConfig, RootCertStore};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement, Transaction};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::record::Record;
 
@@ -65,7 +69,14 @@ CREATE INDEX IF NOT EXISTS chatgate_conversations_user ON chatgate_conversations
 ";
 
 /// Opens a connection (driven by a task on the current runtime) within `timeout`.
-pub async fn connect(url: &str, timeout: Duration) -> Result<Client, String> {
+/// TLS as the URL's `sslmode` asks (`disable`, `prefer`: the default, `require`);
+/// whenever TLS is used, the server's certificate and name are verified against
+/// `ca_file`, or the system's CAs without one.
+pub async fn connect(
+    url: &str,
+    ca_file: Option<&Path>,
+    timeout: Duration,
+) -> Result<Client, String> {
     let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|_| "not a valid PostgreSQL URL".to_string())?;
@@ -73,16 +84,55 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<Client, String> {
     if config.get_application_name().is_none() {
         config.application_name("chatgate");
     }
-    let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
+    let tls = if config.get_ssl_mode() == SslMode::Disable {
+        None
+    } else {
+        Some(MakeRustlsConnect::new(tls_config(ca_file)?))
+    };
+    let connecting = async {
+        match tls {
+            Some(tls) => {
+                let (client, connection) = config.connect(tls).await?;
+                tokio::spawn(drive(connection));
+                Ok(client)
+            }
+            None => {
+                let (client, connection) = config.connect(NoTls).await?;
+                tokio::spawn(drive(connection));
+                Ok(client)
+            }
+        }
+    };
+    tokio::time::timeout(timeout, connecting)
         .await
         .map_err(|_| format!("no answer within {}", humantime::format_duration(timeout)))?
-        .map_err(pg_error)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "conversation log: connection closed");
+        .map_err(pg_error)
+}
+
+/// Runs a connection until it closes.
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "conversation log: connection closed");
+    }
+}
+
+/// The TLS client settings: `ca_file`'s CAs, or the system's.
+fn tls_config(ca_file: Option<&Path>) -> Result<ClientConfig, String> {
+    pingora::tls::install_default_crypto_provider();
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => pingora::tls::load_ca_file_into_store(path, &mut roots)
+            .map_err(|e| format!("cannot load {}: {e}", path.display()))?,
+        // None found: TLS then fails verification, and only TLS needs them.
+        None => {
+            if let Err(e) = pingora::tls::load_platform_certs_incl_env_into_store(&mut roots) {
+                tracing::debug!(error = %e, "conversation log: the system's CA certificates");
+            }
         }
-    });
-    Ok(client)
+    }
+    Ok(ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// `user@host:port/database` of a URL: the parts an operator may see (never the password).

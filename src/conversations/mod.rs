@@ -158,6 +158,7 @@ mod tests {
             spool_max_bytes: 1,
             retention: Duration::from_secs(1),
             flush_interval: Duration::from_secs(1),
+            ca_file: None,
         }
     }
 

@@ -86,6 +86,7 @@ impl BackgroundService for ConversationWriter {
         let mut state = State {
             url,
             flush_interval: self.settings.flush_interval,
+            ca_file: self.settings.ca_file.clone(),
             retention: self.settings.retention,
             queue,
             queued_bytes: self.queued_bytes.clone(),
@@ -106,6 +107,7 @@ impl BackgroundService for ConversationWriter {
 
 struct State {
     url: String,
+    ca_file: Option<std::path::PathBuf>,
     flush_interval: Duration,
     retention: Duration,
     queue: mpsc::Receiver<Record>,
@@ -241,7 +243,8 @@ impl State {
             return false;
         }
         let opened = async {
-            let mut client = db::connect(&self.url, CONNECT_TIMEOUT).await?;
+            let mut client =
+                db::connect(&self.url, self.ca_file.as_deref(), CONNECT_TIMEOUT).await?;
             tokio::time::timeout(CONNECT_TIMEOUT, db::migrate(&mut client))
                 .await
                 .map_err(|_| "schema migration timed out".to_string())??;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod certs;
 pub mod prometheus;
 
 /// The JWT secret every test gateway uses unless told otherwise.
@@ -934,6 +935,17 @@ impl Postgres {
 
     /// [`Postgres::start`] with `fsync` on, as in production (for benchmarks).
     pub fn start_with_fsync(fsync: bool) -> Postgres {
+        Self::start_with(fsync, None)
+    }
+
+    /// A server that takes TCP clients over TLS only (`hostssl`), with the
+    /// certificate and key files in `cert_dir` (`server.pem`, `server.key`, as
+    /// [`certs::make_certificates`] makes them); the unix socket stays plain.
+    pub fn start_tls(cert_dir: &Path) -> Postgres {
+        Self::start_with(false, Some(cert_dir))
+    }
+
+    fn start_with(fsync: bool, tls: Option<&Path>) -> Postgres {
         let dir = tempfile::tempdir().expect("tempdir");
         let as_root = unsafe { libc::geteuid() } == 0;
         if as_root {
@@ -967,6 +979,34 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(certs) = tls {
+            let data = dir.path().join("data");
+            for (from, to) in [("server.pem", "server.crt"), ("server.key", "server.key")] {
+                std::fs::copy(certs.join(from), data.join(to)).expect("copy certificate");
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(data.join(to), std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod");
+            }
+            let mut conf = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("postgresql.conf"))
+                .expect("postgresql.conf");
+            writeln!(conf, "ssl = on").expect("ssl = on");
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .expect("pg_hba.conf");
+            if as_root {
+                let status = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(data.join("server.crt"))
+                    .arg(data.join("server.key"))
+                    .status()
+                    .expect("chown");
+                assert!(status.success(), "chown postgres failed");
+            }
+        }
         std::fs::create_dir_all(dir.path().join("sock")).expect("socket dir");
         if as_root {
             let _ = Command::new("chown")
@@ -1076,9 +1116,15 @@ impl Postgres {
         self.spawn();
     }
 
-    /// A client connection (its driver runs on the current tokio runtime).
+    /// A client connection through the unix socket (its driver runs on the current
+    /// tokio runtime).
     pub async fn client(&self) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+        let socket = format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.dir.path().join("sock").display(),
+            self.port
+        );
+        let (client, connection) = tokio_postgres::connect(&socket, tokio_postgres::NoTls)
             .await
             .expect("connect to the test postgres");
         tokio::spawn(connection);
