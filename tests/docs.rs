@@ -141,8 +141,8 @@ fn config_keys(yaml: &str) -> BTreeMap<String, ConfKey> {
         } else {
             format!("{parent}.{segment}")
         };
-        let value: serde_yaml_ng::Value =
-            serde_yaml_ng::from_str(&format!("v:{rest}")).unwrap_or_else(|e| {
+        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&format!("v:{rest}"))
+            .unwrap_or_else(|e| {
                 panic!("conf/chatgate.yaml: cannot read the value of {path} in {line:?}: {e}")
             });
         record(&mut keys, &path, &value["v"]);
@@ -160,10 +160,7 @@ fn documented_keys(markdown: &str) -> BTreeMap<String, String> {
         if cells.len() < 5 || !cells[0].is_empty() {
             continue;
         }
-        let Some(key) = cells[1]
-            .strip_prefix('`')
-            .and_then(|k| k.strip_suffix('`'))
-        else {
+        let Some(key) = cells[1].strip_prefix('`').and_then(|k| k.strip_suffix('`')) else {
             continue;
         };
         if key.contains('`') || key.contains(' ') {
@@ -185,7 +182,9 @@ fn config_doc_problems(yaml: &str, markdown: &str) -> Vec<String> {
     for (path, key) in &keys {
         let Some(default) = docs.get(path) else {
             if key.leaf {
-                problems.push(format!("{path} is in conf/chatgate.yaml but has no row in docs/configuration.md"));
+                problems.push(format!(
+                    "{path} is in conf/chatgate.yaml but has no row in docs/configuration.md"
+                ));
             }
             continue;
         };
@@ -221,15 +220,24 @@ fn the_config_check_notices_a_key_on_one_side_only() {
 
     let added_to_yaml = yaml.replace("routes:", "  # body_timeout: 30s\nroutes:");
     let problems = config_doc_problems(&added_to_yaml, docs);
-    assert!(problems.len() == 1 && problems[0].contains("limits.body_timeout"), "{problems:?}");
+    assert!(
+        problems.len() == 1 && problems[0].contains("limits.body_timeout"),
+        "{problems:?}"
+    );
 
     let added_to_docs = format!("{docs}| `limits.ghost` | `1` | x |\n");
     let problems = config_doc_problems(yaml, &added_to_docs);
-    assert!(problems.len() == 1 && problems[0].contains("limits.ghost"), "{problems:?}");
+    assert!(
+        problems.len() == 1 && problems[0].contains("limits.ghost"),
+        "{problems:?}"
+    );
 
     let other_default = docs.replace("| `5s` |", "| `6s` |");
     let problems = config_doc_problems(yaml, &other_default);
-    assert!(problems.len() == 1 && problems[0].contains("header_timeout"), "{problems:?}");
+    assert!(
+        problems.len() == 1 && problems[0].contains("header_timeout"),
+        "{problems:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -272,7 +280,10 @@ fn documented_metrics(markdown: &str) -> BTreeSet<String> {
 #[test]
 fn every_metric_is_documented_in_operations_and_nothing_else_is() {
     let mut registered = BTreeSet::new();
-    registered_metrics(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut registered);
+    registered_metrics(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut registered,
+    );
     assert!(registered.len() > 10, "found only {registered:?} in src/");
     let documented = documented_metrics(&read("docs/operations.md"));
     let undocumented: Vec<_> = registered.difference(&documented).collect();
@@ -299,8 +310,12 @@ struct TourStep {
 /// The commands of the README's block between `<!-- tour -->` and `<!-- /tour -->`:
 /// continued lines (`\`) joined, each with the expectation on the line after it.
 fn tour(readme: &str) -> Vec<TourStep> {
-    let start = readme.find("<!-- tour -->").expect("README has no <!-- tour --> block");
-    let end = readme.find("<!-- /tour -->").expect("README has no <!-- /tour -->");
+    let start = readme
+        .find("<!-- tour -->")
+        .expect("README has no <!-- tour --> block");
+    let end = readme
+        .find("<!-- /tour -->")
+        .expect("README has no <!-- /tour -->");
     let block = &readme[start..end];
     let code = block
         .split_once("```sh\n")
@@ -355,7 +370,10 @@ impl Demo {
             .spawn()
             .expect("spawn demo");
         for p in [port, admin, sim] {
-            assert!(wait_for_port(p, Duration::from_secs(20)), "demo did not start");
+            assert!(
+                wait_for_port(p, Duration::from_secs(20)),
+                "demo did not start"
+            );
         }
         Demo { port, admin, child }
     }
@@ -375,7 +393,10 @@ const STEP_MARK: &str = "@@step\n";
 fn the_readme_tour_does_what_its_comments_say() {
     let steps = tour(&read("README.md"));
     let checked = steps.iter().filter(|s| s.status.is_some()).count();
-    assert!(checked >= 8, "the tour checks only {checked} commands: {steps:#?}");
+    assert!(
+        checked >= 8,
+        "the tour checks only {checked} commands: {steps:#?}"
+    );
     let demo = Demo::start();
     // One script, so that variables (the token) carry from command to command. A
     // checked command runs in a subshell whose `curl` also prints the status.
@@ -425,7 +446,11 @@ fn the_readme_tour_does_what_its_comments_say() {
                 Some(start) => body.starts_with(&start.replace("\\n", "\n")),
                 None => body.trim_end() == want,
             };
-            assert!(ok, "{}\nanswered {body:?}, the README says {want:?}", step.command);
+            assert!(
+                ok,
+                "{}\nanswered {body:?}, the README says {want:?}",
+                step.command
+            );
         }
     }
 }
