@@ -8,10 +8,9 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use common::*;
+use common::demo::Demo;
 
 fn read(path: &str) -> String {
     let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
@@ -349,41 +348,6 @@ fn tour(readme: &str) -> Vec<TourStep> {
     }
     assert!(pending.is_empty(), "the tour ends inside a command");
     steps
-}
-
-/// A running `chatgate demo` on free ports, killed on drop.
-struct Demo {
-    port: u16,
-    admin: u16,
-    child: std::process::Child,
-}
-
-impl Demo {
-    fn start() -> Demo {
-        let (port, admin, sim) = (free_port(), free_port(), free_port());
-        let child = Command::new(chatgate_bin())
-            .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-            .args(["--simulator-listen", &format!("127.0.0.1:{sim}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn demo");
-        for p in [port, admin, sim] {
-            assert!(
-                wait_for_port(p, Duration::from_secs(20)),
-                "demo did not start"
-            );
-        }
-        Demo { port, admin, child }
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 const STATUS_MARK: &str = "\n@@status ";
