@@ -1,5 +1,5 @@
-//! The gateway's one error type and its one mapping onto CONTRACT's status
-//! codes and `{"errorMessage": ...}` bodies. Handlers return `ApiError`; only
+//! The gateway's one error type and its one mapping onto the status codes and
+//! `{"errorMessage": ...}` bodies of docs/api.md. Handlers return `ApiError`; only
 //! [`ApiError::status`] and [`ApiError::message`] decide what the client sees.
 
 use std::time::Duration;
@@ -42,7 +42,7 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// The HTTP status CONTRACT assigns to this error.
+    /// The HTTP status docs/api.md assigns to this error.
     pub fn status(&self) -> u16 {
         match self {
             ApiError::NotFound => 404,
@@ -61,7 +61,7 @@ impl ApiError {
         }
     }
 
-    /// The `errorMessage` text CONTRACT assigns to this error.
+    /// The `errorMessage` text docs/api.md assigns to this error.
     pub fn message(&self) -> String {
         match self {
             ApiError::NotFound => "Not found".into(),

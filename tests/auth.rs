@@ -1,5 +1,5 @@
 //! `/auth` and the token check on chat routes, end to end: real gateway,
-//! real redis-server, simulator upstream. Every row of CONTRACT's auth and
+//! real redis-server, simulator upstream. Every row of docs/api.md's auth and
 //! token tables, each input form, the users CLI, and Redis outages.
 
 mod common;

@@ -4,46 +4,9 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use common::*;
-
-/// A running `chatgate demo`, killed on drop.
-struct Demo {
-    port: u16,
-    child: std::process::Child,
-}
-
-impl Demo {
-    fn start() -> Demo {
-        let (port, admin, sim) = (free_port(), free_port(), free_port());
-        let child = Command::new(chatgate_bin())
-            .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-            .args(["--simulator-listen", &format!("127.0.0.1:{sim}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn demo");
-        assert!(
-            wait_for_port(port, Duration::from_secs(20)),
-            "demo did not start"
-        );
-        assert!(
-            wait_for_port(sim, Duration::from_secs(20)),
-            "demo simulator did not start"
-        );
-        Demo { port, child }
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::demo::Demo;
 
 #[test]
 fn seed_python_client_works_against_the_demo() {

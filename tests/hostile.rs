@@ -1,5 +1,5 @@
 //! Hostile input against a real gateway (issue 5): malformed and oversized bodies,
-//! broken framing, header floods, slow and idle clients. Each case gets CONTRACT's
+//! broken framing, header floods, slow and idle clients. Each case gets docs/api.md's
 //! error or a clean close; the process stays up and its memory stays bounded. Also the
 //! security headers, and a full session whose logs must not contain any secret.
 

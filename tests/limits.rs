@@ -409,7 +409,7 @@ async fn failed_logins_lock_a_name_per_address_under_a_ceiling_over_all() {
 }
 
 /// More logins at once than the hash threads can take within the queue timeout: the rest are
-/// turned away at once with CONTRACT's 429 instead of queueing without end, counted as `busy`,
+/// turned away at once with the documented 429 instead of queueing without end, counted as `busy`,
 /// and not as failed logins. (A login takes its unit of the failed-login buckets before the
 /// hash and gets it back unless the password was wrong, so the limits here fit the burst.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

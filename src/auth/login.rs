@@ -1,4 +1,4 @@
-//! Reading `username`/`password` out of a `POST /auth` request (CONTRACT.md, "POST /auth").
+//! Reading `username`/`password` out of a `POST /auth` request (docs/api.md, "POST /auth").
 //! The body's format follows its Content-Type (multipart, urlencoded or JSON); each field falls
 //! back to the query string when the body lacks it, as Go's `r.FormValue` did in the original.
 

@@ -1,6 +1,6 @@
 //! Login and token checks: credential parsing (`login`), password hashing
 //! (`password`), JWTs (`token`), user stores (`store`), and the
-//! [`Authenticator`] that ties them to CONTRACT's `/auth` and Bearer rules.
+//! [`Authenticator`] that ties them to the `/auth` and Bearer rules of docs/api.md.
 
 mod hash_pool;
 pub mod login;

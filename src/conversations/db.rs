@@ -46,7 +46,7 @@ const COLUMN_TYPES: [Type; 14] = [
     Type::FLOAT8,
 ];
 
-/// Version 1 of the schema (the CONTRACT's columns plus status and time to first byte).
+/// Version 1 of the schema (the documented columns plus status and time to first byte).
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS chatgate_conversations (
     request_id text PRIMARY KEY,

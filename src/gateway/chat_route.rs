@@ -107,7 +107,7 @@ enum StreamEnd {
     ClientGone,
 }
 
-/// Streams the upstream's chunks to the client as CONTRACT's SSE events. The request
+/// Streams the upstream's chunks to the client as the SSE events of docs/api.md. The request
 /// `body` is kept to count its tokens if the upstream reports no usage.
 async fn stream_reply(
     route: &ChatRoute,

@@ -131,7 +131,7 @@ pub(super) async fn read_reply(
     Ok(Some((body, content_type)))
 }
 
-/// An upstream failure before the reply started: CONTRACT's 500.
+/// An upstream failure before the reply started: the 500 of docs/api.md.
 pub(super) fn upstream_failed(ctx: &mut RequestCtx, e: &UpstreamError) -> ApiError {
     ctx.outcome = "upstream_error";
     ApiError::Upstream(e.to_string())

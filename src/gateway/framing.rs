@@ -1,7 +1,7 @@
 //! Requests Pingora refuses before any `ProxyHttp` hook runs (a malformed request line,
 //! a bad `Content-Length`, a header section over its limits): Pingora writes a canned,
 //! empty-bodied `400 Bad Request` itself. [`FramingGuard`] wraps each public connection's
-//! stream and turns exactly that canned reply into CONTRACT's JSON error, with an
+//! stream and turns exactly that canned reply into the JSON error of docs/api.md, with an
 //! `X-Request-Id`, and counts it as a request of route `unparsed`.
 
 use std::pin::Pin;
@@ -64,7 +64,7 @@ fn is_pingoras_400(buf: &[u8]) -> bool {
         && memchr::memmem::find(&head, b"\r\ncontent-length: 0").is_some()
 }
 
-/// The reply written instead: CONTRACT's 400 body, then the close Pingora intended.
+/// The reply written instead: the 400 body of docs/api.md, then the close Pingora intended.
 fn contract_400() -> Vec<u8> {
     let error = ApiError::InvalidRequest("malformed HTTP request".into());
     let body = error.body();

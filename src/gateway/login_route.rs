@@ -1,5 +1,5 @@
 //! `POST /auth`: read the body, pull out the credentials in whichever form
-//! they came, and answer `{"accessToken": ...}` or CONTRACT's error; failed
+//! they came, and answer `{"accessToken": ...}` or the error docs/api.md gives; failed
 //! logins count against the name's and the address's brute-force limits.
 
 use std::net::IpAddr;

@@ -59,7 +59,7 @@ pub(super) async fn send_json(
     }
 }
 
-/// Sends an error as CONTRACT says: its status, its extra headers, and
+/// Sends an error as docs/api.md says: its status, its extra headers, and
 /// `{"errorMessage": ...}`.
 pub(super) async fn send_error(session: &mut Session, ctx: &mut RequestCtx, error: &ApiError) {
     if ctx.outcome == "ok" {

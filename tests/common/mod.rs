@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod certs;
+pub mod demo;
 pub mod prometheus;
 
 /// The JWT secret every test gateway uses unless told otherwise.
