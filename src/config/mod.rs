@@ -3,6 +3,7 @@
 //! secrets read. Nothing downstream re-checks strings.
 
 mod duration;
+mod locate;
 mod raw;
 mod size;
 
@@ -26,6 +27,7 @@ use crate::chat::DataFormat;
 use crate::gateway::client_ip::parse_trusted;
 use crate::limits::{ChatLimits, LimitSettings, OnStoreError, Rate};
 use crate::tls::{CertFile, ListenerCert};
+use locate::{at, Seg};
 use raw::{RawBackend, RawConfig, RawEndpoint, RawListen, RawRouteKind, RawUpstream};
 
 impl From<raw::RawOnStoreError> for OnStoreError {
@@ -575,40 +577,23 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn error(&self, key: &str, near: &str, message: impl fmt::Display) -> ConfigError {
+    /// The error `<key>: <message>` at the line of the key path `at` (or of
+    /// its nearest written parent).
+    fn error(&self, key: &str, at: Vec<Seg<'_>>, message: impl fmt::Display) -> ConfigError {
         ConfigError {
             file: self.file.to_string(),
-            line: self.locate(near),
+            line: locate::line_of(self.text, &at),
             message: format!("{key}: {message}"),
         }
     }
 
-    /// `d` itself, or the error `<key>: must be greater than 0` at the line of `near`.
-    fn positive(&self, key: &str, near: &str, d: Duration) -> Result<Duration, ConfigError> {
+    /// `d` itself, or the error `<key>: must be greater than 0` at the line of `at`.
+    fn positive(&self, key: &str, at: Vec<Seg<'_>>, d: Duration) -> Result<Duration, ConfigError> {
         if d.is_zero() {
-            Err(self.error(key, near, "must be greater than 0"))
+            Err(self.error(key, at, "must be greater than 0"))
         } else {
             Ok(d)
         }
-    }
-
-    /// The first line that contains `needle`, to point the operator at it.
-    fn locate(&self, needle: &str) -> Option<usize> {
-        if needle.is_empty() {
-            return None;
-        }
-        self.text
-            .lines()
-            .position(|l| l.contains(needle))
-            .map(|i| i + 1)
-    }
-
-    /// The first line that contains every one of `needles`.
-    fn locate_all(&self, needles: &[&str]) -> Option<usize> {
-        self.text
-            .lines()
-            .position(|l| needles.iter().all(|n| l.contains(n)))
-            .map(|i| i + 1)
     }
 
     fn resolve_path(&self, p: &Path) -> PathBuf {
@@ -621,20 +606,28 @@ impl Validator<'_> {
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         if raw.listen.is_empty() {
-            return Err(self.error("listen", "listen:", "at least one address is required"));
+            return Err(self.error("listen", at!["listen"], "at least one address is required"));
         }
-        let addresses = raw.listen.iter().map(|l| &l.address);
+        let addresses = raw
+            .listen
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (&l.address, Some(i)));
         let mut bound = HashSet::new();
-        for addr in addresses.chain(raw.admin_listen.iter()) {
+        for (addr, i) in addresses.chain(raw.admin_listen.iter().map(|a| (a, None))) {
+            let at = match i {
+                Some(i) => at!["listen", i],
+                None => at!["admin_listen"],
+            };
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 return Err(self.error(
                     "listen",
-                    addr,
+                    at,
                     format!("{addr:?} is not an IP:port address"),
                 ));
             }
             if !bound.insert(addr) {
-                return Err(self.error("listen", addr, format!("{addr} is listed twice")));
+                return Err(self.error("listen", at, format!("{addr} is listed twice")));
             }
         }
         let listen = raw
@@ -694,23 +687,31 @@ impl Validator<'_> {
         if limits.max_connections == Some(0) {
             return Err(self.error(
                 "limits.max_connections",
-                "max_connections",
+                at!["limits", "max_connections"],
                 "must be greater than 0 (leave it out for the default from the open-file limit)",
             ));
         }
         if limits.max_body_bytes == 0 || limits.max_auth_body_bytes == 0 {
-            return Err(self.error("limits", "limits:", "body limits must be greater than 0"));
+            return Err(self.error(
+                "limits",
+                at!["limits"],
+                "body limits must be greater than 0",
+            ));
         }
-        self.positive("limits.body_timeout", "body_timeout", limits.body_timeout)?;
+        self.positive(
+            "limits.body_timeout",
+            at!["limits", "body_timeout"],
+            limits.body_timeout,
+        )?;
         self.positive(
             "limits.header_timeout",
-            "header_timeout",
+            at!["limits", "header_timeout"],
             limits.header_timeout,
         )?;
         if limits.keepalive_timeout < Duration::from_secs(1) {
             return Err(self.error(
                 "limits.keepalive_timeout",
-                "keepalive_timeout",
+                at!["limits", "keepalive_timeout"],
                 "must be at least 1s (Pingora counts it in whole seconds)",
             ));
         }
@@ -732,14 +733,14 @@ impl Validator<'_> {
             if !r.path.starts_with('/') {
                 return Err(self.error(
                     &key,
-                    &r.path,
+                    at!["routes", i, "path"],
                     format!("path {:?} must start with '/'", r.path),
                 ));
             }
             if r.path == "/auth" || !seen.insert(r.path.clone()) {
                 return Err(self.error(
                     &key,
-                    &r.path,
+                    at!["routes", i, "path"],
                     format!("path {:?} is already taken", r.path),
                 ));
             }
@@ -747,7 +748,7 @@ impl Validator<'_> {
                 let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
                 return Err(self.error(
                     &format!("{key}.upstream"),
-                    &format!("upstream: {}", r.upstream),
+                    at!["routes", i, "upstream"],
                     format!(
                         "unknown upstream {:?} (defined: {})",
                         r.upstream,
@@ -760,7 +761,7 @@ impl Validator<'_> {
                     if models.is_empty() || models.iter().any(|m| m.trim().is_empty()) {
                         return Err(self.error(
                             &format!("{key}.models"),
-                            "models:",
+                            at!["routes", i, "models"],
                             "list at least one model, none empty",
                         ));
                     }
@@ -768,19 +769,23 @@ impl Validator<'_> {
                 }
                 (_, Some(model), None) if !model.trim().is_empty() => (model, Vec::new()),
                 (_, Some(_), None) => {
-                    return Err(self.error(&format!("{key}.model"), "model:", "must not be empty"))
+                    return Err(self.error(
+                        &format!("{key}.model"),
+                        at!["routes", i, "model"],
+                        "must not be empty",
+                    ))
                 }
                 (RawRouteKind::Openai, _, _) => {
                     return Err(self.error(
                         &key,
-                        &r.path,
+                        at!["routes", i],
                         "an openai route needs exactly one of `model` (forced) or `models` (allowed list)",
                     ))
                 }
                 (_, _, _) => {
                     return Err(self.error(
                         &format!("{key}.model"),
-                        &r.path,
+                        at!["routes", i],
                         "a chat route needs `model` (and no `models`)",
                     ))
                 }
@@ -788,7 +793,7 @@ impl Validator<'_> {
             if let Some(reserved) = RESERVED_PARAMS.iter().find(|k| r.params.contains_key(**k)) {
                 return Err(self.error(
                     &format!("{key}.params"),
-                    &format!("{reserved}:"),
+                    at!["routes", i, "params", *reserved],
                     format!("{reserved:?} is set by the gateway and cannot be a route parameter"),
                 ));
             }
@@ -821,10 +826,10 @@ impl Validator<'_> {
                 conversation_log: conversation_log.is_some() && r.conversation_log != Some(false),
             });
         }
-        if routes.iter().any(|r| r.keepalive_interval.is_zero()) {
+        if let Some(i) = routes.iter().position(|r| r.keepalive_interval.is_zero()) {
             return Err(self.error(
                 "routes.keepalive_interval",
-                "keepalive_interval",
+                at!["routes", i, "keepalive_interval"],
                 "must be greater than 0",
             ));
         }
@@ -832,7 +837,11 @@ impl Validator<'_> {
         let trusted_proxies = raw
             .trusted_proxies
             .iter()
-            .map(|entry| parse_trusted(entry).map_err(|m| self.error("trusted_proxies", entry, m)))
+            .enumerate()
+            .map(|(i, entry)| {
+                parse_trusted(entry)
+                    .map_err(|m| self.error("trusted_proxies", at!["trusted_proxies", i], m))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             cors,
@@ -862,18 +871,15 @@ impl Validator<'_> {
             SecretsPolicy::Skip => None,
             SecretsPolicy::Required => Some(ListenerCert::load(&cert_file, &key_file).map_err(
                 |problem| {
-                    let (name, written) = match problem.file {
-                        CertFile::Chain => ("cert_file", &tls.cert_file),
-                        CertFile::Key => ("key_file", &tls.key_file),
+                    let name = match problem.file {
+                        CertFile::Chain => "cert_file",
+                        CertFile::Key => "key_file",
                     };
-                    let written = written.display().to_string();
-                    ConfigError {
-                        // The line with this key and its value: the two files may be one.
-                        line: self
-                            .locate_all(&[&format!("{name}:"), &written])
-                            .or_else(|| self.locate(&written)),
-                        ..self.error(&format!("listen[{i}].tls.{name}"), "", problem.message)
-                    }
+                    self.error(
+                        &format!("listen[{i}].tls.{name}"),
+                        at!["listen", i, "tls", name],
+                        problem.message,
+                    )
                 },
             )?),
         };
@@ -898,25 +904,25 @@ impl Validator<'_> {
                 .ok()
                 .filter(|v| !v.is_empty())
                 .map(|v| Secret::new(v.into_bytes())),
-            (None, Some(var)) => Some(self.env_secret(&format!("{key}.url_env"), var)?),
-            (None, None) => {
-                return Err(self.error(key, "conversation_log:", "set url_env (or url)"))
+            (None, Some(var)) => {
+                Some(self.env_secret(&format!("{key}.url_env"), at![key, "url_env"], var)?)
             }
-            _ => return Err(self.error(key, "url", "set at most one of url or url_env")),
+            (None, None) => return Err(self.error(key, at![key], "set url_env (or url)")),
+            _ => return Err(self.error(key, at![key, "url"], "set at most one of url or url_env")),
         };
         if let Some(url) = &url {
             // The text is never quoted back: it may hold a password.
             let parsed: tokio_postgres::Config = url.expose_str().parse().map_err(|_| {
                 self.error(
                     key,
-                    if c.url.is_some() { "url:" } else { "url_env" },
+                    at![key, if c.url.is_some() { "url" } else { "url_env" }],
                     "not a valid PostgreSQL URL (postgres://user@host:port/database)",
                 )
             })?;
             if c.url.is_some() && parsed.get_password().is_some() {
                 return Err(self.error(
                     &format!("{key}.url"),
-                    "url:",
+                    at![key, "url"],
                     "holds a password; put the URL in an environment variable and name it in url_env",
                 ));
             }
@@ -925,19 +931,19 @@ impl Validator<'_> {
         if spool_max_bytes == 0 {
             return Err(self.error(
                 &format!("{key}.spool_max_bytes"),
-                "spool_max_bytes",
+                at![key, "spool_max_bytes"],
                 "must be greater than 0",
             ));
         }
         let retention = self.positive(
             &format!("{key}.retention"),
-            "retention",
+            at![key, "retention"],
             c.retention
                 .map_or(Duration::from_secs(90 * 86_400), |d| d.0),
         )?;
         let flush_interval = self.positive(
             &format!("{key}.flush_interval"),
-            "flush_interval",
+            at![key, "flush_interval"],
             c.flush_interval.map_or(Duration::from_millis(200), |d| d.0),
         )?;
         Ok(ConversationLogSettings {
@@ -957,12 +963,12 @@ impl Validator<'_> {
         let or = |v: Option<u64>, default: Option<u64>| v.map_or(default, |n| (n > 0).then_some(n));
         let window = self.positive(
             "rate_limits.auth.window",
-            "window",
+            at!["rate_limits", "auth", "window"],
             r.auth.window.map_or(Duration::from_secs(900), |w| w.0),
         )?;
         let global_window = self.positive(
             "rate_limits.auth.global_window",
-            "global_window",
+            at!["rate_limits", "auth", "global_window"],
             r.auth
                 .global_window
                 .map_or(Duration::from_secs(3600), |w| w.0),
@@ -1007,19 +1013,22 @@ impl Validator<'_> {
         if any_origin && allow_credentials {
             return Err(self.error(
                 "cors.allow_credentials",
-                "allow_credentials",
+                at!["cors", "allow_credentials"],
                 "credentials cannot be allowed for every origin (`*`); list the origins",
             ));
         }
         let mut allowed_origins = Vec::new();
-        for o in c.allowed_origins.into_iter().filter(|o| o != "*") {
+        for (i, o) in c.allowed_origins.into_iter().enumerate() {
+            if o == "*" {
+                continue;
+            }
             let valid = (o.starts_with("http://") || o.starts_with("https://"))
                 && !o.ends_with('/')
                 && o.bytes().all(|b| b.is_ascii_graphic());
             if !valid {
                 return Err(self.error(
                     "cors.allowed_origins",
-                    &o,
+                    at!["cors", "allowed_origins", i],
                     format!("{o:?} is not an origin like https://app.example.com (scheme, host, optional port, no path)"),
                 ));
             }
@@ -1028,16 +1037,21 @@ impl Validator<'_> {
         if allowed_origins.is_empty() && !any_origin {
             return Err(self.error(
                 "cors.allowed_origins",
-                "allowed_origins",
+                at!["cors", "allowed_origins"],
                 "list at least one origin (or \"*\")",
             ));
         }
         let mut allowed_headers = vec!["Authorization".to_string(), "Content-Type".to_string()];
-        for h in c.allowed_headers.unwrap_or_default() {
+        for (i, h) in c
+            .allowed_headers
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
             if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
                 return Err(self.error(
                     "cors.allowed_headers",
-                    &h,
+                    at!["cors", "allowed_headers", i],
                     format!("{h:?} is not a header name"),
                 ));
             }
@@ -1059,33 +1073,53 @@ impl Validator<'_> {
         let skip = self.secrets == SecretsPolicy::Skip;
         let secret = match (&jwt.secret_env, &jwt.secret_file) {
             (Some(_), None) | (None, Some(_)) if skip => Secret::new(vec![0; MIN_JWT_SECRET_BYTES]),
-            (Some(var), None) => self.env_secret("auth.jwt.secret_env", var)?,
-            (None, Some(path)) => self.file_secret("auth.jwt.secret_file", path)?,
+            (Some(var), None) => self.env_secret(
+                "auth.jwt.secret_env",
+                at!["auth", "jwt", "secret_env"],
+                var,
+            )?,
+            (None, Some(path)) => self.file_secret(
+                "auth.jwt.secret_file",
+                at!["auth", "jwt", "secret_file"],
+                path,
+            )?,
             _ => {
                 return Err(self.error(
                     "auth.jwt",
-                    "jwt:",
+                    at!["auth", "jwt"],
                     "set exactly one of secret_env or secret_file (the JWT secret is never written in the file)",
                 ))
             }
         };
-        check_secret_strength(&secret).map_err(|m| self.error("auth.jwt", "secret_", m))?;
+        let secret_at = match jwt.secret_env {
+            Some(_) => at!["auth", "jwt", "secret_env"],
+            None => at!["auth", "jwt", "secret_file"],
+        };
+        check_secret_strength(&secret).map_err(|m| self.error("auth.jwt", secret_at, m))?;
         let mut previous_secrets = Vec::new();
         let previous_text = match (&jwt.previous_secrets_env, &jwt.previous_secrets_file) {
             _ if skip => None,
             (Some(var), None) => std::env::var(var).ok(),
             (None, Some(path)) => Some(
-                self.file_secret("auth.jwt.previous_secrets_file", path)?
-                    .expose_str(),
+                self.file_secret(
+                    "auth.jwt.previous_secrets_file",
+                    at!["auth", "jwt", "previous_secrets_file"],
+                    path,
+                )?
+                .expose_str(),
             ),
             (None, None) => None,
             _ => {
                 return Err(self.error(
                     "auth.jwt",
-                    "previous_secrets",
+                    at!["auth", "jwt", "previous_secrets_env"],
                     "set at most one of previous_secrets_env or previous_secrets_file",
                 ))
             }
+        };
+        let previous_at = match jwt.previous_secrets_env {
+            Some(_) => at!["auth", "jwt", "previous_secrets_env"],
+            None => at!["auth", "jwt", "previous_secrets_file"],
         };
         for part in previous_text.iter().flat_map(|t| t.split([',', '\n'])) {
             let part = part.trim();
@@ -1094,7 +1128,7 @@ impl Validator<'_> {
             }
             let s = Secret::new(part.as_bytes().to_vec());
             check_secret_strength(&s)
-                .map_err(|m| self.error("auth.jwt.previous_secrets", "previous_secrets", m))?;
+                .map_err(|m| self.error("auth.jwt.previous_secrets", previous_at.clone(), m))?;
             previous_secrets.push(s);
         }
         let ph = a.password_hash;
@@ -1112,7 +1146,7 @@ impl Validator<'_> {
         ) {
             return Err(self.error(
                 "auth.password_hash",
-                "password_hash",
+                at!["auth", "password_hash"],
                 format!("invalid argon2 parameters: {e}"),
             ));
         }
@@ -1120,19 +1154,19 @@ impl Validator<'_> {
         let hash_concurrency = ph.max_concurrent.unwrap_or((cores / 2).max(1)).max(1);
         let hash_queue_timeout = self.positive(
             "auth.password_hash.queue_timeout",
-            "queue_timeout",
+            at!["auth", "password_hash", "queue_timeout"],
             ph.queue_timeout.map_or(DEFAULT_QUEUE_TIMEOUT, |d| d.0),
         )?;
         let token_ttl = self.positive(
             "auth.token_ttl",
-            "token_ttl",
+            at!["auth", "token_ttl"],
             a.token_ttl.map_or(Duration::from_secs(7 * 86400), |d| d.0),
         )?;
         let jwt_leeway = jwt.leeway.map_or(DEFAULT_LEEWAY, |d| d.0);
         if jwt_leeway > MAX_JWT_LEEWAY {
             return Err(self.error(
                 "auth.jwt.leeway",
-                "leeway",
+                at!["auth", "jwt", "leeway"],
                 "must be at most 1h: a longer one keeps expired tokens working",
             ));
         }
@@ -1160,7 +1194,7 @@ impl Validator<'_> {
                 let Some(path) = c.file else {
                     return Err(self.error(
                         "auth.credentials.file",
-                        "backend:",
+                        at!["auth", "credentials", "backend"],
                         "backend `file` needs `file: PATH`",
                     ));
                 };
@@ -1170,23 +1204,35 @@ impl Validator<'_> {
                 let Some(r) = c.redis else {
                     return Err(self.error(
                         "auth.credentials.redis",
-                        "backend:",
+                        at!["auth", "credentials", "backend"],
                         "backend `redis` needs a `redis:` section",
                     ));
                 };
                 let key = "auth.credentials.redis";
+                let here = |field| at!["auth", "credentials", "redis", field];
                 let url = match (&r.url, &r.url_env) {
                     (Some(u), None) => u.clone(),
                     (None, Some(var)) => self
-                        .env_secret(&format!("{key}.url_env"), var)?
+                        .env_secret(&format!("{key}.url_env"), here("url_env"), var)?
                         .expose_str(),
                     (None, None) => String::new(),
-                    _ => return Err(self.error(key, "url", "set at most one of url or url_env")),
+                    _ => {
+                        return Err(self.error(
+                            key,
+                            here("url"),
+                            "set at most one of url or url_env",
+                        ))
+                    }
+                };
+                let cluster_key = if r.cluster.is_some() {
+                    "cluster"
+                } else {
+                    "cluster_env"
                 };
                 let mut cluster = r.cluster.unwrap_or_default();
                 if let Some(var) = &r.cluster_env {
                     let list = self
-                        .env_secret(&format!("{key}.cluster_env"), var)?
+                        .env_secret(&format!("{key}.cluster_env"), here("cluster_env"), var)?
                         .expose_str();
                     cluster.extend(
                         list.split(',')
@@ -1198,14 +1244,14 @@ impl Validator<'_> {
                 if url.is_empty() && cluster.is_empty() {
                     return Err(self.error(
                         key,
-                        "redis:",
+                        at!["auth", "credentials", "redis"],
                         "set url, url_env, cluster or cluster_env",
                     ));
                 }
                 if !url.is_empty() && !cluster.is_empty() {
                     return Err(self.error(
                         key,
-                        "cluster",
+                        here(cluster_key),
                         "set either a single-server url or a cluster, not both",
                     ));
                 }
@@ -1220,14 +1266,14 @@ impl Validator<'_> {
                     {
                         return Err(self.error(
                             key,
-                            "url",
+                            here(if u == &url { "url" } else { "cluster" }),
                             format!("{} is not a redis:// URL", crate::redact::redact_url(u)),
                         ));
                     }
                 }
                 let timeout = self.positive(
                     &format!("{key}.timeout"),
-                    "timeout",
+                    here("timeout"),
                     r.timeout.map_or(Duration::from_millis(500), |d| d.0),
                 )?;
                 let mut breaker = BreakerSettings::default();
@@ -1237,7 +1283,13 @@ impl Validator<'_> {
                 }
                 self.positive(
                     &format!("{key}.circuit_breaker.open_for"),
-                    "open_for",
+                    at![
+                        "auth",
+                        "credentials",
+                        "redis",
+                        "circuit_breaker",
+                        "open_for"
+                    ],
                     breaker.open_for,
                 )?;
                 Ok(CredentialSettings::Redis(RedisSettings {
@@ -1253,25 +1305,27 @@ impl Validator<'_> {
 
     fn upstream(&self, name: &str, u: RawUpstream) -> Result<UpstreamSettings, ConfigError> {
         let key = format!("upstreams.{name}");
+        let here = |field| at!["upstreams", name, field];
         if u.endpoints.is_empty() {
             return Err(self.error(
                 &format!("{key}.endpoints"),
-                name,
+                here("endpoints"),
                 "at least one endpoint is required",
             ));
         }
         let mut endpoints = Vec::new();
-        for e in u.endpoints {
+        for (i, e) in u.endpoints.into_iter().enumerate() {
+            let entry = at!["upstreams", name, "endpoints", i];
             let (address, weight) = match e {
                 RawEndpoint::Address(a) => (a, 1),
                 RawEndpoint::Weighted(w) => (w.address, w.weight.unwrap_or(1)),
             };
             let parsed = parse_host_port(&address)
-                .map_err(|m| self.error(&format!("{key}.endpoints"), &address, m))?;
+                .map_err(|m| self.error(&format!("{key}.endpoints"), entry.clone(), m))?;
             if weight == 0 {
                 return Err(self.error(
                     &format!("{key}.endpoints"),
-                    &address,
+                    entry,
                     "weight must be at least 1",
                 ));
             }
@@ -1291,7 +1345,7 @@ impl Validator<'_> {
             if loaded.is_err() || store.is_empty() {
                 return Err(self.error(
                     &format!("{key}.ca_file"),
-                    &ca.display().to_string(),
+                    here("ca_file"),
                     format!("{} holds no usable PEM certificate", full.display()),
                 ));
             }
@@ -1300,29 +1354,38 @@ impl Validator<'_> {
         s.host_header = u.host_header;
         if let Some(bp) = u.base_path {
             if !bp.starts_with('/') {
-                return Err(self.error(&format!("{key}.base_path"), &bp, "must start with '/'"));
+                return Err(self.error(
+                    &format!("{key}.base_path"),
+                    here("base_path"),
+                    "must start with '/'",
+                ));
             }
             s.base_path = bp.trim_end_matches('/').to_string();
         }
         let keys_text = match (&u.api_keys_env, &u.api_keys_file) {
             _ if self.secrets == SecretsPolicy::Skip => None,
             (Some(var), None) => Some(
-                self.env_secret(&format!("{key}.api_keys_env"), var)?
+                self.env_secret(&format!("{key}.api_keys_env"), here("api_keys_env"), var)?
                     .expose_str(),
             ),
             (None, Some(p)) => Some(
-                self.file_secret(&format!("{key}.api_keys_file"), p)?
+                self.file_secret(&format!("{key}.api_keys_file"), here("api_keys_file"), p)?
                     .expose_str(),
             ),
             (None, None) => None,
             _ => {
                 return Err(self.error(
                     &key,
-                    "api_keys",
+                    here("api_keys_env"),
                     "set at most one of api_keys_env or api_keys_file",
                 ))
             }
         };
+        let keys_at = here(if u.api_keys_env.is_some() {
+            "api_keys_env"
+        } else {
+            "api_keys_file"
+        });
         s.api_keys = keys_text
             .iter()
             .flat_map(|t| t.split([',', '\n']))
@@ -1331,7 +1394,7 @@ impl Validator<'_> {
             .map(|k| Secret::new(k.as_bytes().to_vec()))
             .collect();
         if keys_text.is_some() && s.api_keys.is_empty() {
-            return Err(self.error(&key, "api_keys", "the API key list is empty"));
+            return Err(self.error(&key, keys_at, "the API key list is empty"));
         }
         if s.api_keys
             .iter()
@@ -1339,7 +1402,7 @@ impl Validator<'_> {
         {
             return Err(self.error(
                 &key,
-                "api_keys",
+                keys_at,
                 "API keys must be printable ASCII without spaces",
             ));
         }
@@ -1364,7 +1427,7 @@ impl Validator<'_> {
             if !hc.path.starts_with('/') {
                 return Err(self.error(
                     &format!("{key}.health_check.path"),
-                    &hc.path,
+                    at!["upstreams", name, "health_check", "path"],
                     "must start with '/'",
                 ));
             }
@@ -1376,7 +1439,7 @@ impl Validator<'_> {
             if check.interval.is_zero() || check.timeout.is_zero() {
                 return Err(self.error(
                     &format!("{key}.health_check"),
-                    "health_check",
+                    here("health_check"),
                     "interval and timeout must be greater than 0",
                 ));
             }
@@ -1389,31 +1452,31 @@ impl Validator<'_> {
             ("total_timeout", s.total_timeout),
             ("dns_refresh", s.dns_refresh),
         ] {
-            self.positive(&format!("{key}.{field}"), field, d)?;
+            self.positive(&format!("{key}.{field}"), here(field), d)?;
         }
         if s.retries > 10 {
-            return Err(self.error(&format!("{key}.retries"), "retries", "at most 10"));
+            return Err(self.error(&format!("{key}.retries"), here("retries"), "at most 10"));
         }
         Ok(s)
     }
 
-    fn env_secret(&self, key: &str, var: &str) -> Result<Secret, ConfigError> {
+    fn env_secret(&self, key: &str, at: Vec<Seg<'_>>, var: &str) -> Result<Secret, ConfigError> {
         match std::env::var_os(var) {
             Some(v) if !v.is_empty() => Ok(Secret::new(v.into_encoded_bytes())),
             _ => Err(self.error(
                 key,
-                var,
+                at,
                 format!("environment variable {var} is not set or empty"),
             )),
         }
     }
 
-    fn file_secret(&self, key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    fn file_secret(&self, key: &str, at: Vec<Seg<'_>>, path: &Path) -> Result<Secret, ConfigError> {
         let full = self.resolve_path(path);
         let mut bytes = std::fs::read(&full).map_err(|e| {
             self.error(
                 key,
-                &path.display().to_string(),
+                at.clone(),
                 format!("cannot read {}: {e}", full.display()),
             )
         })?;
@@ -1421,11 +1484,7 @@ impl Validator<'_> {
             bytes.pop();
         }
         if bytes.is_empty() {
-            return Err(self.error(
-                key,
-                &path.display().to_string(),
-                format!("{} is empty", full.display()),
-            ));
+            return Err(self.error(key, at, format!("{} is empty", full.display())));
         }
         Ok(Secret::new(bytes))
     }
