@@ -235,9 +235,7 @@ pub fn revocation_time(now_secs: u64) -> u64 {
 /// After a revocation in the current second, waits (under a second) until new tokens
 /// get an `iat` the check accepts, so a fresh login never yields a dead token.
 async fn wait_out_revocation(tokens_valid_after: u64) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = crate::unix_time::since_epoch();
     let valid_from = Duration::from_secs(tokens_valid_after);
     if valid_from > now && valid_from - now <= Duration::from_secs(1) {
         tokio::time::sleep(valid_from - now).await;

@@ -23,9 +23,10 @@ use crate::auth::password::{PasswordParams, DEFAULT_QUEUE_TIMEOUT};
 use crate::auth::store::redis::RedisSettings;
 use crate::auth::token::{TokenAlgorithm, DEFAULT_LEEWAY};
 use crate::breaker::BreakerSettings;
+use crate::chat::request::RESERVED_KEYS;
 use crate::chat::DataFormat;
 use crate::gateway::client_ip::parse_trusted;
-use crate::limits::{ChatLimits, LimitSettings, OnStoreError, Rate};
+use crate::limits::{ChatLimits, LimitSettings, OnStoreError, Rate, DEFAULT_LOGIN_WINDOW};
 use crate::tls::{CertFile, ListenerCert};
 use locate::{at, Seg};
 use raw::{RawBackend, RawConfig, RawEndpoint, RawListen, RawRouteKind, RawUpstream};
@@ -42,9 +43,8 @@ impl From<raw::RawOnStoreError> for OnStoreError {
 /// Longest accepted `auth.jwt.leeway`.
 const MAX_JWT_LEEWAY: Duration = Duration::from_secs(3600);
 
-/// The shortest JWT secret start-up accepts (RFC 7518 §3.2 asks for at least
-/// the hash size for HS256).
-pub const MIN_JWT_SECRET_BYTES: usize = 32;
+/// The shortest JWT secret start-up accepts: the token service's own minimum.
+pub use crate::auth::token::MIN_SECRET_BYTES as MIN_JWT_SECRET_BYTES;
 
 /// A configuration problem, naming the file, the line when known, and the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -506,9 +506,6 @@ pub struct RouteSettings {
     pub conversation_log: bool,
 }
 
-/// OpenAI request fields the gateway sets itself; `params` may not override them.
-const RESERVED_PARAMS: &[&str] = &["model", "messages", "stream", "stream_options"];
-
 impl Config {
     /// Reads, parses and validates a config file, secrets included.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -790,7 +787,7 @@ impl Validator<'_> {
                     ))
                 }
             };
-            if let Some(reserved) = RESERVED_PARAMS.iter().find(|k| r.params.contains_key(**k)) {
+            if let Some(reserved) = RESERVED_KEYS.iter().find(|k| r.params.contains_key(**k)) {
                 return Err(self.error(
                     &format!("{key}.params"),
                     at!["routes", i, "params", *reserved],
@@ -964,7 +961,7 @@ impl Validator<'_> {
         let window = self.positive(
             "rate_limits.auth.window",
             at!["rate_limits", "auth", "window"],
-            r.auth.window.map_or(Duration::from_secs(900), |w| w.0),
+            r.auth.window.map_or(DEFAULT_LOGIN_WINDOW, |w| w.0),
         )?;
         let global_window = self.positive(
             "rate_limits.auth.global_window",

@@ -38,9 +38,10 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, RedisError, RedisFuture, RedisResult, Script, Value};
 use tokio::sync::OnceCell;
 
-use super::{unix_now, CredentialStore, StoreError, UserRecord};
+use super::{CredentialStore, StoreError, UserRecord};
 use crate::breaker::{Admission, Breaker, BreakerSettings};
 use crate::redact::redact_url;
+use crate::unix_time::unix_now;
 
 /// Connection settings, resolved from the config file.
 #[derive(Clone)]
