@@ -16,6 +16,7 @@ pub mod limits;
 pub mod logs;
 pub mod metrics;
 pub mod redact;
+pub mod redis_client;
 pub mod server;
 pub mod simulator;
 mod stream_wrap;
@@ -25,3 +26,5 @@ pub mod upstream;
 
 #[cfg(test)]
 mod test_ports;
+#[cfg(test)]
+mod test_redis;

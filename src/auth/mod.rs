@@ -34,19 +34,20 @@ pub fn open_store(settings: &CredentialSettings) -> Result<Arc<dyn CredentialSto
     open_store_shared(settings).map(|(store, _)| store)
 }
 
-/// The credential store, and the same store as Redis when it is one.
+/// The credential store, and its Redis client when it is the Redis store.
 pub type SharedStore = (
     Arc<dyn CredentialStore>,
-    Option<Arc<store::redis::RedisStore>>,
+    Option<Arc<crate::redis_client::RedisClient>>,
 );
 
-/// Opens the credential store and, when it is Redis, hands out the same store again for
-/// the rate limiter and usage accounting (one connection, one timeout, one breaker).
+/// Opens the credential store and, when it is Redis, hands out its client for the rate
+/// limiter and usage accounting (one connection, one timeout, one breaker).
 pub fn open_store_shared(settings: &CredentialSettings) -> Result<SharedStore, StoreError> {
     Ok(match settings {
         CredentialSettings::Redis(r) => {
-            let redis = Arc::new(store::redis::RedisStore::new(r.clone())?);
-            (redis.clone(), Some(redis))
+            let redis = Arc::new(crate::redis_client::RedisClient::new(r.clone())?);
+            let store = store::redis::RedisStore::with_client(redis.clone());
+            (Arc::new(store), Some(redis))
         }
         CredentialSettings::File(path) => (Arc::new(store::file::FileStore::open(path)?), None),
         CredentialSettings::Memory => (Arc::new(store::file::FileStore::in_memory()), None),

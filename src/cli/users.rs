@@ -9,11 +9,11 @@ use clap::Subcommand;
 
 use super::ConfigArg;
 use crate::auth::password::Passwords;
-use crate::auth::store::redis::RedisStore;
 use crate::auth::store::{validate_username, CredentialStore};
 use crate::auth::{open_store_shared, revocation_time};
 use crate::config::{Config, SecretsPolicy};
 use crate::limits::usage::{day_name, UsageDelta};
+use crate::redis_client::RedisClient;
 
 #[derive(Debug, Subcommand)]
 pub enum UsersCommand {
@@ -204,7 +204,7 @@ async fn execute(
 }
 
 /// `users usage NAME --days N`: one line per day, oldest first, then the total.
-async fn usage(redis: Option<Arc<RedisStore>>, name: &str, days: u32) -> Result<String, String> {
+async fn usage(redis: Option<Arc<RedisClient>>, name: &str, days: u32) -> Result<String, String> {
     let Some(redis) = redis else {
         return Err("usage accounting needs the Redis credential backend".into());
     };

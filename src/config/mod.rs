@@ -20,13 +20,13 @@ pub use duration::{parse_duration, ConfigDuration};
 pub use size::{parse_bytes, ConfigBytes};
 
 use crate::auth::password::{PasswordParams, DEFAULT_QUEUE_TIMEOUT};
-use crate::auth::store::redis::RedisSettings;
 use crate::auth::token::{TokenAlgorithm, DEFAULT_LEEWAY};
 use crate::breaker::BreakerSettings;
 use crate::chat::request::RESERVED_KEYS;
 use crate::chat::DataFormat;
 use crate::gateway::client_ip::parse_trusted;
 use crate::limits::{ChatLimits, LimitSettings, OnStoreError, Rate, DEFAULT_LOGIN_WINDOW};
+use crate::redis_client::RedisSettings;
 use crate::tls::{CertFile, ListenerCert};
 use locate::{at, Seg};
 use raw::{RawBackend, RawConfig, RawEndpoint, RawListen, RawRouteKind, RawUpstream};

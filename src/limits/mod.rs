@@ -18,9 +18,9 @@ use futures::StreamExt;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use crate::auth::store::redis::RedisStore;
 use crate::auth::store::{validate_username, StoreError};
 use crate::error::ApiError;
+use crate::redis_client::RedisClient;
 pub use gcra::{Charge, Rate};
 use local::LocalBuckets;
 use usage::{day_name, PendingCorrections, PendingUsage, UsageDelta};
@@ -123,7 +123,7 @@ const AUTH_BUCKET: &str = "auth";
 /// The limiter: one per process, shared by every request.
 pub struct Limiter {
     settings: LimitSettings,
-    redis: Option<Arc<RedisStore>>,
+    redis: Option<Arc<RedisClient>>,
     local: LocalBuckets,
     /// Usage waiting to be written: kept while Redis is unreachable, and between the
     /// [`UsageWriter`]'s batches.
@@ -139,7 +139,7 @@ pub struct Limiter {
 
 impl Limiter {
     /// A limiter keeping its buckets in `redis`, or only in this process without it.
-    pub fn new(settings: LimitSettings, redis: Option<Arc<RedisStore>>) -> Self {
+    pub fn new(settings: LimitSettings, redis: Option<Arc<RedisClient>>) -> Self {
         Limiter {
             settings,
             redis,
@@ -435,7 +435,7 @@ impl Limiter {
     /// day), up to [`FLUSH_CONCURRENCY`] calls in flight. Usage that cannot be written
     /// stays kept; corrections are then dropped, as when a single request's settlement
     /// fails.
-    async fn flush_pending(&self, store: &RedisStore) {
+    async fn flush_pending(&self, store: &RedisClient) {
         let mut corrections = self.pending_corrections.take();
         if corrections.is_empty() && self.pending.is_empty() {
             return;
@@ -694,7 +694,7 @@ mod tests {
     #[tokio::test]
     async fn a_flush_writes_every_users_usage_and_keeps_what_failed() {
         let mut server = crate::auth::store::redis::tests::RedisServer::start();
-        let store = Arc::new(server.store());
+        let store = Arc::new(server.client());
         let limiter = Limiter::new(LimitSettings::default(), Some(Arc::clone(&store)));
         let day = day_name(crate::unix_time::unix_now());
         let users: Vec<String> = (0..3 * FLUSH_CONCURRENCY)
