@@ -673,6 +673,16 @@ where
     }
 }
 
+/// Waits until `condition` holds, checking every 20 ms for at most `within`, and says
+/// whether it did: for what a test cannot be told about (a log line written, a health
+/// check run, a counter flushed), instead of sleeping a guessed time.
+pub async fn eventually<F>(within: Duration, condition: impl FnMut() -> F) -> bool
+where
+    F: std::future::Future<Output = bool>,
+{
+    poll(within, Duration::from_millis(20), condition, |held| *held).await
+}
+
 /// A client with no connection reuse surprises and a sane timeout.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
