@@ -3,6 +3,9 @@
 //! tests run in parallel threads.
 
 use super::*;
+use crate::auth::password::DEFAULT_QUEUE_TIMEOUT;
+use crate::breaker::BreakerSettings;
+use crate::limits::Rate;
 
 fn sample(secret_var: &str) -> String {
     format!(
