@@ -35,8 +35,6 @@ pub enum ApiError {
     CredentialStoreUnavailable,
     /// The upstream LLM call failed before any answer byte was sent.
     Upstream(String),
-    /// A route that exists in the contract but is not served by this build.
-    NotImplemented,
     /// A bug or an unexpected local failure; the text is a short cause.
     Internal(String),
 }
@@ -57,7 +55,6 @@ impl ApiError {
             ApiError::TooManyRequests { .. } | ApiError::HashersBusy { .. } => 429,
             ApiError::CredentialStoreUnavailable => 503,
             ApiError::Upstream(_) | ApiError::Internal(_) => 500,
-            ApiError::NotImplemented => 501,
         }
     }
 
@@ -90,7 +87,6 @@ impl ApiError {
                 "Service unavailable: credential store unreachable.".into()
             }
             ApiError::Upstream(cause) => upstream_failure_message(cause),
-            ApiError::NotImplemented => "Not implemented".into(),
             ApiError::Internal(cause) => format!("Internal error: {cause}"),
         }
     }

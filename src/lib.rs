@@ -16,11 +16,15 @@ pub mod limits;
 pub mod logs;
 pub mod metrics;
 pub mod redact;
+pub mod redis_client;
 pub mod server;
 pub mod simulator;
 mod stream_wrap;
 pub mod tls;
+pub mod unix_time;
 pub mod upstream;
 
 #[cfg(test)]
 mod test_ports;
+#[cfg(test)]
+mod test_redis;

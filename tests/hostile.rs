@@ -581,7 +581,16 @@ async fn a_full_session_logs_no_secret() {
         .body("[]")
         .send()
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One access line per request above (1 login, 2 chats, 4 logins, 2 chats).
+    let logged = || {
+        let access = gw
+            .log()
+            .lines()
+            .filter(|l| l.contains("\"access\""))
+            .count();
+        std::future::ready(access >= 9)
+    };
+    eventually(Duration::from_secs(5), logged).await;
 
     let log = gw.log();
     assert!(log.lines().count() > 10, "too few log lines:\n{log}");

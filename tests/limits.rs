@@ -218,7 +218,8 @@ async fn token_reservations_stop_a_burst_of_long_streams_and_settle_from_usage()
     assert_eq!(status, 200, "reservations were not settled");
     // Non-streaming calls are counted too.
     assert_eq!(chat(&gw, &token, "one more").await.status(), 200);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logged = || std::future::ready(logged_usage(&[gw.log()], 1).2 >= 4);
+    eventually(Duration::from_secs(5), logged).await;
 
     // Usage per day = what the upstream reported, request by request.
     let (prompt, completion, requests) = logged_usage(&[gw.log()], 1);
@@ -688,7 +689,9 @@ async fn redis_outage_during_traffic_breaker_cache_and_recovery() {
     // Limits are shared again, and usage counted during the outage was written back.
     let fresh = login(&gw, "alice", "alice-pw").await;
     assert_eq!(chat(&gw, &fresh, "after").await.status(), 200);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let written =
+        || std::future::ready(redis.cli(&["HKEYS", "cg:limit:{alice}"]).contains("req:*"));
+    eventually(Duration::from_secs(5), written).await;
     assert!(redis.cli(&["HKEYS", "cg:limit:{alice}"]).contains("req:*"));
     // The restarted Redis was empty: what it counts now is the outage's requests,
     // kept in the gateway and written back, plus the one after.

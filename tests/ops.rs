@@ -499,9 +499,14 @@ async fn a_dead_endpoint_fails_no_request_and_gets_traffic_back() {
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     s.sims[0].stop();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let m = s.gw.metrics().await;
     let a_addr = format!("127.0.0.1:{a_port}");
+    let gw = &s.gw;
+    let a_down = || async {
+        let m = gw.metrics().await;
+        m.sum("chatgate_upstream_endpoint_up", &[("endpoint", &a_addr)]) == 0.0
+    };
+    eventually(Duration::from_secs(5), a_down).await;
+    let m = s.gw.metrics().await;
     assert_eq!(
         m.sum("chatgate_upstream_endpoint_up", &[("endpoint", &a_addr)]),
         0.0

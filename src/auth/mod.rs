@@ -34,19 +34,20 @@ pub fn open_store(settings: &CredentialSettings) -> Result<Arc<dyn CredentialSto
     open_store_shared(settings).map(|(store, _)| store)
 }
 
-/// The credential store, and the same store as Redis when it is one.
+/// The credential store, and its Redis client when it is the Redis store.
 pub type SharedStore = (
     Arc<dyn CredentialStore>,
-    Option<Arc<store::redis::RedisStore>>,
+    Option<Arc<crate::redis_client::RedisClient>>,
 );
 
-/// Opens the credential store and, when it is Redis, hands out the same store again for
-/// the rate limiter and usage accounting (one connection, one timeout, one breaker).
+/// Opens the credential store and, when it is Redis, hands out its client for the rate
+/// limiter and usage accounting (one connection, one timeout, one breaker).
 pub fn open_store_shared(settings: &CredentialSettings) -> Result<SharedStore, StoreError> {
     Ok(match settings {
         CredentialSettings::Redis(r) => {
-            let redis = Arc::new(store::redis::RedisStore::new(r.clone())?);
-            (redis.clone(), Some(redis))
+            let redis = Arc::new(crate::redis_client::RedisClient::new(r.clone())?);
+            let store = store::redis::RedisStore::with_client(redis.clone());
+            (Arc::new(store), Some(redis))
         }
         CredentialSettings::File(path) => (Arc::new(store::file::FileStore::open(path)?), None),
         CredentialSettings::Memory => (Arc::new(store::file::FileStore::in_memory()), None),
@@ -235,9 +236,7 @@ pub fn revocation_time(now_secs: u64) -> u64 {
 /// After a revocation in the current second, waits (under a second) until new tokens
 /// get an `iat` the check accepts, so a fresh login never yields a dead token.
 async fn wait_out_revocation(tokens_valid_after: u64) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = crate::unix_time::since_epoch();
     let valid_from = Duration::from_secs(tokens_valid_after);
     if valid_from > now && valid_from - now <= Duration::from_secs(1) {
         tokio::time::sleep(valid_from - now).await;

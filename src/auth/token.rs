@@ -2,12 +2,14 @@
 //! `Authorization: Bearer` header parser. Each secret has a `kid` derived from it, so tokens
 //! signed with a previous secret keep working during a rotation and the key is found directly.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::unix_time::unix_now;
 
 /// Shortest accepted HMAC secret: RFC 7518 §3.2 asks for a key at least as long as the
 /// hash output; 32 bytes is that for HS256 and a sane floor for the others.
@@ -63,7 +65,7 @@ pub struct Claims {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenConfigError {
     /// A signing secret is shorter than [`MIN_SECRET_BYTES`].
-    #[error("the {which} token secret is {len} bytes long; it must be at least 32 bytes")]
+    #[error("the {which} token secret is {len} bytes long; it must be at least {MIN_SECRET_BYTES} bytes")]
     SecretTooShort {
         /// `"current"` or `"previous #<n>"` (1-based), to find it in the config.
         which: String,
@@ -325,13 +327,6 @@ fn key_id(secret: &[u8]) -> String {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect()
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs())
-        .unwrap_or(0)
 }
 
 /// Why an `Authorization` header yields no bearer token.

@@ -3,6 +3,7 @@
 //! the token counts made when an upstream reports none. Nothing here does network I/O;
 //! the gateway glue feeds bytes in and writes bytes out.
 
+mod chunk_scan;
 pub mod openai;
 pub mod reply;
 pub mod request;

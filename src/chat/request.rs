@@ -429,9 +429,10 @@ pub struct UpstreamRequestSpec<'a> {
     pub include_usage: bool,
 }
 
-/// Body keys the gateway writes itself; a route param with one of these names is skipped,
-/// because a JSON object with a key twice is read differently by different upstreams.
-const RESERVED_KEYS: [&str; 4] = ["model", "messages", "stream", "stream_options"];
+/// Body keys the gateway writes itself; the config refuses them as route params, and
+/// one that slips through is skipped, because a JSON object with a key twice is read
+/// differently by different upstreams.
+pub const RESERVED_KEYS: [&str; 4] = ["model", "messages", "stream", "stream_options"];
 
 /// Writes the OpenAI chat-completions request body for `messages`.
 pub fn build_openai_body(messages: &[ChatMessage], spec: &UpstreamRequestSpec) -> Vec<u8> {

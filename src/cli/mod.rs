@@ -179,7 +179,7 @@ pub fn summary(c: &Config) -> String {
         humantime::format_duration(
             r.login_per_username
                 .or(r.login_per_ip)
-                .map_or(std::time::Duration::from_secs(900), |r| r.period)
+                .map_or(crate::limits::DEFAULT_LOGIN_WINDOW, |r| r.period)
         ),
         match r.on_store_error {
             crate::limits::OnStoreError::Allow => "allow (local limits)",

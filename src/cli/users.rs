@@ -9,11 +9,11 @@ use clap::Subcommand;
 
 use super::ConfigArg;
 use crate::auth::password::Passwords;
-use crate::auth::store::redis::RedisStore;
 use crate::auth::store::{validate_username, CredentialStore};
 use crate::auth::{open_store_shared, revocation_time};
 use crate::config::{Config, SecretsPolicy};
 use crate::limits::usage::{day_name, UsageDelta};
+use crate::redis_client::RedisClient;
 
 #[derive(Debug, Subcommand)]
 pub enum UsersCommand {
@@ -112,12 +112,6 @@ pub fn run(command: UsersCommand) -> i32 {
     }
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Reads a password from standard input: the whole input minus one trailing
 /// line break; empty is refused.
 fn read_password() -> Result<String, String> {
@@ -166,7 +160,7 @@ async fn execute(
             store.set_disabled(&name, true).await.map_err(store_err)?;
             // Enabling the user later must not bring the old tokens back.
             store
-                .revoke_tokens(&name, revocation_time(now_secs()))
+                .revoke_tokens(&name, revocation_time(crate::unix_time::unix_now()))
                 .await
                 .map_err(store_err)?;
             Ok(format!("user {name} disabled; their tokens are revoked"))
@@ -179,7 +173,7 @@ async fn execute(
             // Tokens carry whole seconds: one issued earlier in this same
             // second must die too, so the cut-off is the next second.
             store
-                .revoke_tokens(&name, revocation_time(now_secs()))
+                .revoke_tokens(&name, revocation_time(crate::unix_time::unix_now()))
                 .await
                 .map_err(store_err)?;
             Ok(format!("tokens of {name} issued until now are revoked"))
@@ -210,13 +204,13 @@ async fn execute(
 }
 
 /// `users usage NAME --days N`: one line per day, oldest first, then the total.
-async fn usage(redis: Option<Arc<RedisStore>>, name: &str, days: u32) -> Result<String, String> {
+async fn usage(redis: Option<Arc<RedisClient>>, name: &str, days: u32) -> Result<String, String> {
     let Some(redis) = redis else {
         return Err("usage accounting needs the Redis credential backend".into());
     };
     validate_username(name)?;
     let days = days.clamp(1, 3660);
-    let today = now_secs();
+    let today = crate::unix_time::unix_now();
     let names: Vec<String> = (0..u64::from(days))
         .rev()
         .map(|back| day_name(today.saturating_sub(back * 86_400)))

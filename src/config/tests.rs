@@ -3,6 +3,9 @@
 //! tests run in parallel threads.
 
 use super::*;
+use crate::auth::password::DEFAULT_QUEUE_TIMEOUT;
+use crate::breaker::BreakerSettings;
+use crate::limits::Rate;
 
 fn sample(secret_var: &str) -> String {
     format!(
@@ -167,12 +170,138 @@ fn unknown_upstream_is_an_error_with_its_line() {
         e.message.contains("routes[0].upstream") && e.message.contains("\"mian\""),
         "{e}"
     );
-    assert_eq!(e.line, line_of(&text, "upstream: mian"));
+    assert_eq!(e.line, line_of(&text, &["routes", "0", "upstream"]));
 }
 
-/// The 1-based number of the first line of `text` containing `needle`.
-fn line_of(text: &str, needle: &str) -> Option<usize> {
-    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+/// The sample with a second and third upstream and a third route, each
+/// repeating keys the others have, with `bad` replaced by `with`.
+fn repeated_keys(var: &str, bad: &str, with: &str) -> String {
+    let text = sample(var)
+        .replace(
+            "    base_path: /v1\n",
+            "    base_path: /v1\n    connect_timeout: 2s\n    retries: 2\n  \
+             backup:\n    endpoints: [\"127.0.0.1:8002\"]\n    connect_timeout: 3s\n    \
+             retries: 3\n  spare:\n    endpoints: [\"127.0.0.1:8003\"]\n    connect_timeout: 4s\n",
+        )
+        .replace(
+            "    data_format: json\n",
+            "    data_format: json\n    keepalive_interval: 5s\n  - path: /third\n    \
+             kind: chat\n    upstream: backup\n    model: m\n    keepalive_interval: 6s\n    \
+             params: { temperature: 0.1 }\n",
+        );
+    assert!(text.contains(bad), "{bad:?} not in the text");
+    text.replacen(bad, with, 1)
+}
+
+#[test]
+fn errors_in_repeated_keys_point_at_their_own_section() {
+    set_secret("CG_TEST_SECRET_REP", &"s".repeat(40));
+    let var = "CG_TEST_SECRET_REP";
+    assert!(parse(&repeated_keys(var, "", "")).is_ok());
+    let cases: [(&str, &str, &str, &[&str]); 6] = [
+        (
+            "connect_timeout: 3s",
+            "connect_timeout: 0s",
+            "upstreams.backup.connect_timeout",
+            &["upstreams", "backup", "connect_timeout"],
+        ),
+        (
+            "connect_timeout: 4s",
+            "connect_timeout: 0s",
+            "upstreams.spare.connect_timeout",
+            &["upstreams", "spare", "connect_timeout"],
+        ),
+        (
+            "retries: 3",
+            "retries: 11",
+            "upstreams.backup.retries",
+            &["upstreams", "backup", "retries"],
+        ),
+        (
+            "upstream: backup",
+            "upstream: nowhere",
+            "routes[2].upstream",
+            &["routes", "2", "upstream"],
+        ),
+        (
+            "keepalive_interval: 6s",
+            "keepalive_interval: 0s",
+            "routes.keepalive_interval",
+            &["routes", "2", "keepalive_interval"],
+        ),
+        (
+            "temperature: 0.1",
+            "model: x",
+            "routes[2].params",
+            &["routes", "2", "params"],
+        ),
+    ];
+    for (bad, with, key, path) in cases {
+        let text = repeated_keys(var, bad, with);
+        let e = parse(&text).expect_err(key);
+        assert!(e.message.starts_with(key), "{e}");
+        let line = line_of(&text, path);
+        assert!(line.is_some(), "{path:?}");
+        assert_eq!(e.line, line, "{e}");
+        // The first line holding the key's name belongs to another section:
+        // a search by text would have blamed that one.
+        let name = with.split(':').next().unwrap_or_default();
+        let first = text.lines().position(|l| l.contains(name)).map(|i| i + 1);
+        assert_ne!(e.line, first, "{key}: the case does not repeat its key");
+    }
+}
+
+/// The 1-based line of the key path `path` in block-style YAML (a number is
+/// a sequence index), found by indentation: independent of the validator's
+/// own locator, so a test notices when that one points elsewhere.
+fn line_of(text: &str, path: &[&str]) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    // The column of a line's key, past any `- ` sequence markers.
+    let key_col = |l: &str| {
+        let mut rest = l.trim_start();
+        let mut col = indent(l);
+        while let Some(r) = rest.strip_prefix("- ") {
+            col += 2 + (r.len() - r.trim_start().len());
+            rest = r.trim_start();
+        }
+        col
+    };
+    let written = |l: &&str| !l.trim().is_empty() && !l.trim_start().starts_with('#');
+    let (mut from, mut to, mut found) = (0, lines.len(), None);
+    for seg in path {
+        let block: Vec<usize> = (from..to).filter(|&i| written(&lines[i])).collect();
+        let hit = if let Ok(n) = seg.parse::<usize>() {
+            let col = block.iter().map(|&i| indent(lines[i])).min()?;
+            let entries: Vec<usize> = block
+                .iter()
+                .copied()
+                .filter(|&i| indent(lines[i]) == col && lines[i].trim_start().starts_with('-'))
+                .collect();
+            let at = *entries.get(n)?;
+            let end = entries.get(n + 1).copied().unwrap_or(to);
+            (at, at, end)
+        } else {
+            let col = block.iter().map(|&i| key_col(lines[i])).min()?;
+            let at = block.iter().copied().find(|&i| {
+                key_col(lines[i]) == col
+                    && lines[i][col..]
+                        .strip_prefix(*seg)
+                        .is_some_and(|r| r.starts_with(':'))
+            })?;
+            let end = (at + 1..to)
+                .find(|&i| {
+                    written(&lines[i])
+                        && key_col(lines[i]) <= col
+                        && !lines[i].trim_start().starts_with('-')
+                })
+                .unwrap_or(to);
+            (at, at + 1, end)
+        };
+        found = Some(hit.0 + 1);
+        (from, to) = (hit.1, hit.2);
+    }
+    found
 }
 
 #[test]
@@ -287,7 +416,7 @@ fn trusted_proxies_are_networks_or_addresses() {
             && e.message.contains("\"lb.internal\" is not an IP address"),
         "{e}"
     );
-    assert_eq!(e.line, line_of(&bad, "lb.internal"));
+    assert_eq!(e.line, line_of(&bad, &["trusted_proxies"]));
 }
 
 #[test]
@@ -497,12 +626,7 @@ fn unusable_tls_files_refuse_start_with_file_line_and_key() {
     for (cert_file, key_file, blamed, problem) in cases {
         let text = with_tls_listener("CG_TEST_SECRET_TLS_BAD", cert_file, key_file);
         let e = parse(&text).expect_err(&problem);
-        let written = if blamed == "cert_file" {
-            cert_file
-        } else {
-            key_file
-        };
-        let line = line_of(&text, &format!("{blamed}: {}", written.display()));
+        let line = line_of(&text, &["listen", "1", "tls", blamed]);
         assert!(line.is_some());
         assert_eq!(e.line, line, "{e}");
         let expected = format!(

@@ -11,7 +11,6 @@ pub mod writer;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, Notify};
 
@@ -111,9 +110,7 @@ impl DropWarning {
     /// Notes `n` lost records.
     pub fn dropped(&self, n: u64, reason: &str) {
         self.since_last.fetch_add(n, Ordering::Relaxed);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = crate::unix_time::unix_now();
         let last = self.last_secs.load(Ordering::Relaxed);
         if now >= last + Self::EVERY_SECS
             && self

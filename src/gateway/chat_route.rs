@@ -16,15 +16,13 @@ use crate::chat::request::{build_openai_body, parse_messages, UpstreamRequestSpe
 use crate::chat::sse_out::{write_error_event, KEEPALIVE_COMMENT};
 use crate::chat::stream::{StreamStatus, StreamTranscoder};
 use crate::chat::token_count::estimate_stream;
+use crate::chat::DEFAULT_MAX_EVENT_BYTES;
 use crate::config::RouteKind;
 use crate::conversations::Draft;
 use crate::error::{json_object1, upstream_failure_message, ApiError};
 use crate::limits::Limiter;
 use crate::metrics::ActiveStream;
 use crate::upstream::{OpenResponse, UpstreamError};
-
-/// Largest single upstream SSE event accepted.
-const MAX_UPSTREAM_EVENT_BYTES: usize = 1 << 20;
 
 /// Handles one chat request; errors before the reply started are answered by the caller.
 pub(super) async fn handle(
@@ -124,7 +122,7 @@ async fn stream_reply(
     ctx.status = 200;
     // Small: it lives as long as the stream, and grows for large events.
     let mut out = BytesMut::with_capacity(1024);
-    let mut transcoder = StreamTranscoder::new(settings.data_format, MAX_UPSTREAM_EVENT_BYTES);
+    let mut transcoder = StreamTranscoder::new(settings.data_format, DEFAULT_MAX_EVENT_BYTES);
     if ctx.conversation.is_some() {
         transcoder.keep_text();
     }
@@ -214,7 +212,7 @@ async fn stream_reply(
             // Drain what follows [DONE] (usually nothing) so the connection can be reused.
             let rest = open
                 .read_all(
-                    MAX_UPSTREAM_EVENT_BYTES,
+                    DEFAULT_MAX_EVENT_BYTES,
                     Duration::from_millis(200),
                     deadline,
                 )

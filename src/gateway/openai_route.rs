@@ -17,15 +17,12 @@ use crate::chat::reply::parse_completion;
 use crate::chat::sse_in::{UpstreamEvent, UpstreamSseParser};
 use crate::chat::token_count::{estimate_stream, CompletionText};
 use crate::chat::usage_strip::UsageChunkFilter;
-use crate::chat::Usage;
+use crate::chat::{Usage, DEFAULT_MAX_EVENT_BYTES};
 use crate::conversations::Draft;
 use crate::error::ApiError;
 use crate::limits::Limiter;
 use crate::metrics::ActiveStream;
 use crate::upstream::{OpenResponse, UpstreamError};
-
-/// Largest single upstream SSE event parsed for usage (larger ones are still passed on).
-const MAX_UPSTREAM_EVENT_BYTES: usize = 1 << 20;
 
 /// Handles one OpenAI-format request; errors before the reply started are answered by the caller.
 pub(super) async fn handle(
@@ -136,7 +133,8 @@ async fn pass_stream(
         ctx.outcome = "client_gone";
         return;
     }
-    let mut parser = UpstreamSseParser::new(MAX_UPSTREAM_EVENT_BYTES);
+    // Events beyond the bound are still passed on, just not parsed for usage.
+    let mut parser = UpstreamSseParser::new(DEFAULT_MAX_EVENT_BYTES);
     let mut seen = Seen {
         // The answer text of the piece in hand, when the exchange is recorded.
         text: ctx.conversation.as_deref_mut().map(|draft| {

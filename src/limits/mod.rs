@@ -12,15 +12,15 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::StreamExt;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use crate::auth::store::redis::RedisStore;
 use crate::auth::store::{validate_username, StoreError};
 use crate::error::ApiError;
+use crate::redis_client::RedisClient;
 pub use gcra::{Charge, Rate};
 use local::LocalBuckets;
 use usage::{day_name, PendingCorrections, PendingUsage, UsageDelta};
@@ -44,6 +44,9 @@ pub struct ChatLimits {
     /// Prompt plus completion tokens per day (a sliding 24 h).
     pub tokens_per_day: Option<u64>,
 }
+
+/// The default window of the failed-login limits (`rate_limits.auth.window`).
+pub const DEFAULT_LOGIN_WINDOW: Duration = Duration::from_secs(900);
 
 /// The validated `rate_limits:` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,11 +85,11 @@ impl Default for LimitSettings {
             usage_write_interval: Duration::from_secs(1),
             login_per_username: Some(Rate {
                 limit: 5,
-                period: Duration::from_secs(900),
+                period: DEFAULT_LOGIN_WINDOW,
             }),
             login_per_ip: Some(Rate {
                 limit: 20,
-                period: Duration::from_secs(900),
+                period: DEFAULT_LOGIN_WINDOW,
             }),
             // OWASP ASVS 4.0, 2.2.1: "no more than 100 failed attempts per hour is
             // possible on a single account".
@@ -120,7 +123,7 @@ const AUTH_BUCKET: &str = "auth";
 /// The limiter: one per process, shared by every request.
 pub struct Limiter {
     settings: LimitSettings,
-    redis: Option<Arc<RedisStore>>,
+    redis: Option<Arc<RedisClient>>,
     local: LocalBuckets,
     /// Usage waiting to be written: kept while Redis is unreachable, and between the
     /// [`UsageWriter`]'s batches.
@@ -136,7 +139,7 @@ pub struct Limiter {
 
 impl Limiter {
     /// A limiter keeping its buckets in `redis`, or only in this process without it.
-    pub fn new(settings: LimitSettings, redis: Option<Arc<RedisStore>>) -> Self {
+    pub fn new(settings: LimitSettings, redis: Option<Arc<RedisClient>>) -> Self {
         Limiter {
             settings,
             redis,
@@ -229,7 +232,7 @@ impl Limiter {
                 _ => 0,
             },
         };
-        let day = day_name(unix_secs());
+        let day = day_name(crate::unix_time::unix_now());
         let Some(store) = &self.redis else {
             self.local.adjust(&r.user, &corrections, unix_micros());
             return;
@@ -432,7 +435,7 @@ impl Limiter {
     /// day), up to [`FLUSH_CONCURRENCY`] calls in flight. Usage that cannot be written
     /// stays kept; corrections are then dropped, as when a single request's settlement
     /// fails.
-    async fn flush_pending(&self, store: &RedisStore) {
+    async fn flush_pending(&self, store: &RedisClient) {
         let mut corrections = self.pending_corrections.take();
         if corrections.is_empty() && self.pending.is_empty() {
             return;
@@ -476,7 +479,7 @@ impl Limiter {
 
     /// Logs a store failure at most once per 10 seconds (an outage would flood the log).
     fn warn_store(&self, e: &StoreError) {
-        let now = unix_secs();
+        let now = crate::unix_time::unix_now();
         let last = self.last_warning.load(Ordering::Relaxed);
         if now >= last + 10
             && self
@@ -660,13 +663,7 @@ pub fn ip_owner(ip: IpAddr) -> String {
 }
 
 fn unix_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
-
-fn unix_secs() -> u64 {
-    unix_micros() / 1_000_000
+    u64::try_from(crate::unix_time::since_epoch().as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Tokens to reserve for a request: about one per 4 bytes of the body, plus the
@@ -697,9 +694,9 @@ mod tests {
     #[tokio::test]
     async fn a_flush_writes_every_users_usage_and_keeps_what_failed() {
         let mut server = crate::auth::store::redis::tests::RedisServer::start();
-        let store = Arc::new(server.store());
+        let store = Arc::new(server.client());
         let limiter = Limiter::new(LimitSettings::default(), Some(Arc::clone(&store)));
-        let day = day_name(unix_secs());
+        let day = day_name(crate::unix_time::unix_now());
         let users: Vec<String> = (0..3 * FLUSH_CONCURRENCY)
             .map(|i| format!("u{i}"))
             .collect();

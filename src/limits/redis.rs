@@ -17,8 +17,8 @@ use redis::Script;
 
 use super::gcra::{Charge, Rate};
 use super::usage::UsageDelta;
-use crate::auth::store::redis::RedisStore;
 use crate::auth::store::StoreError;
+use crate::redis_client::RedisClient;
 
 /// Takes every charge or none. KEYS[1] owner hash; ARGV[1] key TTL (ms), then groups of
 /// field, interval (µs), tolerance (µs), cost. Returns {1, "0"} or {0, wait µs}.
@@ -114,7 +114,7 @@ pub fn usage_key(prefix: &str, user: &str, day: &str) -> String {
 /// How many more units fit `owner`'s `bucket` now, and the wait (µs) for one when none
 /// does; takes nothing.
 pub async fn room(
-    store: &RedisStore,
+    store: &RedisClient,
     owner: &str,
     bucket: &str,
     rate: &Rate,
@@ -138,7 +138,7 @@ pub async fn room(
 
 /// Takes every charge or none; the inner `Err` is the wait in µs.
 pub async fn charge(
-    store: &RedisStore,
+    store: &RedisClient,
     owner: &str,
     charges: &[Charge],
 ) -> Result<Result<(), u64>, StoreError> {
@@ -166,7 +166,7 @@ pub async fn charge(
 
 /// Corrects an owner's buckets and, with `usage`, adds to a user's day.
 pub async fn settle(
-    store: &RedisStore,
+    store: &RedisClient,
     owner: &str,
     corrections: &[(String, Rate, i64)],
     usage: Option<(&str, UsageDelta, u64)>,
@@ -199,7 +199,7 @@ pub async fn settle(
 }
 
 /// Empties one bucket of an owner.
-pub async fn reset(store: &RedisStore, owner: &str, bucket: &str) -> Result<(), StoreError> {
+pub async fn reset(store: &RedisClient, owner: &str, bucket: &str) -> Result<(), StoreError> {
     let key = owner_key(store.key_prefix(), owner);
     let _: i64 = store
         .run(|mut conn| {
@@ -218,7 +218,7 @@ pub async fn reset(store: &RedisStore, owner: &str, bucket: &str) -> Result<(), 
 
 /// A user's usage on the given days (missing days count zero).
 pub async fn read_usage(
-    store: &RedisStore,
+    store: &RedisClient,
     user: &str,
     days: &[String],
 ) -> Result<Vec<UsageDelta>, StoreError> {

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -177,7 +177,7 @@ impl Simulator {
         let id = self.next_id();
         let meta = ResponseMeta {
             id: &id,
-            created: unix_seconds(),
+            created: crate::unix_time::unix_now(),
             model: request.model,
         };
         match outcome {
@@ -533,12 +533,6 @@ fn bearer_token(header: &RequestHeader) -> Option<&str> {
         .ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then_some(token)
-}
-
-fn unix_seconds() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

@@ -54,94 +54,21 @@ pub fn wait_for_port(port: u16, within: Duration) -> bool {
     false
 }
 
-/// `redis-server` on `port` with nothing saved to disk, its files in `dir`.
-fn redis_server(port: u16, dir: &Path) -> Command {
-    let mut cmd = Command::new("redis-server");
-    cmd.args([
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ])
-    .arg("--dir")
-    .arg(dir)
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    cmd
-}
+#[path = "../../src/test_redis.rs"]
+mod test_redis;
+use test_redis::redis_server;
+/// A private `redis-server` on a free port, killed on drop.
+pub use test_redis::RedisServer as Redis;
 
 fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
 
-/// A private `redis-server` on a free port, killed on drop.
-pub struct Redis {
-    pub port: u16,
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-}
-
 impl Redis {
     /// Starts a fresh, empty Redis.
     pub fn start() -> Redis {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut r = Redis {
-            port: free_port(),
-            child: None,
-            dir,
-        };
-        r.spawn();
-        r
-    }
-
-    fn spawn(&mut self) {
-        let child = redis_server(self.port, self.dir.path())
-            .spawn()
-            .expect("redis-server must be installed (the README's test command installs it)");
-        self.child = Some(child);
-        assert!(
-            wait_for_port(self.port, Duration::from_secs(10)),
-            "redis-server did not start"
-        );
-    }
-
-    /// `redis://127.0.0.1:<port>/0`.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    /// Stops the server (an outage).
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            kill(&mut c);
-        }
-    }
-
-    /// Starts it again on the same port (data is gone: nothing is saved).
-    pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-
-    /// Runs a redis-cli command against this server.
-    pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
+        Redis::start_on(free_port(), false)
     }
 }
 
@@ -748,6 +675,16 @@ where
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// Waits until `condition` holds, checking every 20 ms for at most `within`, and says
+/// whether it did: for what a test cannot be told about (a log line written, a health
+/// check run, a counter flushed), instead of sleeping a guessed time.
+pub async fn eventually<F>(within: Duration, condition: impl FnMut() -> F) -> bool
+where
+    F: std::future::Future<Output = bool>,
+{
+    poll(within, Duration::from_millis(20), condition, |held| *held).await
 }
 
 /// A client with no connection reuse surprises and a sane timeout.

@@ -28,7 +28,8 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{unix_now, CredentialStore, StoreError, UserRecord};
+use super::{CredentialStore, StoreError, UserRecord};
+use crate::unix_time::unix_now;
 
 /// Credential store kept in a YAML file, or only in memory for the demo.
 pub struct FileStore {

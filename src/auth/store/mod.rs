@@ -132,13 +132,6 @@ pub fn validate_username(name: &str) -> Result<(), String> {
     }
 }
 
-/// Current time in unix seconds (0 if the clock is before 1970).
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,100 +27,22 @@
 //! counter (or raise it: `SET chatgate:user:next_id 1000`).
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::sync::LazyLock;
-use std::time::Duration;
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, ErrorKind, RedisError, RedisFuture, RedisResult, Script, Value};
-use tokio::sync::OnceCell;
+use redis::Script;
 
-use super::{unix_now, CredentialStore, StoreError, UserRecord};
-use crate::breaker::{Admission, Breaker, BreakerSettings};
-use crate::redact::redact_url;
-
-/// Connection settings, resolved from the config file.
-#[derive(Clone)]
-pub struct RedisSettings {
-    /// `redis://[user:password@]host:port/db` of a single server (secret already resolved).
-    pub url: String,
-    /// Cluster node URLs; when non-empty they are used instead of `url`.
-    pub cluster: Vec<String>,
-    /// Prepended to every key, e.g. `chatgate:`.
-    pub key_prefix: String,
-    /// Upper bound for each store call, connecting included.
-    pub timeout: Duration,
-    /// When to stop calling a Redis that keeps failing, and for how long.
-    pub breaker: BreakerSettings,
-}
-
-impl std::fmt::Debug for RedisSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let cluster: Vec<String> = self.cluster.iter().map(|u| redact_url(u)).collect();
-        f.debug_struct("RedisSettings")
-            .field("url", &redact_url(&self.url))
-            .field("cluster", &cluster)
-            .field("key_prefix", &self.key_prefix)
-            .field("timeout", &self.timeout)
-            .field("breaker", &self.breaker)
-            .finish()
-    }
-}
+use super::{CredentialStore, StoreError, UserRecord};
+use crate::redis_client::RedisClient;
+use crate::redis_client::RedisSettings;
+use crate::unix_time::unix_now;
 
 /// Credential store backed by Redis; see the module docs for the schema. The rate limiter
-/// shares its connection, timeout and circuit breaker through [`RedisStore::run`].
+/// shares its [`RedisClient`]: one connection, one timeout, one circuit breaker.
 pub struct RedisStore {
-    client: Client,
-    /// Filled on the first successful connect; left empty after a failed one so a later
-    /// call tries again. Concurrent callers wait for one attempt instead of each connecting.
-    connection: OnceCell<Connection>,
+    redis: Arc<RedisClient>,
     keys: Keys,
-    timeout: Duration,
-    breaker: Breaker,
     description: String,
-}
-
-enum Client {
-    Single(redis::Client),
-    Cluster(Box<ClusterClient>),
-}
-
-/// A connection that reconnects by itself once established.
-#[derive(Clone)]
-pub enum Connection {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Connection {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Connection::Single(c) => c.req_packed_command(cmd),
-            Connection::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Connection::Single(c) => c.get_db(),
-            Connection::Cluster(c) => c.get_db(),
-        }
-    }
 }
 
 /// Key names derived from the prefix.
@@ -175,111 +97,22 @@ static REPLACE_HASH: LazyLock<Script> = LazyLock::new(|| Script::new(REPLACE_HAS
 impl RedisStore {
     /// Checks the URLs and prepares the store without connecting.
     pub fn new(settings: RedisSettings) -> Result<Self, StoreError> {
-        let timeout = settings.timeout;
-        let (client, target) = if settings.cluster.is_empty() {
-            let client = redis::Client::open(settings.url.as_str())
-                .map_err(|_| StoreError::Unavailable("invalid Redis URL".to_string()))?;
-            (Client::Single(client), redact_url(&settings.url))
-        } else {
-            let client = ClusterClient::builder(settings.cluster.iter().map(String::as_str))
-                .connection_timeout(timeout)
-                .response_timeout(timeout)
-                .retries(1)
-                .build()
-                .map_err(|e| {
-                    StoreError::Unavailable(format!(
-                        "invalid Redis cluster URLs ({})",
-                        e.category()
-                    ))
-                })?;
-            let nodes: Vec<String> = settings.cluster.iter().map(|u| redact_url(u)).collect();
-            (
-                Client::Cluster(Box::new(client)),
-                format!("cluster [{}]", nodes.join(", ")),
-            )
-        };
-        Ok(RedisStore {
-            client,
-            connection: OnceCell::new(),
-            keys: Keys::new(&settings.key_prefix),
-            timeout,
-            breaker: Breaker::observed(settings.breaker, crate::metrics::redis_breaker_open),
-            description: format!("redis {target} (prefix {:?})", settings.key_prefix),
-        })
+        RedisClient::new(settings).map(|client| Self::with_client(Arc::new(client)))
     }
 
-    async fn connect(&self) -> RedisResult<Connection> {
-        match &self.client {
-            Client::Single(client) => {
-                // No internal retries: a dead server must fail the call fast, and the next
-                // call tries again anyway.
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(0);
-                ConnectionManager::new_with_config(client.clone(), config)
-                    .await
-                    .map(Connection::Single)
-            }
-            Client::Cluster(client) => client.get_async_connection().await.map(Connection::Cluster),
-        }
-    }
-
-    /// The key prefix every key starts with (`chatgate:` by default).
-    pub fn key_prefix(&self) -> &str {
-        &self.keys.prefix
-    }
-
-    /// Runs `op` on the (lazily created) connection within the timeout, through the
-    /// circuit breaker: while Redis is considered down it fails at once.
-    pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
-    where
-        F: Fn(Connection) -> Fut,
-        Fut: Future<Output = RedisResult<T>>,
-    {
-        if self.breaker.admit(std::time::Instant::now()) == Admission::Refused {
-            return Err(StoreError::Unavailable(
-                "Redis is failing; calls paused (circuit open)".to_string(),
-            ));
-        }
-        let result = self.run_once(op).await;
-        let reached = !matches!(result, Err(StoreError::Unavailable(_)));
-        self.breaker.record(reached, std::time::Instant::now());
-        result
-    }
-
-    async fn run_once<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
-    where
-        F: Fn(Connection) -> Fut,
-        Fut: Future<Output = RedisResult<T>>,
-    {
-        let work = async {
-            let conn = self
-                .connection
-                .get_or_try_init(|| self.connect())
-                .await
-                .map_err(map_redis_error)?
-                .clone();
-            match op(conn.clone()).await {
-                // After an outage the manager holds a reconnect attempt made while the
-                // server was still down; it starts a fresh one when that fails. Nothing was
-                // sent on a refused connection, so trying once more is safe.
-                Err(e) if e.is_connection_refusal() => op(conn).await.map_err(map_redis_error),
-                result => result.map_err(map_redis_error),
-            }
-        };
-        match tokio::time::timeout(self.timeout, work).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer from Redis within {} ms",
-                self.timeout.as_millis()
-            ))),
+    /// The store on `redis`, whose connection, timeout and breaker it shares.
+    pub fn with_client(redis: Arc<RedisClient>) -> Self {
+        RedisStore {
+            keys: Keys::new(redis.key_prefix()),
+            description: redis.describe(),
+            redis,
         }
     }
 
     async fn set_field(&self, username: &str, field: &str, value: &str) -> Result<(), StoreError> {
         let key = self.keys.user(username);
         let updated: i64 = self
+            .redis
             .run(|mut conn| {
                 let mut invocation = SET_FIELD.key(&key);
                 invocation.arg(field).arg(value);
@@ -296,6 +129,7 @@ impl RedisStore {
     async fn fetch(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
         let key = self.keys.user(username);
         let fields: HashMap<String, Vec<u8>> = self
+            .redis
             .run(|mut conn| {
                 let key = &key;
                 async move { redis::cmd("HGETALL").arg(key).query_async(&mut conn).await }
@@ -324,6 +158,7 @@ impl CredentialStore for RedisStore {
         let next_id = &self.keys.next_id;
         let users = &self.keys.users;
         let id = self
+            .redis
             .run(|mut conn| {
                 let key = &key;
                 async move {
@@ -382,6 +217,7 @@ impl CredentialStore for RedisStore {
     ) -> Result<bool, StoreError> {
         let key = self.keys.user(username);
         let replaced: i64 = self
+            .redis
             .run(|mut conn| {
                 let mut invocation = REPLACE_HASH.key(&key);
                 invocation.arg(expected_old_hash).arg(new_hash);
@@ -405,6 +241,7 @@ impl CredentialStore for RedisStore {
         let key = self.keys.user(username);
         let users = &self.keys.users;
         let deleted: i64 = self
+            .redis
             .run(|mut conn| {
                 let key = &key;
                 async move {
@@ -429,6 +266,7 @@ impl CredentialStore for RedisStore {
     async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
         let users = &self.keys.users;
         let names: Vec<String> = self
+            .redis
             .run(|mut conn| async move {
                 redis::cmd("SMEMBERS")
                     .arg(users)
@@ -449,6 +287,7 @@ impl CredentialStore for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let _: String = self
+            .redis
             .run(|mut conn| async move { redis::cmd("PING").query_async(&mut conn).await })
             .await?;
         Ok(())
@@ -456,23 +295,6 @@ impl CredentialStore for RedisStore {
 
     fn describe(&self) -> String {
         self.description.clone()
-    }
-}
-
-/// Turns a Redis error into a store error whose text carries no reply payload.
-fn map_redis_error(e: RedisError) -> StoreError {
-    match e.kind() {
-        // The detail of these may quote the reply, which can be a hash.
-        ErrorKind::UnexpectedReturnType | ErrorKind::Parse => {
-            StoreError::Corrupt("unexpected reply type from Redis".to_string())
-        }
-        _ if e.code() == Some("WRONGTYPE") => {
-            StoreError::Corrupt("a store key holds the wrong Redis type".to_string())
-        }
-        ErrorKind::AuthenticationFailed => {
-            StoreError::Unavailable("Redis authentication failed".to_string())
-        }
-        _ => StoreError::Unavailable(e.to_string()),
     }
 }
 
@@ -526,9 +348,9 @@ fn record_from_fields(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::net::TcpStream;
-    use std::process::{Child, Command, Stdio};
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
+
+    use crate::breaker::BreakerSettings;
 
     use crate::auth::store::contract::HASH;
     /// The timeout of the tests that measure how fast a dead or hung Redis is reported.
@@ -537,74 +359,21 @@ pub(crate) mod tests {
     /// seen to miss 500 ms on a fresh server, and those tests are not about timing.
     const ROOMY: Duration = Duration::from_secs(10);
 
-    /// A private redis-server on a free port, killed on drop (also for the limiter's tests).
-    pub(crate) struct RedisServer {
-        port: u16,
-        dir: tempfile::TempDir,
-        cluster: bool,
-        child: Option<Child>,
-    }
+    /// The shared test launcher, with the stores the tests here and the limiter's use.
+    pub(crate) use crate::test_redis::RedisServer;
 
     impl RedisServer {
         pub(crate) fn start() -> Self {
-            Self::start_with(false)
-        }
-
-        fn start_with(cluster: bool) -> Self {
-            let port = free_port();
-            let mut server = RedisServer {
-                port,
-                dir: tempfile::tempdir().unwrap(),
-                cluster,
-                child: None,
-            };
-            server.spawn();
-            server
-        }
-
-        fn spawn(&mut self) {
-            let mut cmd = Command::new("/usr/bin/redis-server");
-            cmd.args(["--port", &self.port.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(self.dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            if self.cluster {
-                cmd.args([
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                ]);
-            }
-            self.child = Some(cmd.spawn().unwrap());
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-                assert!(Instant::now() < deadline, "redis-server did not start");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-
-        pub(crate) fn stop(&mut self) {
-            if let Some(mut child) = self.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-
-        fn signal(&self, signal: &str) {
-            let pid = self.child.as_ref().unwrap().id().to_string();
-            let status = Command::new("kill").args([signal, &pid]).status().unwrap();
-            assert!(status.success());
-        }
-
-        fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}/0", self.port)
+            Self::start_on(free_port(), false)
         }
 
         pub(crate) fn store(&self) -> RedisStore {
-            RedisStore::new(RedisSettings {
+            RedisStore::with_client(Arc::new(self.client()))
+        }
+
+        /// A client with the roomy timeout, as the limiter's tests use it.
+        pub(crate) fn client(&self) -> RedisClient {
+            RedisClient::new(RedisSettings {
                 timeout: ROOMY,
                 ..settings(&self.url())
             })
@@ -622,12 +391,6 @@ pub(crate) mod tests {
                 .get_multiplexed_async_connection()
                 .await
                 .unwrap()
-        }
-    }
-
-    impl Drop for RedisServer {
-        fn drop(&mut self) {
-            self.stop();
         }
     }
 
@@ -886,10 +649,7 @@ pub(crate) mod tests {
         assert!(is_unavailable(&store.ping().await));
         assert!(started.elapsed() < TIMEOUT + Duration::from_millis(200));
 
-        let mut server = RedisServer::start_with(false);
-        server.stop();
-        server.port = port;
-        server.spawn();
+        let _server = RedisServer::start_on(port, false);
         until_answered(&store).await;
         store.create_user("alice", HASH).await.unwrap();
     }
@@ -916,7 +676,7 @@ pub(crate) mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
 
         // Same port, empty data (no persistence): the same store works again by itself.
-        server.spawn();
+        server.restart();
         until_answered(&store).await;
         assert_eq!(store.find_user("alice").await, Ok(None));
         assert_eq!(store.create_user("alice", HASH).await.unwrap().id, 1);
@@ -1001,7 +761,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn works_on_a_cluster() {
-        let server = RedisServer::start_with(true);
+        let server = RedisServer::start_on(free_port(), true);
         let mut raw = server.raw().await;
         let _: () = redis::cmd("CLUSTER")
             .arg(&["ADDSLOTSRANGE", "0", "16383"])
