@@ -1,0 +1,234 @@
+//! The background log writer: formatted lines are appended to a shared
+//! buffer under a short lock, and one thread writes the whole buffer to
+//! stderr every few milliseconds (at once when it grows large), one `write`
+//! per batch. Loggers never make a system call: the writer is not woken per
+//! line (a wake-up per line, as a channel with a parked receiver does, costs
+//! more than formatting the line). The buffer is bounded; a line that does
+//! not fit is dropped and counted.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tracing_subscriber::fmt::MakeWriter;
+
+/// How long a line may wait for the writer thread when the gateway is quiet.
+const FLUSH_EVERY: Duration = Duration::from_millis(10);
+/// A batch this large is written at once, without waiting for the tick.
+const WAKE_AT: usize = 256 * 1024;
+/// Longest a stop waits for the last batch to be written.
+const LAST_WRITE: Duration = Duration::from_secs(1);
+
+/// What loggers and the writer thread share.
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    dropped: AtomicU64,
+    limit: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    bytes: Vec<u8>,
+    closed: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The loggers' end: a `MakeWriter` for `tracing_subscriber::fmt`.
+#[derive(Clone)]
+pub struct BatchWriter {
+    shared: Arc<Shared>,
+}
+
+/// Stops the writer thread when dropped, after it wrote what is queued (up to
+/// [`LAST_WRITE`]).
+pub struct WriterGuard {
+    shared: Arc<Shared>,
+    done: mpsc::Receiver<()>,
+}
+
+impl BatchWriter {
+    /// Starts the writer thread on `out`, queueing at most `limit` bytes.
+    pub fn start<W: Write + Send + 'static>(
+        out: W,
+        limit: usize,
+    ) -> std::io::Result<(BatchWriter, WriterGuard)> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            dropped: AtomicU64::new(0),
+            limit,
+        });
+        let (done_tx, done) = mpsc::channel();
+        let thread_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("chatgate-log".into())
+            .spawn(move || {
+                write_batches(&thread_shared, out);
+                let _ = done_tx.send(());
+            })?;
+        let guard = WriterGuard {
+            shared: shared.clone(),
+            done,
+        };
+        Ok((BatchWriter { shared }, guard))
+    }
+
+    /// Lines dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// The writer thread: takes the whole queue and writes it, until closed.
+fn write_batches(shared: &Shared, mut out: impl Write) {
+    let mut batch = Vec::new();
+    loop {
+        let closed = {
+            let mut queue = shared.lock();
+            if queue.bytes.len() < WAKE_AT && !queue.closed {
+                queue = shared
+                    .wake
+                    .wait_timeout(queue, FLUSH_EVERY)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            std::mem::swap(&mut queue.bytes, &mut batch);
+            queue.closed
+        };
+        if !batch.is_empty() {
+            // A failing stderr has nowhere to report to; the lines are lost.
+            let _ = out.write_all(&batch).and_then(|()| out.flush());
+            batch.clear();
+            // Keep the two buffers from holding on to a burst's size.
+            batch.shrink_to(WAKE_AT);
+        }
+        if closed && shared.lock().bytes.is_empty() {
+            return;
+        }
+    }
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
+        let _ = self.done.recv_timeout(LAST_WRITE);
+    }
+}
+
+/// One logger's handle: each `write` is one whole line (the `fmt` layer
+/// formats a line into its buffer, then writes it in one call).
+pub struct LineWriter<'a> {
+    shared: &'a Shared,
+}
+
+impl Write for LineWriter<'_> {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let mut queue = self.shared.lock();
+        if queue.closed || queue.bytes.len() + line.len() > self.shared.limit {
+            drop(queue);
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            return Ok(line.len());
+        }
+        queue.bytes.extend_from_slice(line);
+        let wake = queue.bytes.len() >= WAKE_AT && queue.bytes.len() - line.len() < WAKE_AT;
+        drop(queue);
+        if wake {
+            self.shared.wake.notify_one();
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for BatchWriter {
+    type Writer = LineWriter<'a>;
+
+    fn make_writer(&'a self) -> LineWriter<'a> {
+        LineWriter {
+            shared: &self.shared,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// An output that records what reached it, and can be held shut.
+    #[derive(Clone, Default)]
+    struct Out {
+        written: Arc<Mutex<Vec<u8>>>,
+        writes: Arc<AtomicU64>,
+        blocked: Arc<Mutex<()>>,
+    }
+
+    impl Write for Out {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _open = self.blocked.lock().unwrap();
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            self.written.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn line(w: &BatchWriter, text: &str) {
+        w.make_writer().write_all(text.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn lines_arrive_soon_in_batches_and_all_of_them_on_stop() {
+        let out = Out::default();
+        let (w, guard) = BatchWriter::start(out.clone(), 1 << 20).unwrap();
+        line(&w, "first\n");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while out.written.lock().unwrap().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(&*out.written.lock().unwrap(), b"first\n");
+        let before = out.writes.load(Ordering::Relaxed);
+        for i in 0..1000 {
+            line(&w, &format!("line {i}\n"));
+        }
+        drop(guard);
+        let text = String::from_utf8(out.written.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1001);
+        assert!(text.ends_with("line 999\n"));
+        // 1,000 lines in a few writes, not one each.
+        assert!(out.writes.load(Ordering::Relaxed) - before < 50);
+        assert_eq!(w.dropped(), 0);
+    }
+
+    #[test]
+    fn a_stuck_output_drops_and_counts_lines_instead_of_blocking() {
+        let out = Out::default();
+        let stuck = out.blocked.lock().unwrap();
+        let (w, guard) = BatchWriter::start(out.clone(), 100).unwrap();
+        let started = Instant::now();
+        for _ in 0..50 {
+            line(&w, "0123456789\n");
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // At most 100 bytes queued (9 lines), plus what the thread took before it stuck.
+        let dropped = w.dropped();
+        assert!((50 - 2 * 9..=50 - 9).contains(&dropped), "{dropped}");
+        drop(stuck);
+        drop(guard);
+        let written = out.written.lock().unwrap().len() as u64;
+        assert_eq!(written / 11 + dropped, 50);
+    }
+}
