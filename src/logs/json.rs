@@ -75,6 +75,8 @@ impl JsonFields<'_, '_> {
 }
 
 impl Visit for JsonFields<'_, '_> {
+    // 128-bit integers go through `record_debug`: strings, as `tracing_serde`
+    // writes them (no JSON reader keeps them exact as numbers).
     fn record_f64(&mut self, field: &Field, value: f64) {
         // `Debug` prints the shortest form that reads back, with a `.0` or an
         // exponent (`3.0`, `1e-7`): a JSON number, the one `serde_json`
@@ -91,14 +93,6 @@ impl Visit for JsonFields<'_, '_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.member(field, |w| write!(w, "{value}"));
-    }
-
-    fn record_i128(&mut self, field: &Field, value: i128) {
-        self.member(field, |w| write!(w, "{value}"));
-    }
-
-    fn record_u128(&mut self, field: &Field, value: u128) {
         self.member(field, |w| write!(w, "{value}"));
     }
 
