@@ -4,7 +4,9 @@
 //! per batch. Loggers never make a system call: the writer is not woken per
 //! line (a wake-up per line, as a channel with a parked receiver does, costs
 //! more than formatting the line). The buffer is bounded; a line that does
-//! not fit is dropped and counted.
+//! not fit is dropped and counted. An ERROR line is written out at once, with
+//! everything queued before it, by the thread that logs it: Pingora exits
+//! right after some of its errors, and those lines must not stay queued.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +24,9 @@ const LAST_WRITE: Duration = Duration::from_secs(1);
 
 /// What loggers and the writer thread share.
 struct Shared {
+    /// Where lines go; held while a batch is written, and taken before
+    /// `queue`, so batches reach it in the order they were queued.
+    out: Mutex<Box<dyn Write + Send>>,
     queue: Mutex<Queue>,
     wake: Condvar,
     dropped: AtomicU64,
@@ -37,6 +42,19 @@ struct Queue {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes what is queued, using `batch` as the spare buffer.
+    fn write_queued(&self, batch: &mut Vec<u8>) {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::swap(&mut self.lock().bytes, batch);
+        if !batch.is_empty() {
+            // A failing stderr has nowhere to report to; the lines are lost.
+            let _ = out.write_all(batch).and_then(|()| out.flush());
+            batch.clear();
+            // Keep the two buffers from holding on to a burst's size.
+            batch.shrink_to(WAKE_AT);
+        }
     }
 }
 
@@ -60,6 +78,7 @@ impl BatchWriter {
         limit: usize,
     ) -> std::io::Result<(BatchWriter, WriterGuard)> {
         let shared = Arc::new(Shared {
+            out: Mutex::new(Box::new(out)),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             dropped: AtomicU64::new(0),
@@ -70,7 +89,7 @@ impl BatchWriter {
         std::thread::Builder::new()
             .name("chatgate-log".into())
             .spawn(move || {
-                write_batches(&thread_shared, out);
+                write_batches(&thread_shared);
                 let _ = done_tx.send(());
             })?;
         let guard = WriterGuard {
@@ -87,28 +106,22 @@ impl BatchWriter {
 }
 
 /// The writer thread: takes the whole queue and writes it, until closed.
-fn write_batches(shared: &Shared, mut out: impl Write) {
+fn write_batches(shared: &Shared) {
     let mut batch = Vec::new();
     loop {
         let closed = {
-            let mut queue = shared.lock();
+            let queue = shared.lock();
             if queue.bytes.len() < WAKE_AT && !queue.closed {
-                queue = shared
+                let (queue, _) = shared
                     .wake
                     .wait_timeout(queue, FLUSH_EVERY)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
+                    .unwrap_or_else(|p| p.into_inner());
+                queue.closed
+            } else {
+                queue.closed
             }
-            std::mem::swap(&mut queue.bytes, &mut batch);
-            queue.closed
         };
-        if !batch.is_empty() {
-            // A failing stderr has nowhere to report to; the lines are lost.
-            let _ = out.write_all(&batch).and_then(|()| out.flush());
-            batch.clear();
-            // Keep the two buffers from holding on to a burst's size.
-            batch.shrink_to(WAKE_AT);
-        }
+        shared.write_queued(&mut batch);
         if closed && shared.lock().bytes.is_empty() {
             return;
         }
@@ -127,6 +140,8 @@ impl Drop for WriterGuard {
 /// formats a line into its buffer, then writes it in one call).
 pub struct LineWriter<'a> {
     shared: &'a Shared,
+    /// An ERROR line: written out before `write` returns.
+    urgent: bool,
 }
 
 impl Write for LineWriter<'_> {
@@ -140,7 +155,9 @@ impl Write for LineWriter<'_> {
         queue.bytes.extend_from_slice(line);
         let wake = queue.bytes.len() >= WAKE_AT && queue.bytes.len() - line.len() < WAKE_AT;
         drop(queue);
-        if wake {
+        if self.urgent {
+            self.shared.write_queued(&mut Vec::new());
+        } else if wake {
             self.shared.wake.notify_one();
         }
         Ok(line.len())
@@ -157,6 +174,14 @@ impl<'a> MakeWriter<'a> for BatchWriter {
     fn make_writer(&'a self) -> LineWriter<'a> {
         LineWriter {
             shared: &self.shared,
+            urgent: false,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LineWriter<'a> {
+        LineWriter {
+            shared: &self.shared,
+            urgent: *meta.level() == tracing::Level::ERROR,
         }
     }
 }
@@ -211,6 +236,24 @@ mod tests {
         // 1,000 lines in a few writes, not one each.
         assert!(out.writes.load(Ordering::Relaxed) - before < 50);
         assert_eq!(w.dropped(), 0);
+    }
+
+    #[test]
+    fn an_error_line_is_written_before_logging_returns() {
+        let out = Out::default();
+        let (w, _guard) = BatchWriter::start(out.clone(), 1 << 20).unwrap();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(w.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("queued first");
+            tracing::error!("cannot go on");
+            let text = String::from_utf8(out.written.lock().unwrap().clone()).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), 2, "{text}");
+            assert!(lines[0].ends_with("queued first") && lines[1].ends_with("cannot go on"));
+        });
     }
 
     #[test]
