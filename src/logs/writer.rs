@@ -1,9 +1,10 @@
 //! The background log writer: formatted lines are appended to a shared
 //! buffer under a short lock, and one thread writes the whole buffer to
-//! stderr every few milliseconds (at once when it grows large), one `write`
-//! per batch. Loggers never make a system call: the writer is not woken per
-//! line (a wake-up per line, as a channel with a parked receiver does, costs
-//! more than formatting the line). The buffer is bounded; a line that does
+//! stderr, one `write` per batch. A line that finds the writer idle wakes it
+//! and is written at once; after each write the writer lets lines gather for
+//! a millisecond, so under load it is never woken by a logger (a wake-up per
+//! line, as a channel with a parked receiver does, costs more than
+//! formatting the line). The buffer is bounded; a line that does
 //! not fit is dropped and counted. An ERROR line is written out at once, with
 //! everything queued before it, by the thread that logs it: Pingora exits
 //! right after some of its errors, and those lines must not stay queued.
@@ -15,8 +16,8 @@ use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
 
-/// How long a line may wait for the writer thread when the gateway is quiet.
-const FLUSH_EVERY: Duration = Duration::from_millis(10);
+/// How long lines gather after a write before the next one.
+const GATHER: Duration = Duration::from_millis(1);
 /// A batch this large is written at once, without waiting for the tick.
 const WAKE_AT: usize = 256 * 1024;
 /// Longest a stop waits for the last batch to be written.
@@ -37,6 +38,8 @@ struct Shared {
 struct Queue {
     bytes: Vec<u8>,
     closed: bool,
+    /// The writer waits for a line; the next one wakes it.
+    idle: bool,
 }
 
 impl Shared {
@@ -105,24 +108,35 @@ impl BatchWriter {
     }
 }
 
-/// The writer thread: takes the whole queue and writes it, until closed.
+/// The writer thread: writes what is queued, lets lines gather, and waits
+/// for one when there are none, until closed.
 fn write_batches(shared: &Shared) {
     let mut batch = Vec::new();
     loop {
+        {
+            let mut queue = shared.lock();
+            while queue.bytes.is_empty() && !queue.closed {
+                queue.idle = true;
+                queue = shared.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
+            }
+            queue.idle = false;
+        }
+        shared.write_queued(&mut batch);
         let closed = {
             let queue = shared.lock();
             if queue.bytes.len() < WAKE_AT && !queue.closed {
-                let (queue, _) = shared
+                shared
                     .wake
-                    .wait_timeout(queue, FLUSH_EVERY)
-                    .unwrap_or_else(|p| p.into_inner());
-                queue.closed
+                    .wait_timeout(queue, GATHER)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+                    .closed
             } else {
                 queue.closed
             }
         };
-        shared.write_queued(&mut batch);
-        if closed && shared.lock().bytes.is_empty() {
+        if closed {
+            shared.write_queued(&mut batch);
             return;
         }
     }
@@ -153,7 +167,8 @@ impl Write for LineWriter<'_> {
             return Ok(line.len());
         }
         queue.bytes.extend_from_slice(line);
-        let wake = queue.bytes.len() >= WAKE_AT && queue.bytes.len() - line.len() < WAKE_AT;
+        let wake = std::mem::take(&mut queue.idle)
+            || (queue.bytes.len() >= WAKE_AT && queue.bytes.len() - line.len() < WAKE_AT);
         drop(queue);
         if self.urgent {
             self.shared.write_queued(&mut Vec::new());
