@@ -2,7 +2,7 @@
 //! buffer under a short lock, and one thread writes the whole buffer to
 //! stderr, one `write` per batch. A line that finds the writer idle wakes it
 //! and is written at once; after each write the writer lets lines gather for
-//! a millisecond, so under load it is never woken by a logger (a wake-up per
+//! 5 ms, so under load it is never woken by a logger (a wake-up per
 //! line, as a channel with a parked receiver does, costs more than
 //! formatting the line). The buffer is bounded; a line that does
 //! not fit is dropped and counted. An ERROR line is written out at once, with
@@ -17,7 +17,7 @@ use std::time::Duration;
 use tracing_subscriber::fmt::MakeWriter;
 
 /// How long lines gather after a write before the next one.
-const GATHER: Duration = Duration::from_millis(1);
+const GATHER: Duration = Duration::from_millis(5);
 /// A batch this large is written at once, without waiting for the tick.
 const WAKE_AT: usize = 256 * 1024;
 /// Longest a stop waits for the last batch to be written.
