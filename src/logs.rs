@@ -1,36 +1,104 @@
-//! Where log lines go: JSON on stderr through `tracing`. Pingora logs through
-//! the `log` crate, one ERROR line for every client that disconnects mid-request,
-//! sends garbage or fails its TLS handshake, so a flood of hostile clients
-//! floods the log. The bridge here turns those lines into debug lines and a
-//! count in `chatgate_client_errors_total{kind}`, with at most one warning a
-//! minute saying how many there were; every other record passes unchanged.
+//! Where log lines go: stderr through `tracing`, as JSON lines (the default
+//! when stderr is no terminal) or as text for a person (`--log-format`).
+//! Lines are formatted on the request path into the formatter's reused buffer
+//! and written by a background thread in batches, so a request never waits
+//! for a write; when that thread falls behind, lines are dropped and counted
+//! in `chatgate_log_lines_dropped_total`.
+//!
+//! Pingora logs through the `log` crate: its start-up chatter comes out at
+//! debug level, and its ERROR line for every client that disconnects
+//! mid-request, sends garbage or fails its TLS handshake becomes a debug line
+//! and a count in `chatgate_client_errors_total{kind}`, with at most one
+//! warning a minute saying how many there were.
 
-use std::sync::Mutex;
+mod json;
+mod writer;
+
+use std::io::IsTerminal;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use tracing_log::LogTracer;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::EnvFilter;
+
+use json::JsonLine;
+use writer::{BatchWriter, WriterGuard};
 
 use crate::connections::deadline::TIMEOUT_MESSAGE;
 use crate::metrics;
 
 /// Shortest time between two warnings about client errors.
 const WARN_EVERY: Duration = Duration::from_secs(60);
+/// Bytes of lines waiting for the writer thread before new lines are dropped
+/// (some 16,000 access lines).
+const QUEUE_BYTES: usize = 8 * 1024 * 1024;
 
-/// JSON log lines on stderr; `RUST_LOG` picks the level (default `info`).
-pub fn init() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let hint = filter.max_level_hint();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_current_span(false)
-        .finish();
-    if tracing::subscriber::set_global_default(subscriber).is_err() {
-        return;
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Text when stderr is a terminal, JSON otherwise.
+    #[default]
+    Auto,
+    /// One JSON object a line.
+    Json,
+    /// One line of text an event, for a person.
+    Text,
+}
+
+impl LogFormat {
+    /// `Auto` resolved against whether stderr is a terminal.
+    fn resolve(self, tty: bool) -> LogFormat {
+        match self {
+            LogFormat::Auto if tty => LogFormat::Text,
+            LogFormat::Auto => LogFormat::Json,
+            chosen => chosen,
+        }
     }
+}
+
+/// The background writer, for its count of dropped lines.
+static WRITER: OnceLock<BatchWriter> = OnceLock::new();
+
+/// Log lines dropped since start (the source of `chatgate_log_lines_dropped_total`).
+pub fn lines_dropped() -> u64 {
+    WRITER.get().map_or(0, BatchWriter::dropped)
+}
+
+/// Keeps the writer thread; dropping it writes the lines still queued (up to
+/// a second). Hold it until the process is about to exit.
+#[must_use = "dropping the guard stops the log writer"]
+pub struct LogGuard {
+    _writer: Option<WriterGuard>,
+}
+
+/// Installs the global subscriber: `format` on stderr, `RUST_LOG` picks the
+/// level (default `info`). `background: false` writes each line at once
+/// instead, for processes that fork after this call (`serve --daemon`) or
+/// exit without returning (`serve --test`).
+pub fn init(format: LogFormat, background: bool) -> LogGuard {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let hint = filter.max_level_hint();
+    let stderr = std::io::stderr();
+    let tty = stderr.is_terminal();
+    let format = format.resolve(tty);
+    let colour = tty && std::env::var_os("NO_COLOR").is_none();
+    let background = background
+        .then(|| BatchWriter::start(stderr, QUEUE_BYTES))
+        .and_then(Result::ok);
+    let guard = if let Some((writer, guard)) = background {
+        if !install(format, colour, filter, writer.clone()) {
+            return LogGuard { _writer: None };
+        }
+        let _ = WRITER.set(writer);
+        Some(guard)
+    } else {
+        if !install(format, colour, filter, std::io::stderr) {
+            return LogGuard { _writer: None };
+        }
+        None
+    };
     // Warnings and errors always reach the bridge, to be counted.
     let max = match hint.map(|h| h.into_level()) {
         Some(Some(tracing::Level::TRACE)) => LevelFilter::Trace,
@@ -41,9 +109,29 @@ pub fn init() {
     if log::set_boxed_logger(Box::new(PingoraLog::new())).is_ok() {
         log::set_max_level(max);
     }
+    LogGuard { _writer: guard }
 }
 
-/// The `log` to `tracing` bridge that quiets client-caused failures.
+/// Sets the global subscriber; false if one was set already.
+fn install<W>(format: LogFormat, colour: bool, filter: EnvFilter, writer: W) -> bool
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    let set = if format == LogFormat::Text {
+        tracing::subscriber::set_global_default(builder.with_ansi(colour).finish())
+    } else {
+        tracing::subscriber::set_global_default(
+            builder.with_ansi(false).event_format(JsonLine).finish(),
+        )
+    };
+    set.is_ok()
+}
+
+/// The `log` to `tracing` bridge that quiets Pingora: start-up chatter to
+/// debug, client-caused failures to debug plus a count.
 struct PingoraLog {
     inner: LogTracer,
     /// When the last warning went out, and client errors since.
@@ -77,6 +165,20 @@ impl PingoraLog {
             "client-caused connection errors (disconnects, garbage, slow headers) are logged at debug level; see chatgate_client_errors_total; at most one of these warnings a minute"
         );
     }
+
+    /// Passes `record` on at debug level.
+    fn as_debug(&self, record: &Record<'_>) {
+        self.inner.log(
+            &Record::builder()
+                .args(*record.args())
+                .level(Level::Debug)
+                .target(record.target())
+                .module_path(record.module_path())
+                .file(record.file())
+                .line(record.line())
+                .build(),
+        );
+    }
 }
 
 impl Log for PingoraLog {
@@ -85,24 +187,21 @@ impl Log for PingoraLog {
     }
 
     fn log(&self, record: &Record<'_>) {
-        if record.level() <= Level::Warn && record.target().starts_with("pingora") {
+        if !record.target().starts_with("pingora") {
+            return self.inner.log(record);
+        }
+        if record.level() == Level::Info {
+            // "Bootstrap starting", "Starting service: ...": start-up chatter.
+            return self.as_debug(record);
+        }
+        if record.level() <= Level::Warn {
             let message = record.args().to_string();
             if let Some((kind, counted)) = client_caused(&message) {
                 if !counted {
                     metrics::client_error(kind);
                 }
                 self.note_client_error();
-                self.inner.log(
-                    &Record::builder()
-                        .args(format_args!("{message}"))
-                        .level(Level::Debug)
-                        .target(record.target())
-                        .module_path(record.module_path())
-                        .file(record.file())
-                        .line(record.line())
-                        .build(),
-                );
-                return;
+                return self.as_debug(record);
             }
         }
         self.inner.log(record);
@@ -159,6 +258,14 @@ pub fn client_caused(message: &str) -> Option<(&'static str, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_is_text_on_a_terminal_only() {
+        assert_eq!(LogFormat::Auto.resolve(true), LogFormat::Text);
+        assert_eq!(LogFormat::Auto.resolve(false), LogFormat::Json);
+        assert_eq!(LogFormat::Json.resolve(true), LogFormat::Json);
+        assert_eq!(LogFormat::Text.resolve(false), LogFormat::Text);
+    }
 
     #[test]
     fn pingora_lines_about_clients_are_classified() {

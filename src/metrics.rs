@@ -10,8 +10,9 @@ use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use pingora_prometheus::prometheus::{
-    self, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, Encoder,
-    HistogramVec, IntCounterVec, IntGaugeVec, TextEncoder,
+    self, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge_vec, Encoder, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
+    TextEncoder,
 };
 
 /// Latency buckets in seconds, from 5 ms to 10 minutes (LLM calls are slow).
@@ -203,6 +204,14 @@ static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
+static LOG_LINES_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "chatgate_log_lines_dropped_total",
+        "Log lines dropped because the log writer thread was behind (stderr too slow)."
+    )
+    .expect("metric definition")
+});
+
 /// Registers every metric and sets the constant ones (build info, the auth
 /// outcomes at zero); labelled series appear with their first use. Call once
 /// at start-up.
@@ -218,6 +227,7 @@ pub fn init() {
     LazyLock::force(&ENDPOINT_UP);
     LazyLock::force(&OPEN_CONNECTIONS);
     LazyLock::force(&CONNECTIONS_REFUSED);
+    LazyLock::force(&LOG_LINES_DROPPED);
     for kind in CLIENT_ERROR_KINDS {
         CLIENT_ERRORS.with_label_values(&[kind]);
     }
@@ -231,12 +241,24 @@ pub fn init() {
 
 /// The Prometheus text exposition of every registered metric.
 pub fn render() -> (Vec<u8>, String) {
+    sync_log_lines_dropped();
     let encoder = TextEncoder::new();
     let mut out = Vec::new();
     if let Err(e) = encoder.encode(&prometheus::gather(), &mut out) {
         tracing::warn!(error = %e, "cannot encode metrics");
     }
     (out, encoder.format_type().to_string())
+}
+
+/// Brings `chatgate_log_lines_dropped_total` up to the log writer's own count.
+fn sync_log_lines_dropped() {
+    // Two scrapes at once must not both add the same difference.
+    static SYNC: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = SYNC.lock().unwrap_or_else(|p| p.into_inner());
+    let behind = crate::logs::lines_dropped().saturating_sub(LOG_LINES_DROPPED.get());
+    if behind > 0 {
+        LOG_LINES_DROPPED.inc_by(behind);
+    }
 }
 
 /// The `kind`s of `chatgate_client_errors_total`.

@@ -203,5 +203,9 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
     }
     let listen: Vec<String> = config.listen.iter().map(|l| l.to_string()).collect();
     tracing::info!(listen = ?listen, admin = ?config.admin_listen, routes = config.routes.len(), "chatgate starting");
-    server.run_forever();
+    // `run` returns once the server has stopped (unlike `run_forever`, which
+    // exits), so the caller can write the queued log lines first.
+    server.run(pingora::server::RunArgs::default());
+    tracing::info!("chatgate stopped");
+    Ok(())
 }

@@ -304,9 +304,11 @@ routes:
         assert m, f"login failed: {data[:300]!r}"
         return m.group(1).decode()
 
-    def start_nginx(self, sim_port):
+    def start_nginx(self, sim_port, access_log=False):
         port = free_port()
-        w = self.work
+        w = os.path.join(self.work, f"nginx-{port}")
+        os.makedirs(w)
+        log_line = f"access_log {w}/access.log;" if access_log else "access_log off;"
         conf = write(os.path.join(w, "nginx.conf"), f"""worker_processes 2;
 daemon off;
 master_process on;
@@ -315,7 +317,7 @@ error_log {w}/nginx-error.log warn;
 worker_rlimit_nofile 65536;
 events {{ worker_connections 30000; }}
 http {{
-  access_log off;
+  {log_line}
   client_body_temp_path {w}/nginx-body;
   proxy_temp_path {w}/nginx-proxy;
   fastcgi_temp_path {w}/nginx-fcgi;
@@ -386,7 +388,9 @@ http {{
         self.start_redis()
         sim_port, sim = self.start_simulator()
         nginx_port, nginx = self.start_nginx(sim_port)
-        floor_port, floor = self.start_floor(sim_port)
+        # The floor takes part in the closed-loop and fixed-rate steps only.
+        floor_port, floor = (self.start_floor(sim_port) if {"closed", "fixed"} & set(STEPS)
+                             else (None, None))
         gw_port, gw, gw_cfg = self.start_gateway(sim_port, "warn")
         token = self.add_user_and_login(gw_port, gw_cfg)
         bearer = f"Bearer {token}"
@@ -398,7 +402,8 @@ http {{
         # Warm-up: connections, pools, caches.
         self.wrk(gw_port, "/chatCompletion", CHAT_BODY, bearer, seconds=2)
         self.wrk(nginx_port, oa, OPENAI_BODY, seconds=2)
-        self.wrk(floor_port, oa, OPENAI_BODY, seconds=2)
+        if floor:
+            self.wrk(floor_port, oa, OPENAI_BODY, seconds=2)
 
         res = {}
         if "closed" in STEPS:
@@ -408,12 +413,42 @@ http {{
         if "fixed" in STEPS:
             self.fixed_steps(fixed, sim_port, floor_port, gw_port, bearer)
         # Its idle upstream connections would count against the simulator's fds.
-        stop(floor)
+        if floor:
+            stop(floor)
         if "streams" in STEPS:
             self.stream_steps(streams, sim_port, gw_port, gw, bearer)
         flood = self.flood_step(gw_port, bearer) if "flood" in STEPS else None
         record = self.record_step(sim_port, gw_port, gw, bearer) if "record" in STEPS else None
-        return self.table(res, fixed, streams, flood, record)
+        access = (self.access_log_step(sim_port, nginx_port, nginx_pids, gw_port, gw, bearer)
+                  if "accesslog" in STEPS else None)
+        return self.table(res, fixed, streams, flood, record, access)
+
+    def access_log_step(self, sim_port, nginx_port, nginx_pids, gw_port, gw, bearer, rounds=3):
+        """CPU per request with the access log on vs off: chatgate at RUST_LOG=info (its
+        default) against the RUST_LOG=warn gateway, and nginx with its access log on against
+        the one with it off, rounds alternated, all in one run."""
+        on_port, on, _ = self.start_gateway(sim_port, "info")
+        ng_port, ng = self.start_nginx(sim_port, access_log=True)
+        ng_pids = lambda: [ng.pid, *children_of(ng.pid)]
+        oa = "/v1/chat/completions"
+        self.wrk(on_port, "/chatCompletion", CHAT_BODY, bearer, seconds=2)
+        self.wrk(ng_port, oa, OPENAI_BODY, seconds=2)
+        runs = {"off": [], "on": [], "nginx_off": [], "nginx_on": []}
+        for _ in range(rounds):
+            runs["off"].append(self.closed_loop("access log off", gw_port, "/chatCompletion",
+                                                CHAT_BODY, lambda: [gw.pid], bearer))
+            runs["on"].append(self.closed_loop("access log on", on_port, "/chatCompletion",
+                                               CHAT_BODY, lambda: [on.pid], bearer))
+            runs["nginx_off"].append(self.closed_loop("nginx access log off", nginx_port, oa,
+                                                      OPENAI_BODY, nginx_pids))
+            runs["nginx_on"].append(self.closed_loop("nginx access log on", ng_port, oa,
+                                                     OPENAI_BODY, ng_pids))
+        time.sleep(0.5)  # the writer's last batch
+        with open(os.path.join(self.work, f"gw-{on_port}.log")) as f:
+            lines = sum(1 for l in f if '"target":"access"' in l)
+        stop(on)
+        stop(ng)
+        return runs, lines
 
     def record_step(self, sim_port, gw_port, gw, bearer, rounds=3):
         """Chat throughput and p99 with the conversation record on vs off: the same load
@@ -529,7 +564,7 @@ http {{
         return flood_rate, quiet, flooded, flood_stats
 
     # ---- report ----------------------------------------------------------------------
-    def table(self, res, fixed, streams, flood, record=None):
+    def table(self, res, fixed, streams, flood, record=None, access=None):
         ms = lambda us: f"{us / 1000:.2f}"
         lines = []
         if res:
@@ -542,7 +577,30 @@ http {{
             self.flood_table(lines, *flood)
         if record:
             self.record_table(lines, *record)
+        if access:
+            self.access_log_table(lines, *access)
         return "\n".join(lines)
+
+    def access_log_table(self, lines, runs, logged):
+        lines.append(f"\n### Access log on vs off (wrk closed loop, {CONNECTIONS} connections, "
+                     f"{DURATION} s per round, rounds alternated; CPU s per 1,000 requests)\n")
+        lines.append("| round | chatgate off | chatgate on | on / off | nginx off | nginx on | "
+                     "chatgate req/s off / on |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|")
+        for i, (f, n, gf, gn) in enumerate(zip(runs["off"], runs["on"], runs["nginx_off"],
+                                              runs["nginx_on"]), 1):
+            lines.append(f"| {i} | {f['cpu_per_1k']:.3f} | {n['cpu_per_1k']:.3f} | "
+                         f"{n['cpu_per_1k'] / max(f['cpu_per_1k'], 1e-9):.2f} | "
+                         f"{gf['cpu_per_1k']:.3f} | {gn['cpu_per_1k']:.3f} | "
+                         f"{f['rps']:.0f} / {n['rps']:.0f} |")
+        cpu = lambda key: (sum(r["cpu_per_1k"] * r["requests"] for r in runs[key])
+                           / max(sum(r["requests"] for r in runs[key]), 1))
+        off, on = cpu("off"), cpu("on")
+        sent = sum(r["requests"] for r in runs["on"])
+        lines.append(f"\nAccess log share of chatgate's CPU per request, (on − off) / on: "
+                     f"**{(on - off) / max(on, 1e-9) * 100:.1f}%** (target ≤ 5%); on / off {on / max(off, 1e-9):.2f}; "
+                     f"per line {(on - off) * 1000:.1f} µs; nginx on / off {cpu('nginx_on') / max(cpu('nginx_off'), 1e-9):.2f}; "
+                     f"access lines written {logged} for {sent} requests (warm-up included)\n")
 
     def record_table(self, lines, off_runs, on_runs, rows, sent, capacity):
         ms = lambda us: f"{us / 1000:.2f}"

@@ -35,6 +35,8 @@ pub struct DemoArgs {
     /// Address of the built-in simulator the chat routes use.
     #[arg(long, default_value = "127.0.0.1:18000")]
     simulator_listen: String,
+    #[command(flatten)]
+    pub(super) log: super::LogArgs,
 }
 
 /// Runs the demo; returns the exit code if it stops.

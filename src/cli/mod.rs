@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, RouteKind};
+use crate::logs::LogFormat;
 use crate::server::{self, ProcessFlags};
 use crate::simulator::{SimOptions, SimTls};
 
@@ -36,6 +37,15 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
+/// How the log lines look (for the subcommands that run a server).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct LogArgs {
+    /// Log line format: text for a person, one JSON object a line, or auto (text when stderr
+    /// is a terminal, JSON otherwise).
+    #[arg(long, value_enum, default_value_t = LogFormat::Auto, env = "CHATGATE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway.
@@ -51,6 +61,8 @@ enum Command {
         /// Check that the server can start with this config, then exit.
         #[arg(short, long)]
         test: bool,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Load and validate the config, print a summary; exit 1 on error.
     Check {
@@ -90,13 +102,15 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    init_logging();
+    // Held until the command returns: dropping it writes the queued lines.
+    let _logs = init_logging(&cli.command);
     match cli.command {
         Command::Serve {
             config,
             upgrade,
             daemon,
             test,
+            log: _,
         } => {
             let config = match Config::load(&config.config) {
                 Ok(c) => c,
@@ -144,9 +158,20 @@ fn fail(message: &str) -> i32 {
     1
 }
 
-/// JSON log lines on stderr; `RUST_LOG` picks the level (default `info`).
-fn init_logging() {
-    crate::logs::init();
+/// Log lines on stderr in the format the command asks for; `RUST_LOG` picks
+/// the level (default `info`). Only a server that returns from its run loop
+/// gets the background writer: `--daemon` forks after this (the writer
+/// thread would stay behind in the parent) and `--test` exits from inside
+/// Pingora, as does the simulator.
+fn init_logging(command: &Command) -> crate::logs::LogGuard {
+    let (format, background) = match command {
+        Command::Serve {
+            daemon, test, log, ..
+        } => (log.log_format, !daemon && !test),
+        Command::Demo(args) => (args.log.log_format, true),
+        _ => (LogFormat::Auto, false),
+    };
+    crate::logs::init(format, background)
 }
 
 /// What `chatgate check` prints.

@@ -321,7 +321,7 @@ impl Gateway {
 
     /// Everything the process logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+        settled_log(&self.dir.path().join("gateway.log"))
     }
 
     /// Runs `chatgate users ...` against this gateway's config, with `stdin`.
@@ -441,7 +441,24 @@ impl Upgraded {
 
     /// Everything it logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        settled_log(&self.log_path)
+    }
+}
+
+/// A gateway's log file once it stopped growing: the gateway writes its log
+/// from a background thread a moment after the request, so a test that reads
+/// it right after a reply must let the queued lines land (an absent line must
+/// be absent, not late).
+pub fn settled_log(path: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut seen = std::fs::read_to_string(path).unwrap_or_default();
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = std::fs::read_to_string(path).unwrap_or_default();
+        if now.len() == seen.len() || Instant::now() >= deadline {
+            return now;
+        }
+        seen = now;
     }
 }
 
