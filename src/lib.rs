@@ -20,6 +20,7 @@ pub mod server;
 pub mod simulator;
 mod stream_wrap;
 pub mod tls;
+pub mod traces;
 pub mod upstream;
 
 #[cfg(test)]

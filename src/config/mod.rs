@@ -118,6 +118,19 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     /// Where every exchange is recorded; `None`: no conversation record (the default).
     pub conversation_log: Option<ConversationLogSettings>,
+    /// Where spans go (OTLP/HTTP); `None`: no tracing (the default).
+    pub tracing: Option<TracingSettings>,
+}
+
+/// OpenTelemetry traces (`tracing:`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingSettings {
+    /// The collector's traces URL: `otlp_endpoint` with `/v1/traces` appended.
+    pub traces_url: String,
+    /// The `service.name` resource attribute.
+    pub service_name: String,
+    /// Share of new traces kept (parent-based: a sampled incoming trace is always kept).
+    pub sample_ratio: f64,
 }
 
 /// The conversation record in PostgreSQL (`conversation_log:`).
@@ -725,6 +738,7 @@ impl Validator<'_> {
             .conversation_log
             .map(|c| self.conversation_log(c))
             .transpose()?;
+        let tracing = raw.tracing.map(|t| self.tracing(t)).transpose()?;
         let mut routes = Vec::new();
         let mut seen = HashSet::new();
         for (i, r) in raw.routes.into_iter().enumerate() {
@@ -838,6 +852,7 @@ impl Validator<'_> {
             cors,
             trusted_proxies,
             conversation_log,
+            tracing,
             source: self.file.to_string(),
             listen,
             admin_listen: raw.admin_listen,
@@ -949,6 +964,52 @@ impl Validator<'_> {
             spool_max_bytes,
             retention,
             flush_interval,
+        })
+    }
+
+    fn tracing(&self, t: raw::RawTracing) -> Result<TracingSettings, ConfigError> {
+        // Never quoted back: the URL may carry credentials.
+        let uri: http::Uri = t.otlp_endpoint.parse().map_err(|_| {
+            self.error(
+                "tracing.otlp_endpoint",
+                "otlp_endpoint",
+                "not a valid URL (http://host:4318)",
+            )
+        })?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => return Err(self.error(
+                "tracing.otlp_endpoint",
+                "otlp_endpoint",
+                "https is not supported yet; point it at a collector or agent reachable over http",
+            )),
+            _ => {
+                return Err(self.error(
+                    "tracing.otlp_endpoint",
+                    "otlp_endpoint",
+                    "must be an http:// URL (http://host:4318)",
+                ))
+            }
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(self.error("tracing.otlp_endpoint", "otlp_endpoint", "has no host"));
+        }
+        let sample_ratio = t.sample_ratio.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&sample_ratio) {
+            return Err(self.error(
+                "tracing.sample_ratio",
+                "sample_ratio",
+                "must be between 0 and 1",
+            ));
+        }
+        let service_name = t.service_name.unwrap_or_else(|| "chatgate".into());
+        if service_name.trim().is_empty() {
+            return Err(self.error("tracing.service_name", "service_name", "must not be empty"));
+        }
+        Ok(TracingSettings {
+            traces_url: format!("{}/v1/traces", t.otlp_endpoint.trim_end_matches('/')),
+            service_name,
+            sample_ratio,
         })
     }
 
