@@ -454,6 +454,22 @@ async fn collector_down_or_silent_leaves_chat_alone() {
         "the series exists with tracing off"
     );
     assert_eq!(metrics.sum("chatgate_trace_spans_dropped_total", &[]), 0.0);
+    // Tracing off: the client's trace context goes upstream unchanged, with the request id.
+    let incoming = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    let resp = off
+        .chat("/chatCompletion", user("plain"), Some(&incoming))
+        .await;
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(resp.status(), 200);
+    let seen = off.sim.requests().await;
+    let headers = &seen.last().expect("request")["headers"];
+    assert_eq!(headers["traceparent"].as_str(), Some(incoming.as_str()));
+    assert_eq!(headers["x-request-id"].as_str(), Some(request_id.as_str()));
+    let resp = off.chat("/chatCompletion", user("plain"), None).await;
+    assert_eq!(resp.status(), 200);
+    let seen = off.sim.requests().await;
+    let headers = &seen.last().expect("request")["headers"];
+    assert!(headers.get("traceparent").is_none(), "{headers}");
 
     let (_silent, silent_port) = silent_collector();
     let closed_port = free_port();
