@@ -341,17 +341,27 @@ impl AttemptSpan {
         let propagator = TraceContextPropagator::new();
         let cx = match TRACER.get().filter(|_| trace.recording) {
             Some(tracer) => {
+                let mut attributes = vec![
+                    KeyValue::new("gen_ai.operation.name", "chat"),
+                    KeyValue::new("server.address", address.to_string()),
+                    KeyValue::new("server.port", i64::from(port)),
+                    KeyValue::new("chatgate.attempt", i64::from(n)),
+                ];
+                // An openai route without a forced model sends the client's choice.
+                let name = if call.model.is_empty() {
+                    "chat".to_string()
+                } else {
+                    attributes.push(KeyValue::new(
+                        "gen_ai.request.model",
+                        call.model.to_string(),
+                    ));
+                    format!("chat {}", call.model)
+                };
                 let span = tracer
-                    .span_builder(format!("chat {}", call.model))
+                    .span_builder(name)
                     .with_kind(SpanKind::Client)
                     .with_start_time(SystemTime::now())
-                    .with_attributes([
-                        KeyValue::new("gen_ai.operation.name", "chat"),
-                        KeyValue::new("gen_ai.request.model", call.model.to_string()),
-                        KeyValue::new("server.address", address.to_string()),
-                        KeyValue::new("server.port", i64::from(port)),
-                        KeyValue::new("chatgate.attempt", i64::from(n)),
-                    ])
+                    .with_attributes(attributes)
                     .start_with_context(tracer, &trace.cx);
                 let cx = trace.cx.with_span(span);
                 propagator.inject_context(&cx, &mut headers);
