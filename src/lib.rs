@@ -21,6 +21,7 @@ pub mod server;
 pub mod simulator;
 mod stream_wrap;
 pub mod tls;
+pub mod traces;
 pub mod unix_time;
 pub mod upstream;
 

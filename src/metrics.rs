@@ -212,6 +212,14 @@ static LOG_LINES_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric definition")
 });
 
+static TRACE_SPANS_DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "chatgate_trace_spans_dropped_total",
+        "Finished spans not delivered to the OTLP collector: export queue full, or the export failed.",
+        &["reason"],
+    )
+});
+
 /// Registers every metric and sets the constant ones (build info, the auth
 /// outcomes at zero); labelled series appear with their first use. Call once
 /// at start-up.
@@ -230,6 +238,9 @@ pub fn init() {
     LazyLock::force(&LOG_LINES_DROPPED);
     for kind in CLIENT_ERROR_KINDS {
         CLIENT_ERRORS.with_label_values(&[kind]);
+    }
+    for reason in ["queue_full", "export_failed"] {
+        TRACE_SPANS_DROPPED.with_label_values(&[reason]);
     }
     for outcome in AuthOutcome::ALL {
         AUTH_ATTEMPTS.with_label_values(&[outcome.as_str()]);
@@ -287,6 +298,11 @@ pub fn connection_refused(listener: &str, reason: crate::connections::Refusal) {
 /// A failure the client caused (one of [`CLIENT_ERROR_KINDS`]).
 pub fn client_error(kind: &str) {
     CLIENT_ERRORS.with_label_values(&[kind]).inc();
+}
+
+/// `n` finished spans dropped for `reason` (`queue_full` or `export_failed`).
+pub fn trace_spans_dropped(reason: &'static str, n: u64) {
+    TRACE_SPANS_DROPPED.with_label_values(&[reason]).inc_by(n);
 }
 
 /// Registers the conversation record's metrics (when it is configured) at zero.

@@ -64,6 +64,9 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
         conf: None,
     };
     crate::metrics::init();
+    if let Some(settings) = &config.tracing {
+        crate::traces::init(settings)?;
+    }
     let mut server = Server::new_with_opt_and_conf(opt, config.server.server_conf());
     server.bootstrap();
 

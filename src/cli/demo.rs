@@ -102,6 +102,7 @@ fn demo_config(args: &DemoArgs) -> Result<Config, String> {
     }
     let password = PasswordParams::default();
     Ok(Config {
+        tracing: None,
         source: "<demo>".into(),
         listen: vec![Listener::plain(args.listen.as_str())],
         admin_listen: Some(args.admin_listen.clone()),

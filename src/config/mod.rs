@@ -106,6 +106,19 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     /// Where every exchange is recorded; `None`: no conversation record (the default).
     pub conversation_log: Option<ConversationLogSettings>,
+    /// Where spans go (OTLP/HTTP); `None`: no tracing (the default).
+    pub tracing: Option<TracingSettings>,
+}
+
+/// OpenTelemetry traces (`tracing:`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingSettings {
+    /// The collector's traces URL: `otlp_endpoint` with `/v1/traces` appended.
+    pub traces_url: String,
+    /// The `service.name` resource attribute.
+    pub service_name: String,
+    /// Share of new traces kept (parent-based: a sampled incoming trace is always kept).
+    pub sample_ratio: f64,
 }
 
 /// The conversation record in PostgreSQL (`conversation_log:`).

@@ -37,6 +37,16 @@ pub(super) struct RawConfig {
     pub trusted_proxies: Vec<String>,
     #[serde(default)]
     pub conversation_log: Option<RawConversationLog>,
+    #[serde(default)]
+    pub tracing: Option<RawTracing>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTracing {
+    pub otlp_endpoint: String,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -814,3 +814,60 @@ fn conversation_log_defaults_overrides_and_errors() {
     .expect("valid without secrets");
     assert!(c.conversation_log.expect("configured").url.is_none());
 }
+
+#[test]
+fn tracing_defaults_and_errors() {
+    set_secret("CG_TEST_SECRET_TRACE", &"s".repeat(40));
+    let base = sample("CG_TEST_SECRET_TRACE");
+    assert!(
+        parse(&base).expect("valid").tracing.is_none(),
+        "off when absent"
+    );
+    let with = |block: &str| format!("{base}tracing:\n{block}");
+    let t = parse(&with("  otlp_endpoint: http://127.0.0.1:4318/\n"))
+        .expect("valid")
+        .tracing
+        .expect("configured");
+    assert_eq!(t.traces_url, "http://127.0.0.1:4318/v1/traces");
+    assert_eq!(t.service_name, "chatgate");
+    assert_eq!(t.sample_ratio, 1.0);
+    let t = parse(&with(
+        "  otlp_endpoint: http://otel:4318\n  service_name: gw\n  sample_ratio: 0.25\n",
+    ))
+    .expect("valid")
+    .tracing
+    .expect("configured");
+    assert_eq!((t.service_name.as_str(), t.sample_ratio), ("gw", 0.25));
+    for (block, needle) in [
+        (
+            "  otlp_endpoint: ftp://u:hunter2@x\n",
+            "must be an http:// URL",
+        ),
+        (
+            "  otlp_endpoint: \"http://u:hunter2@x y\"\n",
+            "not a valid URL",
+        ),
+        (
+            "  otlp_endpoint: https://u:hunter2@x\n",
+            "https is not supported",
+        ),
+        (
+            "  otlp_endpoint: http://x\n  sample_ratio: 1.5\n",
+            "tracing.sample_ratio: must be between 0 and 1",
+        ),
+        (
+            "  otlp_endpoint: http://x\n  sample_ratio: -0.1\n",
+            "between 0 and 1",
+        ),
+        (
+            "  otlp_endpoint: http://x\n  service_name: \" \"\n",
+            "must not be empty",
+        ),
+        ("  sample_ratio: 1\n", "otlp_endpoint"),
+    ] {
+        let e = parse(&with(block)).expect_err(block).to_string();
+        assert!(e.contains(needle), "{block}: {e}");
+        assert!(e.starts_with("test.yaml:"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+}

@@ -13,8 +13,8 @@ use super::raw::{self, RawBackend, RawConfig, RawEndpoint, RawListen, RawRouteKi
 use super::{
     AuthSettings, Config, ConfigDuration, ConfigError, ConversationLogSettings, CorsSettings,
     CredentialSettings, EndpointSettings, HealthCheckSettings, Limits, Listener, ListenerTls,
-    RouteKind, RouteSettings, Secret, SecretsPolicy, ServerSettings, UpstreamSettings,
-    MIN_JWT_SECRET_BYTES,
+    RouteKind, RouteSettings, Secret, SecretsPolicy, ServerSettings, TracingSettings,
+    UpstreamSettings, MIN_JWT_SECRET_BYTES,
 };
 use crate::auth::password::{PasswordParams, DEFAULT_QUEUE_TIMEOUT};
 use crate::auth::token::{TokenAlgorithm, DEFAULT_LEEWAY};
@@ -210,6 +210,7 @@ impl Validator<'_> {
             .conversation_log
             .map(|c| self.conversation_log(c))
             .transpose()?;
+        let tracing = raw.tracing.map(|t| self.tracing(t)).transpose()?;
         let mut routes = Vec::new();
         let mut seen = HashSet::new();
         for (i, r) in raw.routes.into_iter().enumerate() {
@@ -331,6 +332,7 @@ impl Validator<'_> {
             cors,
             trusted_proxies,
             conversation_log,
+            tracing,
             source: self.file.to_string(),
             listen,
             admin_listen: raw.admin_listen,
@@ -444,6 +446,52 @@ impl Validator<'_> {
             retention,
             flush_interval,
             ca_file,
+        })
+    }
+
+    fn tracing(&self, t: raw::RawTracing) -> Result<TracingSettings, ConfigError> {
+        let endpoint_error = |message| {
+            self.error(
+                "tracing.otlp_endpoint",
+                at!["tracing", "otlp_endpoint"],
+                message,
+            )
+        };
+        // Never quoted back: the URL may carry credentials.
+        let uri: http::Uri = t
+            .otlp_endpoint
+            .parse()
+            .map_err(|_| endpoint_error("not a valid URL (http://host:4318)"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => return Err(endpoint_error(
+                "https is not supported yet; point it at a collector or agent reachable over http",
+            )),
+            _ => return Err(endpoint_error("must be an http:// URL (http://host:4318)")),
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(endpoint_error("has no host"));
+        }
+        let sample_ratio = t.sample_ratio.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&sample_ratio) {
+            return Err(self.error(
+                "tracing.sample_ratio",
+                at!["tracing", "sample_ratio"],
+                "must be between 0 and 1",
+            ));
+        }
+        let service_name = t.service_name.unwrap_or_else(|| "chatgate".into());
+        if service_name.trim().is_empty() {
+            return Err(self.error(
+                "tracing.service_name",
+                at!["tracing", "service_name"],
+                "must not be empty",
+            ));
+        }
+        Ok(TracingSettings {
+            traces_url: format!("{}/v1/traces", t.otlp_endpoint.trim_end_matches('/')),
+            service_name,
+            sample_ratio,
         })
     }
 

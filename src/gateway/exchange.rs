@@ -11,6 +11,7 @@ use super::{body, ChatRoute, RequestCtx};
 use crate::auth::{Authenticator, Caller};
 use crate::error::ApiError;
 use crate::limits::{estimate_tokens, Limiter};
+use crate::traces::CallTrace;
 use crate::upstream::{OpenResponse, UpstreamError};
 
 /// Largest non-streaming upstream reply accepted.
@@ -88,18 +89,27 @@ pub(super) async fn open_upstream(
     deadline: Instant,
 ) -> Result<Option<OpenResponse>, ApiError> {
     let upstream = &route.upstream;
+    let call = CallTrace {
+        request_id: &ctx.request_id,
+        trace: ctx.trace.as_deref(),
+        model: &route.settings.model,
+    };
     // Boxed: connecting (TLS included) takes ~12 KB of future state, which would
     // otherwise stay reserved inside the request's future for the whole reply,
     // i.e. for every open stream.
     let opened = tokio::select! {
         biased;
-        _ = session.downstream_session.read_body_or_idle(true) => {
-            ctx.outcome = "cancelled";
-            return Ok(None);
-        }
-        opened = Box::pin(upstream.open(body, stream, deadline)) => opened,
+        _ = session.downstream_session.read_body_or_idle(true) => None,
+        opened = Box::pin(upstream.open(body, stream, deadline, &call)) => Some(opened),
     };
-    let open = opened.map_err(|e| upstream_failed(ctx, &e))?;
+    let Some(opened) = opened else {
+        ctx.outcome = "cancelled";
+        return Ok(None);
+    };
+    let mut open = opened.map_err(|e| upstream_failed(ctx, &e))?;
+    if let Some(trace) = ctx.trace.as_deref_mut() {
+        trace.attempt_answered(open.span.take());
+    }
     ctx.attempts = open.attempts;
     ctx.upstream_endpoint = Some(upstream.endpoints[open.endpoint].label.clone());
     ctx.time_to_first_byte = Some(open.first_byte_at.duration_since(ctx.started));
@@ -126,6 +136,9 @@ pub(super) async fn read_reply(
         body = open.read_all(MAX_REPLY_BYTES, idle, deadline) => body,
     };
     let body = body.map_err(|e| upstream_failed(ctx, &e))?;
+    if let Some(trace) = ctx.trace.as_deref_mut() {
+        trace.reply_seen(&body);
+    }
     let content_type = open.content_type().map(str::to_string);
     upstream.release(open).await;
     Ok(Some((body, content_type)))

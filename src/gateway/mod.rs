@@ -150,6 +150,8 @@ pub struct RequestCtx {
     abort: bool,
     /// The conversation record being collected (routes with `conversation_log` on).
     conversation: Option<Box<Draft>>,
+    /// The request's trace (tracing on, or an incoming `traceparent` to pass on).
+    trace: Option<Box<crate::traces::RequestTrace>>,
 }
 
 /// Longest accepted client `X-Request-Id`.
@@ -216,6 +218,7 @@ impl ProxyHttp for Gateway {
             cors_credentials: false,
             abort: false,
             conversation: None,
+            trace: None,
         }
     }
 
@@ -235,6 +238,8 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         ctx.request_id = request_id(session);
+        let req = session.req_header();
+        ctx.trace = crate::traces::start_request(&req.headers, req.method.as_str());
         if self.draining.is_set() {
             session.set_keepalive(None);
         } else {
@@ -376,6 +381,18 @@ impl ProxyHttp for Gateway {
             }));
         }
         let req = session.req_header();
+        if let Some(trace) = ctx.trace.take() {
+            trace.end(crate::traces::RequestEnd {
+                route: &ctx.route,
+                method: req.method.as_str(),
+                status,
+                request_id: &ctx.request_id,
+                user_id: ctx.user_id,
+                outcome: ctx.outcome,
+                tokens: ctx.tokens,
+                tokens_estimated: ctx.tokens_estimated,
+            });
+        }
         tracing::info!(
             target: "access",
             request_id = %ctx.request_id,

@@ -19,6 +19,7 @@ use super::keys::PickedKey;
 use super::Upstream;
 use crate::chat::reply::upstream_error_message;
 use crate::metrics::{self, AttemptOutcome};
+use crate::traces::{AttemptSpan, CallTrace};
 
 /// Largest upstream error body read to extract its message.
 const ERROR_BODY_LIMIT: usize = 64 << 10;
@@ -95,6 +96,8 @@ pub struct OpenResponse {
     pub attempts: u32,
     /// When the response header arrived.
     pub first_byte_at: Instant,
+    /// The answering attempt's client span, still open (tracing on).
+    pub span: Option<opentelemetry::Context>,
 }
 
 impl OpenResponse {
@@ -136,6 +139,13 @@ impl OpenResponse {
                 None => return Ok(body.freeze()),
             }
         }
+    }
+
+    /// The response's status code.
+    pub fn status(&self) -> u16 {
+        self.session
+            .response_header()
+            .map_or(0, |h| h.status.as_u16())
     }
 
     /// The response's `Content-Type`, if any.
@@ -202,6 +212,12 @@ impl Drop for AttemptRecord<'_> {
     }
 }
 
+/// What an attempt sends besides the body: the reply's request id and trace context.
+struct Outgoing<'a> {
+    request_id: &'a str,
+    trace_headers: &'a [(&'static str, String)],
+}
+
 /// Why one attempt failed and what that means for the next.
 struct AttemptFailure {
     error: UpstreamError,
@@ -219,6 +235,7 @@ impl Upstream {
         body: &Bytes,
         stream: bool,
         deadline: Instant,
+        call: &CallTrace<'_>,
     ) -> Result<OpenResponse, UpstreamError> {
         let s = &self.settings;
         let mut tried: Vec<usize> = Vec::new();
@@ -232,14 +249,31 @@ impl Upstream {
                 metrics::upstream_retry(&s.name);
             }
             let record = AttemptRecord::start(self, endpoint);
-            let failure = match self.attempt(endpoint, key, body, stream, deadline).await {
+            let e = &self.endpoints[endpoint].settings;
+            let span = AttemptSpan::start(call, &e.host, e.port, attempt);
+            let sent = Outgoing {
+                request_id: call.request_id,
+                trace_headers: &span.headers,
+            };
+            let failure = match self
+                .attempt(endpoint, key, body, stream, deadline, &sent)
+                .await
+            {
                 Ok(mut open) => {
                     record.finish(AttemptOutcome::Ok, Some(open.first_byte_at));
                     open.attempts = attempt;
+                    let status = open.status();
+                    open.span = span.answered(open.first_byte_at, status);
                     return Ok(open);
                 }
                 Err(f) => {
-                    record.finish(f.error.outcome(), None);
+                    let outcome = f.error.outcome();
+                    record.finish(outcome, None);
+                    let status = match &f.error {
+                        UpstreamError::Status { status, .. } => Some(*status),
+                        _ => None,
+                    };
+                    span.failed(outcome.as_str(), status);
                     f
                 }
             };
@@ -295,6 +329,7 @@ impl Upstream {
         key: Option<PickedKey<'_>>,
         body_len: usize,
         stream: bool,
+        sent: &Outgoing<'_>,
     ) -> pingora::Result<RequestHeader> {
         let mut req = RequestHeader::build("POST", self.chat_path.as_bytes(), Some(6))?;
         req.insert_header(
@@ -318,6 +353,10 @@ impl Upstream {
         if let Some(k) = key {
             req.insert_header(http::header::AUTHORIZATION, k.authorization)?;
         }
+        req.insert_header("X-Request-Id", sent.request_id)?;
+        for (name, value) in sent.trace_headers {
+            req.insert_header(*name, value.as_str())?;
+        }
         Ok(req)
     }
 
@@ -328,6 +367,7 @@ impl Upstream {
         body: &Bytes,
         stream: bool,
         deadline: Instant,
+        sent: &Outgoing<'_>,
     ) -> Result<OpenResponse, AttemptFailure> {
         let s = &self.settings;
         let label = &self.endpoints[endpoint].label;
@@ -347,7 +387,7 @@ impl Upstream {
             blame_key: false,
         })?;
         let req = self
-            .request_header(endpoint, key, body.len(), stream)
+            .request_header(endpoint, key, body.len(), stream, sent)
             .map_err(|e| {
                 connect_failure(format!("cannot build request: {}", e.etype().as_str()))
             })?;
@@ -435,6 +475,7 @@ impl Upstream {
                 endpoint,
                 attempts: 1,
                 first_byte_at,
+                span: None,
             });
         }
         let retry_after = header
@@ -449,6 +490,7 @@ impl Upstream {
             endpoint,
             attempts: 1,
             first_byte_at,
+            span: None,
         };
         let idle = Duration::from_secs(5).min(s.first_byte_timeout);
         let message = match open.read_all(ERROR_BODY_LIMIT, idle, deadline).await {

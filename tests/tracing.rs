@@ -1,0 +1,505 @@
+//! OpenTelemetry traces end to end: the gateway exports to an OTLP/HTTP receiver
+//! this test runs (protobuf decoded with opentelemetry-proto), in front of the
+//! simulator; and a collector that is down or never answers leaves chat alone.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
+use opentelemetry_proto::tonic::trace::v1::{status::StatusCode, Span};
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const PROMPT: &str = "what is the capital of traceland";
+const PASSWORD: &str = "default_password";
+const WRONG_PASSWORD: &str = "hunter2-wrong";
+const API_KEY: &str = "sk-trace-secret-key";
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_ID: &str = "00f067aa0ba902b7";
+
+/// An OTLP/HTTP receiver: every span of every `POST /v1/traces`, with its service name.
+#[derive(Clone, Default)]
+struct Receiver {
+    spans: Arc<Mutex<Vec<(String, Span)>>>,
+}
+
+impl Receiver {
+    async fn start() -> (Receiver, u16) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let receiver = Receiver::default();
+        let r = receiver.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(r.clone().serve(conn));
+            }
+        });
+        (receiver, port)
+    }
+
+    /// HTTP/1.1 requests on one connection: header, `Content-Length` body, 200.
+    async fn serve(self, mut conn: TcpStream) {
+        let mut buf = Vec::new();
+        loop {
+            let head_end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 8192];
+                match conn.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+            assert!(head.starts_with("post /v1/traces "), "{head}");
+            assert!(
+                head.contains("content-type: application/x-protobuf"),
+                "{head}"
+            );
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().expect("length"))
+                .expect("content-length");
+            while buf.len() < head_end + len {
+                let mut chunk = [0u8; 8192];
+                match conn.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let body: Vec<u8> = buf.drain(..head_end + len).skip(head_end).collect();
+            let request = ExportTraceServiceRequest::decode(body.as_slice()).expect("protobuf");
+            self.keep(request);
+            let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+            if conn.write_all(reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn keep(&self, request: ExportTraceServiceRequest) {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in request.resource_spans {
+            let service = rs
+                .resource
+                .as_ref()
+                .and_then(|r| find(&r.attributes, "service.name"))
+                .and_then(as_str)
+                .unwrap_or_default()
+                .to_string();
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
+            }
+        }
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    fn services(&self) -> Vec<String> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Waits until `n` spans satisfy `which`, and returns them.
+    async fn wait_for(&self, n: usize, which: impl Fn(&Span) -> bool) -> Vec<Span> {
+        let seen = poll(
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || async { self.spans().into_iter().filter(&which).collect::<Vec<_>>() },
+            |s: &Vec<Span>| s.len() >= n,
+        )
+        .await;
+        assert!(seen.len() >= n, "spans: {:#?}", self.spans());
+        seen
+    }
+}
+
+fn find<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
+    attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+}
+
+fn as_str(v: &AnyValue) -> Option<&str> {
+    match &v.value {
+        Some(Value::StringValue(s)) => Some(s),
+        _ => None,
+    }
+}
+
+fn attr_str<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
+    find(&span.attributes, key).and_then(as_str)
+}
+
+fn attr_int(span: &Span, key: &str) -> Option<i64> {
+    match find(&span.attributes, key).and_then(|v| v.value.as_ref()) {
+        Some(Value::IntValue(i)) => Some(*i),
+        _ => None,
+    }
+}
+
+/// Every string anywhere in a span: attributes, events, name, status.
+fn strings(span: &Span) -> Vec<String> {
+    fn walk(v: &AnyValue, out: &mut Vec<String>) {
+        match &v.value {
+            Some(Value::StringValue(s)) => out.push(s.clone()),
+            Some(Value::ArrayValue(a)) => a.values.iter().for_each(|v| walk(v, out)),
+            Some(Value::KvlistValue(l)) => l
+                .values
+                .iter()
+                .filter_map(|kv| kv.value.as_ref())
+                .for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = vec![span.name.clone()];
+    let events = span.events.iter().flat_map(|e| e.attributes.iter());
+    for kv in span.attributes.iter().chain(events) {
+        out.push(kv.key.clone());
+        if let Some(v) = &kv.value {
+            walk(v, &mut out);
+        }
+    }
+    if let Some(s) = &span.status {
+        out.push(s.message.clone());
+    }
+    out
+}
+
+fn is_error(span: &Span) -> bool {
+    span.status.as_ref().map(|s| s.code) == Some(StatusCode::Error as i32)
+}
+
+struct Traced {
+    _redis: Redis,
+    sim: Simulator,
+    gw: Gateway,
+    token: String,
+}
+
+async fn start(sim_flags: &[&str], tracing: Option<String>) -> Traced {
+    let sim = Simulator::start(sim_flags);
+    let redis = Redis::start();
+    let mut cfg = GatewayConfig::redis(&redis, &[]);
+    cfg.upstreams = upstream_block(
+        "main",
+        &[sim.addr()],
+        "    api_keys_env: TEST_UPSTREAM_KEYS\n    retries: 2\n",
+    );
+    cfg.routes = seed_routes("main");
+    cfg.env = vec![("TEST_UPSTREAM_KEYS".into(), API_KEY.into())];
+    if let Some(block) = tracing {
+        cfg.extra = block;
+    }
+    let gw = Gateway::start(cfg);
+    gw.add_user("temporary_user", PASSWORD);
+    let token = login(&gw, "temporary_user", PASSWORD).await;
+    Traced {
+        _redis: redis,
+        sim,
+        gw,
+        token,
+    }
+}
+
+fn tracing_block(port: u16) -> String {
+    format!("tracing:\n  otlp_endpoint: http://127.0.0.1:{port}\n  service_name: gw-under-test\n")
+}
+
+impl Traced {
+    async fn chat(&self, path: &str, body: String, traceparent: Option<&str>) -> reqwest::Response {
+        let mut req = client()
+            .post(self.gw.url(path))
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(tp) = traceparent {
+            req = req.header("traceparent", tp);
+        }
+        req.send().await.expect("request")
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_for_json_stream_retry_failure_and_auth() {
+    let (receiver, port) = Receiver::start().await;
+    // The first upstream request gets a 503: the first chat call is retried.
+    let t = start(&["--fail-first", "1"], Some(tracing_block(port))).await;
+
+    // A JSON route, continuing the client's trace, retried once.
+    let incoming = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    let resp = t
+        .chat("/chatCompletion", user(PROMPT), Some(&incoming))
+        .await;
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (status, reply) = json_reply(resp).await;
+    assert_eq!(status, 200, "{reply}");
+    let answer = reply["message"].as_str().expect("message").to_string();
+
+    let server = receiver
+        .wait_for(1, |s| {
+            attr_str(s, "chatgate.request_id") == Some(&request_id)
+        })
+        .await
+        .remove(0);
+    assert_eq!(hex(&server.trace_id), TRACE_ID, "incoming trace continued");
+    assert_eq!(hex(&server.parent_span_id), PARENT_ID);
+    assert_eq!(server.kind, 2, "server kind");
+    assert_eq!(server.name, "POST /chatCompletion");
+    assert_eq!(attr_str(&server, "http.request.method"), Some("POST"));
+    assert_eq!(attr_str(&server, "http.route"), Some("/chatCompletion"));
+    assert_eq!(attr_int(&server, "http.response.status_code"), Some(200));
+    assert!(attr_str(&server, "enduser.id").is_some_and(|u| u.parse::<u64>().is_ok()));
+    assert!(!is_error(&server));
+
+    let mut attempts = receiver
+        .wait_for(2, |s| s.parent_span_id == server.span_id)
+        .await;
+    attempts.sort_by_key(|s| attr_int(s, "chatgate.attempt"));
+    assert_eq!(attempts.len(), 2, "{attempts:#?}");
+    let (failed, ok) = (&attempts[0], &attempts[1]);
+    for a in [failed, ok] {
+        assert_eq!(a.trace_id, server.trace_id);
+        assert_eq!(a.kind, 3, "client kind");
+        assert_eq!(attr_str(a, "gen_ai.operation.name"), Some("chat"));
+        assert_eq!(attr_str(a, "gen_ai.request.model"), Some("test-model"));
+        assert_eq!(attr_str(a, "server.address"), Some("127.0.0.1"));
+        assert_eq!(attr_int(a, "server.port"), Some(i64::from(t.sim.port)));
+    }
+    assert!(is_error(failed));
+    assert_eq!(attr_int(failed, "http.response.status_code"), Some(503));
+    assert_eq!(attr_str(failed, "error.type"), Some("http_5xx"));
+    assert!(!is_error(ok));
+    assert!(attr_int(ok, "gen_ai.usage.input_tokens").is_some_and(|n| n > 0));
+    assert!(attr_int(ok, "gen_ai.usage.output_tokens").is_some_and(|n| n > 0));
+    assert!(attr_str(ok, "gen_ai.response.model").is_some());
+    assert!(
+        find(&ok.attributes, "gen_ai.response.finish_reasons").is_some(),
+        "{ok:#?}"
+    );
+    assert!(ok
+        .events
+        .iter()
+        .any(|e| find(&e.attributes, "gen_ai.server.time_to_first_token").is_some()));
+
+    // What the upstream received: one traceparent per attempt, naming its client span.
+    let requests = t.sim.requests().await;
+    assert_eq!(requests.len(), 2, "{requests:#?}");
+    for (req, attempt) in requests.iter().zip([failed, ok]) {
+        let headers = &req["headers"];
+        let tp = headers["traceparent"]
+            .as_str()
+            .expect("traceparent upstream");
+        assert_eq!(
+            tp,
+            format!("00-{TRACE_ID}-{}-01", hex(&attempt.span_id)),
+            "parent is the attempt's span"
+        );
+        assert_eq!(headers["x-request-id"].as_str(), Some(request_id.as_str()));
+    }
+
+    // A stream: its spans end when it ends, with the tokens.
+    let resp = t.chat("/chatCompletionStream", user(PROMPT), None).await;
+    assert_eq!(resp.status(), 200);
+    let stream_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body = resp.text().await.expect("stream body");
+    assert!(body.contains("data:"), "{body}");
+    let server = receiver
+        .wait_for(1, |s| {
+            attr_str(s, "chatgate.request_id") == Some(&stream_id)
+        })
+        .await
+        .remove(0);
+    assert_eq!(server.parent_span_id, Vec::<u8>::new(), "a new trace");
+    let attempt = receiver
+        .wait_for(1, |s| s.parent_span_id == server.span_id)
+        .await
+        .remove(0);
+    assert!(attr_int(&attempt, "gen_ai.usage.output_tokens").is_some_and(|n| n > 0));
+    assert!(attempt.end_time_unix_nano <= server.end_time_unix_nano);
+    assert!(attempt.end_time_unix_nano > attempt.start_time_unix_nano);
+
+    // A failed upstream: a 4xx is not retried; the client gets CONTRACT's 500.
+    let resp = t
+        .chat("/chatCompletion", user("#sim status=400\nfail"), None)
+        .await;
+    let failed_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(resp.status(), 500);
+    let server = receiver
+        .wait_for(1, |s| {
+            attr_str(s, "chatgate.request_id") == Some(&failed_id)
+        })
+        .await
+        .remove(0);
+    assert!(is_error(&server));
+    assert_eq!(attr_int(&server, "http.response.status_code"), Some(500));
+    assert_eq!(
+        attr_str(&server, "chatgate.outcome"),
+        Some("upstream_error")
+    );
+    let attempt = receiver
+        .wait_for(1, |s| s.parent_span_id == server.span_id)
+        .await
+        .remove(0);
+    assert!(is_error(&attempt));
+    assert_eq!(attr_str(&attempt, "error.type"), Some("http_4xx"));
+
+    // /auth: the start-up login succeeded; a wrong password fails, without the name.
+    let resp = client()
+        .post(t.gw.url("/auth"))
+        .form(&[("username", "temporary_user"), ("password", WRONG_PASSWORD)])
+        .send()
+        .await
+        .expect("auth");
+    assert_eq!(resp.status(), 401);
+    let auths = receiver
+        .wait_for(2, |s| attr_str(s, "http.route") == Some("/auth"))
+        .await;
+    let codes: Vec<_> = auths
+        .iter()
+        .map(|s| attr_int(s, "http.response.status_code"))
+        .collect();
+    assert!(
+        codes.contains(&Some(200)) && codes.contains(&Some(401)),
+        "{codes:?}"
+    );
+    assert!(auths
+        .iter()
+        .all(|s| attr_str(s, "chatgate.outcome").is_some()));
+
+    // Never in any span: the prompt, the answer, the password, the JWT, the upstream key, the user name.
+    let all = receiver.spans();
+    assert!(receiver.services().iter().all(|s| s == "gw-under-test"));
+    for span in &all {
+        for s in strings(span) {
+            for secret in [
+                PROMPT,
+                answer.as_str(),
+                PASSWORD,
+                WRONG_PASSWORD,
+                t.token.as_str(),
+                API_KEY,
+                "temporary_user",
+            ] {
+                assert!(
+                    !s.contains(secret),
+                    "{secret:?} in span {}: {s:?}",
+                    span.name
+                );
+            }
+        }
+    }
+    let metrics = t.gw.metrics().await;
+    assert_eq!(metrics.sum("chatgate_trace_spans_dropped_total", &[]), 0.0);
+}
+
+/// A collector that accepts connections and never answers.
+fn silent_collector() -> (std::net::TcpListener, u16) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let held = listener.try_clone().expect("clone");
+    std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = held.accept() {
+            conns.push(c);
+        }
+    });
+    (listener, port)
+}
+
+async fn chat_round(t: &Traced, n: usize) -> Duration {
+    let started = Instant::now();
+    for i in 0..n {
+        let (status, reply) = json_reply(
+            t.chat("/chatCompletion", user(&format!("hi {i}")), None)
+                .await,
+        )
+        .await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_down_or_silent_leaves_chat_alone() {
+    let off = start(&[], None).await;
+    let metrics = off.gw.metrics().await;
+    assert!(
+        metrics.has("chatgate_trace_spans_dropped_total"),
+        "the series exists with tracing off"
+    );
+    assert_eq!(metrics.sum("chatgate_trace_spans_dropped_total", &[]), 0.0);
+    // Tracing off: the client's trace context goes upstream unchanged, with the request id.
+    let incoming = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    let resp = off
+        .chat("/chatCompletion", user("plain"), Some(&incoming))
+        .await;
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(resp.status(), 200);
+    let seen = off.sim.requests().await;
+    let headers = &seen.last().expect("request")["headers"];
+    assert_eq!(headers["traceparent"].as_str(), Some(incoming.as_str()));
+    assert_eq!(headers["x-request-id"].as_str(), Some(request_id.as_str()));
+    let resp = off.chat("/chatCompletion", user("plain"), None).await;
+    assert_eq!(resp.status(), 200);
+    let seen = off.sim.requests().await;
+    let headers = &seen.last().expect("request")["headers"];
+    assert!(headers.get("traceparent").is_none(), "{headers}");
+
+    let (_silent, silent_port) = silent_collector();
+    let closed_port = free_port();
+    let silent = start(&[], Some(tracing_block(silent_port))).await;
+    let closed = start(&[], Some(tracing_block(closed_port))).await;
+
+    let mut took: HashMap<&str, Duration> = HashMap::new();
+    for (name, t) in [("off", &off), ("silent", &silent), ("closed", &closed)] {
+        took.insert(name, chat_round(t, 10).await);
+    }
+    // Generous: an exporter on the request path would wait out its 5 s timeout.
+    for (name, d) in &took {
+        assert!(*d < Duration::from_secs(4), "{name}: {d:?} ({took:?})");
+    }
+    eprintln!("ten chat calls: {took:?}");
+
+    for t in [&silent, &closed] {
+        let dropped = poll(
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+            || async {
+                t.gw.metrics().await.sum(
+                    "chatgate_trace_spans_dropped_total",
+                    &[("reason", "export_failed")],
+                )
+            },
+            |n: &f64| *n > 0.0,
+        )
+        .await;
+        assert!(dropped > 0.0, "undelivered spans are counted");
+    }
+    assert!(silent.gw.log().contains("traces exported over OTLP/HTTP"));
+}
