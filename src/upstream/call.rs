@@ -492,7 +492,90 @@ fn backoff(base: Duration, max: Duration, attempt: u32, retry_after: Option<Dura
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
     use super::*;
+    use crate::config::{EndpointSettings, UpstreamSettings};
+
+    /// A local HTTP/1 server counting its connections; each connection answers
+    /// `answers` requests (read at its start) and drops the next one unanswered.
+    async fn counting_server(answers: Arc<AtomicUsize>) -> (u16, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let limit = answers.load(Ordering::SeqCst);
+                let served = Arc::new(AtomicUsize::new(0));
+                let service = hyper::service::service_fn(move |_req| {
+                    let n = served.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        if n >= limit {
+                            return Err("dropped unanswered");
+                        }
+                        Ok(http::Response::new(Full::new(Bytes::from_static(b"{}"))))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+                );
+            }
+        });
+        (port, accepted)
+    }
+
+    #[tokio::test]
+    async fn connections_are_pooled_and_a_stale_one_is_replaced_within_the_attempt() {
+        let answers = Arc::new(AtomicUsize::new(usize::MAX));
+        let (port, accepted) = counting_server(answers.clone()).await;
+        let endpoint = EndpointSettings {
+            host: "127.0.0.1".into(),
+            port,
+            weight: 1,
+        };
+        let mut settings = UpstreamSettings::with_defaults("local", vec![endpoint]);
+        settings.retries = 0;
+        let upstream = Upstream::new(Arc::new(settings), 8);
+        let body = Bytes::from_static(b"{}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let call = || async {
+            let mut open = upstream.open(&body, false, deadline).await.expect("open");
+            let reply = open
+                .read_all(1024, Duration::from_secs(5), deadline)
+                .await
+                .expect("body");
+            assert_eq!(&reply[..], b"{}");
+            open
+        };
+
+        for _ in 0..3 {
+            let open = call().await;
+            upstream.release(open).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
+
+        // A response not read to its end closes its connection.
+        let unread = upstream.open(&body, false, deadline).await.expect("open");
+        upstream.release(unread).await;
+        upstream.release(call().await).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // The next connection answers once; the request after that, sent on it
+        // from the pool, is dropped: a fresh connection carries it in the same attempt.
+        answers.store(1, Ordering::SeqCst);
+        drop(upstream.pool.take(0));
+        upstream.release(call().await).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        let open = call().await;
+        assert_eq!(open.attempts, 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
 
     #[test]
     fn status_error_text_names_status_reason_and_message() {
