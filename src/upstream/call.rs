@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use rand::Rng;
 
@@ -103,7 +103,7 @@ impl OpenResponse {
     /// The next piece of the body; `None` at its clean end.
     pub async fn read_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         loop {
-            match self.body.frame().await {
+            match self.conn.frame(&mut self.body).await {
                 None => {
                     self.done = true;
                     return Ok(None);
@@ -320,7 +320,7 @@ impl Upstream {
         while let Some(mut conn) = self.pool.take(endpoint) {
             // Ready at once unless the previous response's end is still being
             // processed; an error means the server closed it while idle.
-            if let Ok(Ok(())) = tokio::time::timeout(wait, conn.sender.ready()).await {
+            if let Ok(Ok(())) = tokio::time::timeout(wait, conn.ready()).await {
                 return Ok(conn);
             }
         }
@@ -364,7 +364,7 @@ impl Upstream {
             let wait = s
                 .first_byte_timeout
                 .min(deadline.saturating_duration_since(Instant::now()));
-            match tokio::time::timeout(wait, conn.sender.send_request(req)).await {
+            match tokio::time::timeout(wait, conn.send(req)).await {
                 Ok(Ok(response)) => break (conn, response, Instant::now()),
                 Ok(Err(e)) if conn.reused && fresh_tries == 0 => {
                     tracing::debug!(error = %hyper_cause(&e), "pooled upstream connection failed; retrying on a fresh one");

@@ -1,23 +1,26 @@
 //! The upstream HTTP/1 client: connections opened here (TCP, or TLS with
 //! rustls checked against `ca_file` or the platform's roots and the `sni`
-//! name), each driven by hyper's `client::conn::http1` in its own task, and a
-//! bounded pool of idle ones per upstream. hyper reads into a buffer of a few
+//! name), each spoken by hyper's `client::conn::http1` in the task of the
+//! request that holds it (no task of its own: no hop between threads per
+//! exchange), and a bounded pool of idle ones per upstream. hyper reads into a buffer of a few
 //! KiB that grows only for large events; Pingora's client held a fixed 64 KiB
 //! body buffer per response, most of an open stream's memory.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
+use hyper::body::{Frame, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use pingora::tls::{ClientConfig, RootCertStore, ServerName, TlsConnector};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::task::AbortHandle;
 
 /// The request body type sent upstream.
 pub type Body = Full<Bytes>;
@@ -26,21 +29,58 @@ pub type Body = Full<Bytes>;
 /// grows the buffer for as long as it is being read.
 const READ_BUFFER: usize = 4 << 10;
 
+/// hyper's connection state machine (socket reads and writes), type-erased
+/// over TCP and TLS; `None` once it has ended.
+type Driver = Option<Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>>;
+
 /// One open upstream connection. Dropped without [`Pool::put`], it is closed
-/// at once (its task is aborted): a client that leaves cancels the upstream.
+/// at once: a client that leaves cancels the upstream.
 pub struct Conn {
-    /// Sends the next request on it.
-    pub sender: SendRequest<Body>,
-    driver: AbortHandle,
+    sender: SendRequest<Body>,
+    driver: Driver,
     endpoint: usize,
     /// Taken from the pool rather than opened for this request.
     pub reused: bool,
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.driver.abort();
+impl Conn {
+    /// Waits until the connection can take a request (an error: it is closed).
+    pub async fn ready(&mut self) -> hyper::Result<()> {
+        driving(&mut self.driver, self.sender.ready()).await
     }
+
+    /// Sends a request and waits for the response header.
+    pub async fn send(
+        &mut self,
+        req: http::Request<Body>,
+    ) -> hyper::Result<http::Response<Incoming>> {
+        let response = self.sender.send_request(req);
+        driving(&mut self.driver, response).await
+    }
+
+    /// The next frame of a response body received on this connection.
+    pub async fn frame(&mut self, body: &mut Incoming) -> Option<hyper::Result<Frame<Bytes>>> {
+        driving(&mut self.driver, http_body_util::BodyExt::frame(body)).await
+    }
+
+    fn is_closed(&self) -> bool {
+        self.driver.is_none() || self.sender.is_closed()
+    }
+}
+
+/// Runs `f` while moving the connection's bytes in the same task. When the
+/// connection ends first it is dropped, which fails whatever `f` waits for.
+async fn driving<F: Future>(driver: &mut Driver, f: F) -> F::Output {
+    let mut f = pin!(f);
+    std::future::poll_fn(|cx| {
+        if let Some(d) = driver.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                *driver = None;
+            }
+        }
+        f.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// Opens connections to one upstream's endpoints.
@@ -118,13 +158,9 @@ where
         .handshake::<_, Body>(TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;
-    let driver = tokio::spawn(async move {
-        let _ = connection.await;
-    })
-    .abort_handle();
     Ok(Conn {
         sender,
-        driver,
+        driver: Some(Box::pin(connection)),
         endpoint,
         reused: false,
     })
@@ -156,7 +192,7 @@ impl Pool {
         let queue = idle.get_mut(endpoint)?;
         self.expire(queue, now);
         while let Some((_, mut conn)) = queue.pop_back() {
-            if !conn.sender.is_closed() {
+            if !conn.is_closed() {
                 conn.reused = true;
                 return Some(conn);
             }
@@ -166,7 +202,7 @@ impl Pool {
 
     /// Keeps a connection whose last response was read to its end.
     pub fn put(&self, conn: Conn) {
-        if conn.sender.is_closed() {
+        if conn.is_closed() {
             return;
         }
         let now = Instant::now();
@@ -184,7 +220,7 @@ impl Pool {
     fn expire(&self, queue: &mut VecDeque<(Instant, Conn)>, now: Instant) {
         while queue
             .front()
-            .is_some_and(|(since, c)| now - *since >= self.idle_timeout || c.sender.is_closed())
+            .is_some_and(|(since, c)| now - *since >= self.idle_timeout || c.is_closed())
         {
             queue.pop_front();
         }
