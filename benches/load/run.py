@@ -421,7 +421,8 @@ http {{
         record = self.record_step(sim_port, gw_port, gw, bearer) if "record" in STEPS else None
         access = (self.access_log_step(sim_port, nginx_port, nginx_pids, gw_port, gw, bearer)
                   if "accesslog" in STEPS else None)
-        return self.table(res, fixed, streams, flood, record, access)
+        memory = self.stream_memory_step(sim_port, bearer) if "streammem" in STEPS else None
+        return self.table(res, fixed, streams, flood, record, access, memory)
 
     def access_log_step(self, sim_port, nginx_port, nginx_pids, gw_port, gw, bearer, rounds=3):
         """CPU per request with the access log on vs off: chatgate at RUST_LOG=info (its
@@ -449,6 +450,71 @@ http {{
         stop(on)
         stop(ng)
         return runs, lines
+
+    def held_streams(self, pids, port, path, body_file, n, auth=()):
+        """Runs n streams through one target and samples its RSS (all its processes) while
+        they are open: (RSS before, highest RSS sampled, loadgen's summary)."""
+        ramp = max(1.0, n / 2000)
+        before = sum(rss_mib(p) for p in pids())
+        args = [self.loadgen_bin, "stream", f"127.0.0.1:{port}", path, body_file, n, ramp, PACE_MS,
+                *auth]
+        lg = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+        peak = before
+        while lg.poll() is None:
+            try:
+                peak = max(peak, sum(rss_mib(p) for p in pids()))
+            except OSError:
+                pass
+            time.sleep(0.1)
+        out, err = lg.communicate()
+        lines = [l for l in out.splitlines() if l.startswith("{")]
+        assert lines, f"loadgen printed nothing: {err}"
+        return before, peak, json.loads(lines[-1])
+
+    def stream_memory_step(self, sim_port, bearer):
+        """Memory per open stream, same run: RSS growth of a fresh nginx, a fresh floor and a
+        fresh chatgate while n streams are open, divided by n."""
+        oa = "/v1/chat/completions"
+        stream_body = json.dumps([{"role": "user", "content": f"#sim reply=lorem:{STREAM_CHUNKS * 4} chunk_size=4 chunk_delay_ms={PACE_MS}\nHello"}])
+        stream_oa = json.dumps({"model": "bench-model", "stream": True,
+                                "messages": json.loads(stream_body)})
+        sfile = self.body_file("mem-stream.json", stream_body)
+        soa_file = self.body_file("mem-stream-openai.json", stream_oa)
+        rows = []
+        for wanted in STREAMS:
+            n = min(wanted, (FD_LIMIT - 200) // 2)
+            row = {"streams": n}
+            port, p = self.start_nginx(sim_port)
+            time.sleep(0.5)
+            row["nginx"] = self.held_streams(lambda: [p.pid, *children_of(p.pid)], port, oa,
+                                             soa_file, n)
+            stop(p)
+            port, p = self.start_floor(sim_port)
+            row["floor"] = self.held_streams(lambda: [p.pid], port, oa, soa_file, n)
+            stop(p)
+            port, p, _ = self.start_gateway(sim_port, "warn")
+            row["chatgate"] = self.held_streams(lambda: [p.pid], port, "/chatCompletionStream",
+                                                sfile, n, (f"Authorization: {bearer}",))
+            stop(p)
+            log(f"stream memory {n}: {row}")
+            rows.append(row)
+        return rows
+
+    def memory_table(self, lines, rows):
+        lines.append(f"\n### Memory per open stream ({STREAM_CHUNKS} chunks, {PACE_MS} ms apart; "
+                     "fresh process per target; RSS growth while the streams are open / streams)\n")
+        lines.append("| streams | nginx KiB/stream | floor KiB/stream | chatgate KiB/stream | chatgate / nginx | "
+                     "errors nginx / floor / chatgate | gap p99 ms nginx / floor / chatgate | RSS before → peak MiB nginx / floor / chatgate |")
+        lines.append("|---:|---:|---:|---:|---:|---|---|---|")
+        for row in rows:
+            n = row["streams"]
+            per = {k: (row[k][1] - row[k][0]) * 1024 / n for k in ("nginx", "floor", "chatgate")}
+            errs = " / ".join(str(row[k][2]["errors"]) for k in ("nginx", "floor", "chatgate"))
+            gaps = " / ".join(f"{row[k][2]['gap_p99_us'] / 1000:.2f}" for k in ("nginx", "floor", "chatgate"))
+            rss = " / ".join(f"{row[k][0]:.0f} → {row[k][1]:.0f}" for k in ("nginx", "floor", "chatgate"))
+            lines.append(f"| {n} | {per['nginx']:.1f} | {per['floor']:.1f} | {per['chatgate']:.1f} | "
+                         f"{per['chatgate'] / max(per['nginx'], 1e-9):.2f}× | {errs} | {gaps} | {rss} |")
 
     def record_step(self, sim_port, gw_port, gw, bearer, rounds=3):
         """Chat throughput and p99 with the conversation record on vs off: the same load
@@ -564,7 +630,7 @@ http {{
         return flood_rate, quiet, flooded, flood_stats
 
     # ---- report ----------------------------------------------------------------------
-    def table(self, res, fixed, streams, flood, record=None, access=None):
+    def table(self, res, fixed, streams, flood, record=None, access=None, memory=None):
         ms = lambda us: f"{us / 1000:.2f}"
         lines = []
         if res:
@@ -579,6 +645,8 @@ http {{
             self.record_table(lines, *record)
         if access:
             self.access_log_table(lines, *access)
+        if memory:
+            self.memory_table(lines, memory)
         return "\n".join(lines)
 
     def access_log_table(self, lines, runs, logged):

@@ -4,17 +4,15 @@
 //! received a byte, because the caller only gets a response once it is 2xx.
 
 use std::fmt;
-use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use pingora::http::RequestHeader;
-use pingora::protocols::http::client::HttpSession;
-use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::ALPN;
-use pingora::upstreams::peer::HttpPeer;
+use http::HeaderValue;
+use http_body_util::Full;
+use hyper::body::Incoming;
 use rand::Rng;
 
+use super::conn::{Body, Conn};
 use super::keys::PickedKey;
 use super::Upstream;
 use crate::chat::reply::upstream_error_message;
@@ -26,7 +24,7 @@ const ERROR_BODY_LIMIT: usize = 64 << 10;
 /// Longest `Retry-After` honoured between attempts.
 const RETRY_AFTER_CAP: Duration = Duration::from_secs(10);
 /// How long idle pooled upstream connections are kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why an upstream call failed; the Display text is the `<error>` part of
 /// `Failed with chatbot.ChatCompletion: <error>`, and never holds a key.
@@ -88,8 +86,13 @@ impl fmt::Display for UpstreamError {
 
 /// A 2xx upstream response whose body has not been read yet.
 pub struct OpenResponse {
-    session: HttpSession,
-    peer: HttpPeer,
+    body: Incoming,
+    /// Its connection; closed when this is dropped unless [`Upstream::release`]d.
+    conn: Conn,
+    content_type: Option<HeaderValue>,
+    status: u16,
+    /// The body was read to its end.
+    done: bool,
     /// Index of the endpoint that answered.
     pub endpoint: usize,
     /// How many attempts it took (1 = no retry).
@@ -103,12 +106,25 @@ pub struct OpenResponse {
 impl OpenResponse {
     /// The next piece of the body; `None` at its clean end.
     pub async fn read_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
-        self.session.read_response_body().await.map_err(|e| {
-            UpstreamError::Broken(format!(
-                "upstream connection failed: {}",
-                e.etype().as_str()
-            ))
-        })
+        loop {
+            match self.conn.frame(&mut self.body).await {
+                None => {
+                    self.done = true;
+                    return Ok(None);
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => return Ok(Some(data)),
+                    // Empty pieces and trailers carry nothing for the client.
+                    _ => continue,
+                },
+                Some(Err(e)) => {
+                    return Err(UpstreamError::Broken(format!(
+                        "upstream connection failed: {}",
+                        hyper_cause(&e)
+                    )))
+                }
+            }
+        }
     }
 
     /// The whole body, bounded in size and in idle time between reads.
@@ -143,17 +159,12 @@ impl OpenResponse {
 
     /// The response's status code.
     pub fn status(&self) -> u16 {
-        self.session
-            .response_header()
-            .map_or(0, |h| h.status.as_u16())
+        self.status
     }
 
     /// The response's `Content-Type`, if any.
     pub fn content_type(&self) -> Option<&str> {
-        self.session
-            .response_header()
-            .and_then(|h| h.headers.get(http::header::CONTENT_TYPE))
-            .and_then(|v| v.to_str().ok())
+        self.content_type.as_ref().and_then(|v| v.to_str().ok())
     }
 }
 
@@ -305,59 +316,53 @@ impl Upstream {
         }
     }
 
-    fn peer(&self, endpoint: usize) -> Result<HttpPeer, UpstreamError> {
-        let e = &self.endpoints[endpoint];
-        let addr = e.socket_addr().ok_or_else(|| UpstreamError::Connect {
-            endpoint: e.label.clone(),
-            cause: "host name not resolved".into(),
-        })?;
-        let s = &self.settings;
-        let mut peer = HttpPeer::new(addr, s.tls, e.sni.clone());
-        peer.options.connection_timeout = Some(s.connect_timeout);
-        peer.options.total_connection_timeout = Some(s.connect_timeout * 2);
-        peer.options.write_timeout = Some(s.first_byte_timeout);
-        peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
-        peer.options.alpn = ALPN::H1;
-        peer.options.verify_cert = true;
-        peer.options.verify_hostname = true;
-        Ok(peer)
-    }
-
-    fn request_header(
+    fn request(
         &self,
         endpoint: usize,
         key: Option<PickedKey<'_>>,
-        body_len: usize,
+        body: &Bytes,
         stream: bool,
         sent: &Outgoing<'_>,
-    ) -> pingora::Result<RequestHeader> {
-        let mut req = RequestHeader::build("POST", self.chat_path.as_bytes(), Some(6))?;
-        req.insert_header(
-            http::header::HOST,
-            self.endpoints[endpoint].host_header.as_str(),
-        )?;
-        req.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-        req.insert_header(http::header::CONTENT_LENGTH, body_len.to_string())?;
-        req.insert_header(
-            http::header::ACCEPT,
-            if stream {
-                "text/event-stream"
-            } else {
-                "application/json"
-            },
-        )?;
-        req.insert_header(
-            http::header::USER_AGENT,
-            concat!("chatgate/", env!("CARGO_PKG_VERSION")),
-        )?;
+    ) -> Result<http::Request<Body>, http::Error> {
+        let mut req = http::Request::post(self.chat_path.as_str())
+            .header(
+                http::header::HOST,
+                self.endpoints[endpoint].host_header.as_str(),
+            )
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .header(
+                http::header::ACCEPT,
+                if stream {
+                    "text/event-stream"
+                } else {
+                    "application/json"
+                },
+            )
+            .header(
+                http::header::USER_AGENT,
+                concat!("chatgate/", env!("CARGO_PKG_VERSION")),
+            );
         if let Some(k) = key {
-            req.insert_header(http::header::AUTHORIZATION, k.authorization)?;
+            req = req.header(http::header::AUTHORIZATION, k.authorization);
         }
-        req.insert_header("X-Request-Id", sent.request_id)?;
+        req = req.header("X-Request-Id", sent.request_id);
         for (name, value) in sent.trace_headers {
-            req.insert_header(*name, value.as_str())?;
+            req = req.header(*name, value.as_str());
         }
-        Ok(req)
+        req.body(Full::new(body.clone()))
+    }
+
+    /// A pooled connection to `endpoint` ready for a request, or a new one.
+    async fn connection(&self, endpoint: usize, wait: Duration) -> Result<Conn, String> {
+        while let Some(mut conn) = self.pool.take(endpoint) {
+            // Ready at once unless the previous response's end is still being
+            // processed; an error means the server closed it while idle.
+            if let Ok(Ok(())) = tokio::time::timeout(wait, conn.ready()).await {
+                return Ok(conn);
+            }
+        }
+        self.fresh_connection(endpoint, wait).await
     }
 
     async fn attempt(
@@ -380,60 +385,28 @@ impl Upstream {
             retry_after: None,
             blame_key: false,
         };
-        let peer = self.peer(endpoint).map_err(|error| AttemptFailure {
-            error,
-            retryable: true,
-            retry_after: None,
-            blame_key: false,
-        })?;
-        let req = self
-            .request_header(endpoint, key, body.len(), stream, sent)
-            .map_err(|e| {
-                connect_failure(format!("cannot build request: {}", e.etype().as_str()))
-            })?;
         // A pooled connection may have been closed by the server while idle;
         // such a failure gets one fresh connection without counting as an attempt.
         let mut fresh_tries = 0;
-        let (mut session, first_byte_at) = loop {
+        let (conn, response, first_byte_at) = loop {
+            let req = self
+                .request(endpoint, key, body, stream, sent)
+                .map_err(|e| connect_failure(format!("cannot build request: {e}")))?;
             let connect_wait =
                 (s.connect_timeout * 2).min(deadline.saturating_duration_since(Instant::now()));
-            let (mut session, reused) =
-                match tokio::time::timeout(connect_wait, self.connector.get_http_session(&peer))
-                    .await
-                {
-                    Ok(Ok(pair)) => pair,
-                    Ok(Err(e)) => return Err(connect_failure(connect_cause(&e))),
-                    Err(_) => {
-                        return Err(connect_failure(format!(
-                            "connect timed out after {}",
-                            humantime::format_duration(connect_wait)
-                        )))
-                    }
-                };
+            let mut conn = if fresh_tries == 0 {
+                self.connection(endpoint, connect_wait).await
+            } else {
+                self.fresh_connection(endpoint, connect_wait).await
+            }
+            .map_err(connect_failure)?;
             let wait = s
                 .first_byte_timeout
                 .min(deadline.saturating_duration_since(Instant::now()));
-            let outcome = tokio::time::timeout(wait, async {
-                let cork = Cork::hold(&session);
-                session.write_request_header(Box::new(req.clone())).await?;
-                session.write_request_body(body.clone(), true).await?;
-                session.finish_request_body().await?;
-                drop(cork);
-                loop {
-                    session.read_response_header().await?;
-                    let informational = session
-                        .response_header()
-                        .is_some_and(|h| h.status.is_informational());
-                    if !informational {
-                        return Ok::<(), Box<pingora::Error>>(());
-                    }
-                }
-            })
-            .await;
-            match outcome {
-                Ok(Ok(())) => break (session, Instant::now()),
-                Ok(Err(e)) if reused && fresh_tries == 0 => {
-                    tracing::debug!(error = %e.etype().as_str(), "pooled upstream connection failed; retrying on a fresh one");
+            match tokio::time::timeout(wait, conn.send(req)).await {
+                Ok(Ok(response)) => break (conn, response, Instant::now()),
+                Ok(Err(e)) if conn.reused && fresh_tries == 0 => {
+                    tracing::debug!(error = %hyper_cause(&e), "pooled upstream connection failed; retrying on a fresh one");
                     fresh_tries += 1;
                     continue;
                 }
@@ -441,7 +414,7 @@ impl Upstream {
                     return Err(AttemptFailure {
                         error: UpstreamError::Broken(format!(
                             "upstream connection failed before the reply: {}",
-                            e.etype().as_str()
+                            hyper_cause(&e)
                         )),
                         retryable: true,
                         retry_after: None,
@@ -461,37 +434,28 @@ impl Upstream {
                 }
             }
         };
-        if let HttpSession::H1(h1) = &mut session {
-            h1.respect_keepalive();
-        }
-        let Some(header) = session.response_header() else {
-            return Err(connect_failure("no response header".into()));
-        };
-        let status = header.status.as_u16();
-        if (200..300).contains(&status) {
-            return Ok(OpenResponse {
-                session,
-                peer,
-                endpoint,
-                attempts: 1,
-                first_byte_at,
-                span: None,
-            });
-        }
-        let retry_after = header
+        let (head, body) = response.into_parts();
+        let status = head.status.as_u16();
+        let retry_after = head
             .headers
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(|secs| Duration::from_secs(secs).min(RETRY_AFTER_CAP));
         let mut open = OpenResponse {
-            session,
-            peer,
+            body,
+            conn,
+            content_type: head.headers.get(http::header::CONTENT_TYPE).cloned(),
+            status,
+            done: false,
             endpoint,
             attempts: 1,
             first_byte_at,
             span: None,
         };
+        if (200..300).contains(&status) {
+            return Ok(open);
+        }
         let idle = Duration::from_secs(5).min(s.first_byte_timeout);
         let message = match open.read_all(ERROR_BODY_LIMIT, idle, deadline).await {
             Ok(body) => {
@@ -513,72 +477,44 @@ impl Upstream {
         })
     }
 
-    /// Returns a fully read response's connection to the pool (or closes it).
-    pub async fn release(&self, mut open: OpenResponse) {
-        if open.session.response_done() {
-            // Boxed: Pingora's release future is ~5 KB, reserved otherwise in
-            // every caller's future (a streaming reply's included) for its lifetime.
-            Box::pin(self.connector.release_http_session(
-                open.session,
-                &open.peer,
-                Some(POOL_IDLE_TIMEOUT),
-            ))
-            .await;
-        }
-    }
-}
-
-/// Holds back a plain-TCP upstream connection's partial segments (`TCP_CORK`)
-/// while the request is written; dropping it sends them. Pingora's HTTP/1
-/// client flushes the header and the body separately, which would otherwise
-/// cost two segments (and two wake-ups of the upstream) per request.
-/// TLS connections are left alone.
-struct Cork(Option<RawFd>);
-
-impl Cork {
-    fn hold(session: &HttpSession) -> Cork {
-        let fd = match session {
-            HttpSession::H1(h1) => h1
-                .stream()
-                .as_any()
-                .downcast_ref::<L4Stream>()
-                .map(AsRawFd::as_raw_fd),
-            _ => None,
-        };
-        Cork(fd.filter(|&fd| set_cork(fd, true)))
-    }
-}
-
-impl Drop for Cork {
-    fn drop(&mut self) {
-        if let Some(fd) = self.0 {
-            set_cork(fd, false);
-        }
-    }
-}
-
-/// Sets or clears `TCP_CORK`; false if the socket refused.
-fn set_cork(fd: RawFd, on: bool) -> bool {
-    let value: libc::c_int = on.into();
-    // SAFETY: `fd` is the open socket of a session the caller holds for the
-    // guard's whole life; the option value is a valid c_int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+    /// A new connection to `endpoint`, bypassing the pool.
+    async fn fresh_connection(&self, endpoint: usize, wait: Duration) -> Result<Conn, String> {
+        let e = &self.endpoints[endpoint];
+        let addr = e
+            .socket_addr()
+            .ok_or_else(|| "host name not resolved".to_string())?;
+        let tcp_wait = self.settings.connect_timeout.min(wait);
+        tokio::time::timeout(
+            wait,
+            self.connector.connect(endpoint, addr, &e.sni, tcp_wait),
         )
-    };
-    rc == 0
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "connect timed out after {}",
+                humantime::format_duration(wait)
+            ))
+        })
+    }
+
+    /// Returns a fully read response's connection to the pool; one not read
+    /// to its end is closed.
+    pub async fn release(&self, open: OpenResponse) {
+        if open.done {
+            self.pool.put(open.conn);
+        }
+    }
 }
 
-/// A short cause for a connect error, without addresses' secrets (there are none) or keys.
-fn connect_cause(e: &pingora::Error) -> String {
-    match e.root_cause().to_string() {
-        cause if cause.is_empty() => e.etype().as_str().to_string(),
-        cause => cause,
+/// A short cause for a failed exchange: hyper's own words (they never hold
+/// request data), and the I/O error beneath when there is one.
+fn hyper_cause(e: &hyper::Error) -> String {
+    let io = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .map(|io| io.to_string());
+    match io {
+        Some(io) => format!("{e}: {io}"),
+        None => e.to_string(),
     }
 }
 
@@ -597,7 +533,102 @@ fn backoff(base: Duration, max: Duration, attempt: u32, retry_after: Option<Dura
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
     use super::*;
+
+    const NO_TRACE: crate::traces::CallTrace<'static> = crate::traces::CallTrace {
+        request_id: "test-request",
+        trace: None,
+        model: "m",
+    };
+    use crate::config::{EndpointSettings, UpstreamSettings};
+
+    /// A local HTTP/1 server counting its connections; each connection answers
+    /// `answers` requests (read at its start) and drops the next one unanswered.
+    async fn counting_server(answers: Arc<AtomicUsize>) -> (u16, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let limit = answers.load(Ordering::SeqCst);
+                let served = Arc::new(AtomicUsize::new(0));
+                let service = hyper::service::service_fn(move |_req| {
+                    let n = served.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        if n >= limit {
+                            return Err("dropped unanswered");
+                        }
+                        Ok(http::Response::new(Full::new(Bytes::from_static(b"{}"))))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+                );
+            }
+        });
+        (port, accepted)
+    }
+
+    #[tokio::test]
+    async fn connections_are_pooled_and_a_stale_one_is_replaced_within_the_attempt() {
+        let answers = Arc::new(AtomicUsize::new(usize::MAX));
+        let (port, accepted) = counting_server(answers.clone()).await;
+        let endpoint = EndpointSettings {
+            host: "127.0.0.1".into(),
+            port,
+            weight: 1,
+        };
+        let mut settings = UpstreamSettings::with_defaults("local", vec![endpoint]);
+        settings.retries = 0;
+        let upstream = Upstream::new(Arc::new(settings), 8);
+        let body = Bytes::from_static(b"{}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let call = || async {
+            let mut open = upstream
+                .open(&body, false, deadline, &NO_TRACE)
+                .await
+                .expect("open");
+            let reply = open
+                .read_all(1024, Duration::from_secs(5), deadline)
+                .await
+                .expect("body");
+            assert_eq!(&reply[..], b"{}");
+            open
+        };
+
+        for _ in 0..3 {
+            let open = call().await;
+            upstream.release(open).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
+
+        // A response not read to its end closes its connection.
+        let unread = upstream
+            .open(&body, false, deadline, &NO_TRACE)
+            .await
+            .expect("open");
+        upstream.release(unread).await;
+        upstream.release(call().await).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // The next connection answers once; the request after that, sent on it
+        // from the pool, is dropped: a fresh connection carries it in the same attempt.
+        answers.store(1, Ordering::SeqCst);
+        drop(upstream.pool.take(0));
+        upstream.release(call().await).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        let open = call().await;
+        assert_eq!(open.attempts, 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
 
     #[test]
     fn status_error_text_names_status_reason_and_message() {

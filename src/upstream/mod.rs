@@ -1,8 +1,9 @@
 //! Upstream LLM backends: endpoints with addresses resolved off the request
 //! path (`resolve`), rotating API keys (`keys`), and the call with retries and
-//! timeouts (`call`) over Pingora's pooled HTTP connector.
+//! timeouts (`call`) over hyper's HTTP/1 client and a pool of its own (`conn`).
 
 pub mod call;
+pub mod conn;
 pub mod health;
 pub mod keys;
 pub mod resolve;
@@ -10,9 +11,6 @@ pub mod resolve;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-
-use pingora::connectors::http::Connector;
-use pingora::connectors::ConnectorOptions;
 
 use crate::config::{EndpointSettings, UpstreamSettings};
 pub use call::{OpenResponse, UpstreamError};
@@ -97,7 +95,9 @@ pub struct Upstream {
     cursor: AtomicUsize,
     /// Its API keys.
     pub keys: KeyPool,
-    connector: Connector,
+    connector: conn::Connector,
+    /// Idle connections to its endpoints.
+    pool: conn::Pool,
     /// `<base_path>/chat/completions`.
     chat_path: String,
 }
@@ -121,10 +121,12 @@ impl Upstream {
             endpoints,
             schedule,
             cursor: AtomicUsize::new(0),
-            connector: Connector::new(Some(ConnectorOptions {
-                ca_file: settings.ca_file.as_ref().map(|p| p.display().to_string()),
-                ..ConnectorOptions::new(keepalive_pool_size)
-            })),
+            connector: conn::Connector::new(settings.tls, settings.ca_file.as_deref()),
+            pool: conn::Pool::new(
+                settings.endpoints.len(),
+                keepalive_pool_size,
+                call::POOL_IDLE_TIMEOUT,
+            ),
             chat_path,
             settings,
         };
