@@ -557,6 +557,32 @@ fn sample_record(i: usize) -> chatgate::conversations::Record {
     })
 }
 
+/// The writer service on its own (no gateway), writing to `pg`; it runs until the
+/// returned guard (the stop signal's sender and the spool) is dropped.
+fn start_writer(
+    pg: &Postgres,
+    flush_interval: Duration,
+) -> (
+    chatgate::conversations::ConversationLog,
+    (tokio::sync::watch::Sender<bool>, tempfile::TempDir),
+) {
+    use pingora::services::background::BackgroundService;
+
+    let spool = tempfile::tempdir().expect("spool");
+    let settings = chatgate::config::ConversationLogSettings {
+        url: Some(chatgate::config::Secret::new(pg.url().into_bytes())),
+        spool_dir: spool.path().to_path_buf(),
+        spool_max_bytes: 1 << 30,
+        retention: Duration::from_secs(86_400),
+        flush_interval,
+        ca_file: None,
+    };
+    let (log, service) = chatgate::conversations::ConversationLog::new(settings);
+    let (stop, watch) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move { service.start(watch).await });
+    (log, (stop, spool))
+}
+
 async fn row_count(pg: &Postgres) -> i64 {
     let client = pg.client().await;
     match client
@@ -574,7 +600,6 @@ async fn row_count(pg: &Postgres) -> i64 {
 #[ignore = "benchmark: cargo test --release --test conversations writer_throughput -- --ignored --nocapture"]
 async fn writer_throughput() {
     use chatgate::conversations::db;
-    use pingora::services::background::BackgroundService;
 
     let pg = Postgres::start_with_fsync(true);
     // 1. The batch write alone (new records: COPY into the table): 50 batches of 2,000.
@@ -604,18 +629,7 @@ async fn writer_throughput() {
         .batch_execute("TRUNCATE chatgate_conversations")
         .await
         .expect("truncate");
-    let spool = tempfile::tempdir().expect("spool");
-    let settings = chatgate::config::ConversationLogSettings {
-        url: Some(chatgate::config::Secret::new(pg.url().into_bytes())),
-        spool_dir: spool.path().to_path_buf(),
-        spool_max_bytes: 1 << 30,
-        retention: Duration::from_secs(86_400),
-        flush_interval: Duration::from_millis(200),
-        ca_file: None,
-    };
-    let (log, service) = chatgate::conversations::ConversationLog::new(settings);
-    let (_stop, watch) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move { service.start(watch).await });
+    let (log, _writer) = start_writer(&pg, Duration::from_millis(200));
     let rate = 10_000;
     let total = rate * 5;
     let started = Instant::now();
@@ -833,21 +847,8 @@ async fn a_graceful_upgrade_during_an_outage_hands_the_spool_over() {
 /// written long before a (here very long) flush interval is up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_batch_is_written_before_the_flush_interval() {
-    use pingora::services::background::BackgroundService;
-
     let pg = Postgres::start();
-    let spool = tempfile::tempdir().expect("spool");
-    let settings = chatgate::config::ConversationLogSettings {
-        url: Some(chatgate::config::Secret::new(pg.url().into_bytes())),
-        spool_dir: spool.path().to_path_buf(),
-        spool_max_bytes: 1 << 30,
-        retention: Duration::from_secs(86_400),
-        flush_interval: Duration::from_secs(120),
-        ca_file: None,
-    };
-    let (log, service) = chatgate::conversations::ConversationLog::new(settings);
-    let (_stop, watch) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move { service.start(watch).await });
+    let (log, _writer) = start_writer(&pg, Duration::from_secs(120));
     let batch = chatgate::conversations::MAX_BATCH;
     // The writer connects and creates the schema before it waits for records.
     poll(
