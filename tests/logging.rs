@@ -5,73 +5,16 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::demo::Demo;
 use common::*;
 
-/// A running `chatgate demo` with its stderr in a file, killed on drop.
-struct Demo {
-    port: u16,
-    admin: u16,
-    child: Child,
-    log_path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
 impl Demo {
-    fn start(args: &[&str], rust_log: &str) -> Demo {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log_path = dir.path().join("demo.log");
-        let log = std::fs::File::create(&log_path).expect("log file");
-        let (port, admin, sim) = (free_port(), free_port(), free_port());
-        let child = Command::new(chatgate_bin())
-            .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-            .args(["--simulator-listen", &format!("127.0.0.1:{sim}")])
-            .args(args)
-            .env("RUST_LOG", rust_log)
-            .env_remove("CHATGATE_LOG_FORMAT")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn demo");
-        let demo = Demo {
-            port,
-            admin,
-            child,
-            log_path,
-            _dir: dir,
-        };
-        assert!(
-            wait_for_port(port, Duration::from_secs(20))
-                && wait_for_port(admin, Duration::from_secs(20)),
-            "demo did not start:\n{}",
-            demo.log()
-        );
-        demo
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
     /// Logs in as the demo user and makes one chat call with `request_id`.
     async fn chat(&self, request_id: &str) {
         let url = |p: &str| format!("http://127.0.0.1:{}{p}", self.port);
-        let resp = client()
-            .post(url("/auth"))
-            .form(&[
-                ("username", "temporary_user"),
-                ("password", "default_password"),
-            ])
-            .send()
-            .await
-            .expect("auth");
-        assert_eq!(resp.status(), 200);
-        let body: serde_json::Value = resp.json().await.expect("auth json");
-        let token = body["accessToken"].as_str().expect("token").to_string();
+        let token = login_at(&url("/auth"), "temporary_user", "default_password").await;
         let resp = client()
             .post(url("/chatCompletion"))
             .bearer_auth(&token)
@@ -94,28 +37,6 @@ impl Demo {
         )
         .await
     }
-
-    /// SIGTERM, then waits for the exit; true if it exited.
-    fn stop(&mut self) -> bool {
-        // SAFETY: kill(2) on the pid of a child this test owns.
-        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        assert_eq!(rc, 0);
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while std::time::Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The log without the demo's banner (which it prints on stderr first).
@@ -137,7 +58,7 @@ fn assert_no_source_paths(log: &str) {
 
 #[tokio::test]
 async fn json_lines_are_the_default_off_a_terminal() {
-    let demo = Demo::start(&[], "info");
+    let demo = Demo::start_logging(&[], "info");
     demo.chat("json-default-1").await;
     let log = demo.wait_for_line(|l| l.contains("json-default-1")).await;
     let lines: Vec<serde_json::Value> = log
@@ -184,7 +105,7 @@ async fn json_lines_are_the_default_off_a_terminal() {
 
 #[tokio::test]
 async fn text_lines_are_for_a_person() {
-    let demo = Demo::start(&["--log-format", "text"], "info");
+    let demo = Demo::start_logging(&["--log-format", "text"], "info");
     demo.chat("text-format-1").await;
     let log = demo.wait_for_line(|l| l.contains("text-format-1")).await;
     let lines = log_lines(&log);
@@ -216,7 +137,7 @@ async fn text_lines_are_for_a_person() {
 
 #[tokio::test]
 async fn pingora_start_up_lines_are_debug_lines() {
-    let demo = Demo::start(&["--log-format", "json"], "debug");
+    let demo = Demo::start_logging(&["--log-format", "json"], "debug");
     let log = demo.wait_for_line(|l| l.contains("Bootstrap done")).await;
     let bootstrap: serde_json::Value = log
         .lines()
@@ -235,7 +156,7 @@ async fn pingora_start_up_lines_are_debug_lines() {
 
 #[tokio::test]
 async fn a_graceful_stop_keeps_every_line_and_the_dropped_count_is_exported() {
-    let mut demo = Demo::start(&[], "info");
+    let mut demo = Demo::start_logging(&[], "info");
     let metrics = client()
         .get(format!("http://127.0.0.1:{}/metrics", demo.admin))
         .send()

@@ -714,8 +714,13 @@ pub fn client() -> reqwest::Client {
 
 /// Logs in with a urlencoded form and returns the token.
 pub async fn login(gw: &Gateway, user: &str, password: &str) -> String {
+    login_at(&gw.url("/auth"), user, password).await
+}
+
+/// Logs in at the `/auth` URL `auth_url` with a urlencoded form; returns the token.
+pub async fn login_at(auth_url: &str, user: &str, password: &str) -> String {
     let resp = client()
-        .post(gw.url("/auth"))
+        .post(auth_url)
         .form(&[("username", user), ("password", password)])
         .send()
         .await
