@@ -476,11 +476,7 @@ http {{
         """Memory per open stream, same run: RSS growth of a fresh nginx, a fresh floor and a
         fresh chatgate while n streams are open, divided by n."""
         oa = "/v1/chat/completions"
-        stream_body = json.dumps([{"role": "user", "content": f"#sim reply=lorem:{STREAM_CHUNKS * 4} chunk_size=4 chunk_delay_ms={PACE_MS}\nHello"}])
-        stream_oa = json.dumps({"model": "bench-model", "stream": True,
-                                "messages": json.loads(stream_body)})
-        sfile = self.body_file("mem-stream.json", stream_body)
-        soa_file = self.body_file("mem-stream-openai.json", stream_oa)
+        sfile, soa_file = self.stream_body_files()
         rows = []
         for wanted in STREAMS:
             n = min(wanted, (FD_LIMIT - 200) // 2)
@@ -578,13 +574,18 @@ http {{
             log(f"fixed {rate}/s: direct {d} floor {f} chatgate {g}")
             fixed[rate] = (d, f, g)
 
-    def stream_steps(self, streams, sim_port, gw_port, gw, bearer):
-        oa = "/v1/chat/completions"
+    def stream_body_files(self):
+        """The paced stream request, as a chat body and as the same request in OpenAI form
+        (for nginx, the floor and the direct path): its two file names."""
         stream_body = json.dumps([{"role": "user", "content": f"#sim reply=lorem:{STREAM_CHUNKS * 4} chunk_size=4 chunk_delay_ms={PACE_MS}\nHello"}])
         stream_oa = json.dumps({"model": "bench-model", "stream": True,
                                 "messages": json.loads(stream_body)})
-        sfile = self.body_file("stream.json", stream_body)
-        soa_file = self.body_file("stream-openai.json", stream_oa)
+        return (self.body_file("stream.json", stream_body),
+                self.body_file("stream-openai.json", stream_oa))
+
+    def stream_steps(self, streams, sim_port, gw_port, gw, bearer):
+        oa = "/v1/chat/completions"
+        sfile, soa_file = self.stream_body_files()
         for wanted in STREAMS:
             # The gateway holds two sockets per stream (client and upstream side).
             n = min(wanted, (FD_LIMIT - 200) // 2)
