@@ -351,6 +351,14 @@ mod tests {
             // The first one dies without sealing: its lock goes with it.
         }
         let mut again = Spool::open(dir.path(), 1 << 20).unwrap();
+        // A child another test thread is spawning can hold a copy of the dead
+        // writer's descriptor, and so its lock, until it execs; the writer scans
+        // again every few seconds, so adoption may take a later scan.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !again.has_pending() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            again.scan().unwrap();
+        }
         assert!(again.has_pending());
         assert_eq!(replay_all(&mut again), ["a"]);
     }
