@@ -27,6 +27,7 @@ use json::JsonLine;
 use writer::{BatchWriter, WriterGuard};
 
 use crate::connections::deadline::TIMEOUT_MESSAGE;
+use crate::connections::handshake::{HELLO_TIMEOUT_MESSAGE, REFUSED_MESSAGE};
 use crate::metrics;
 
 /// Shortest time between two warnings about client errors.
@@ -223,8 +224,12 @@ pub fn client_caused(message: &str) -> Option<(&'static str, bool)> {
         "failed to send error response to downstream",
         "H2 handshake error",
     ];
-    if message.contains(TIMEOUT_MESSAGE) {
+    if message.contains(TIMEOUT_MESSAGE) || message.contains(HELLO_TIMEOUT_MESSAGE) {
         return Some(("header_timeout", true));
+    }
+    if message.contains(REFUSED_MESSAGE) {
+        // Counted in chatgate_connections_refused_total.
+        return Some(("refused", true));
     }
     if message.starts_with("Downstream handshake") {
         return Some(("tls_handshake", false));

@@ -14,6 +14,7 @@ use pingora::services::ServiceWithDependents;
 use crate::auth::store::CredentialStore;
 use crate::auth::{open_store_shared, Authenticator};
 use crate::config::Config;
+use crate::connections::handshake::HandshakeGate;
 use crate::connections::{self, ConnectionLimits, Guarded, MemoryTrimmer};
 use crate::gateway::admin::AdminApp;
 use crate::gateway::client_ip::TrustedProxies;
@@ -160,10 +161,18 @@ pub fn run(config: Config, flags: ProcessFlags, extras: Extras) -> Result<(), St
         Guarded::new(
             // FramingGuard: Pingora's own empty 400s get the contract's JSON (see framing).
             FramingGuard::new(pingora::proxy::http_proxy(&server.configuration, gateway)),
-            public_limits,
+            public_limits.clone(),
             limits.header_timeout,
         ),
     );
+    // TLS connections are capped, and must send their ClientHello in time, before
+    // Pingora's handshake (which would otherwise wait up to 60 s outside every cap).
+    proxy
+        .endpoints()
+        .set_pre_tls_callback(Arc::new(HandshakeGate::new(
+            public_limits,
+            limits.header_timeout,
+        )));
     for listener in &config.listen {
         // No L4 read buffer: Pingora's default is a 64 KiB zero-filled buffer per client
         // connection (measured ~90 KB RSS per open stream), while the HTTP/1 session already

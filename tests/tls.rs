@@ -109,9 +109,15 @@ fn tls_entry(port: u16, dir: &Path) -> String {
 }
 
 fn start_tls_gateway(dir: &Path) -> TlsGateway {
+    start_tls_gateway_with(dir, "")
+}
+
+/// [`start_tls_gateway`] with top-level YAML `extra` (e.g. `limits:`).
+fn start_tls_gateway_with(dir: &Path, extra: &str) -> TlsGateway {
     let sim = Simulator::start(&[]);
     let redis = Redis::start();
     let mut cfg = GatewayConfig::redis(&redis, &[sim.addr()]);
+    cfg.extra = extra.to_string();
     cfg.routes += "  - path: /v1/chat/completions\n    kind: openai\n    upstream: main\n    model: test-model\n";
     let tls_port = free_port();
     let gw = Gateway::start_with_listeners(cfg, &[tls_entry(tls_port, dir)], &[tls_port]);
@@ -366,6 +372,148 @@ async fn plain_http_on_the_tls_port_gets_no_answer_and_the_gateway_serves_on() {
     assert!(t.gw.is_running(), "{}", t.gw.log());
     assert_eq!(curl_login("--http2", &ca, t.tls_port).status, 200);
     login(&t.gw, "u", "p").await;
+}
+
+/// An `openssl s_client` holding a finished TLS handshake open (its stdin stays open).
+struct HeldTls(std::process::Child);
+
+impl HeldTls {
+    fn open(ca: &Path, port: u16) -> HeldTls {
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-quiet",
+                "-verify_return_error",
+                "-servername",
+                "localhost",
+            ])
+            .arg("-CAfile")
+            .arg(ca)
+            .arg("-connect")
+            .arg(format!("127.0.0.1:{port}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl s_client");
+        // `-quiet` prints the verification lines once the handshake is done.
+        let mut err = child.stderr.take().expect("stderr");
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while String::from_utf8_lossy(&seen)
+            .matches("verify return:1")
+            .count()
+            < 2
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no handshake: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            match err.read(&mut byte) {
+                Ok(1) => seen.push(byte[0]),
+                _ => panic!("s_client ended: {}", String::from_utf8_lossy(&seen)),
+            }
+        }
+        HeldTls(child)
+    }
+}
+
+impl Drop for HeldTls {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn tls_connections_count_against_the_caps_from_accept_and_must_say_hello_in_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_certificates(dir.path());
+    let ca = dir.path().join("ca.pem");
+    let t = start_tls_gateway_with(
+        dir.path(),
+        "limits:\n  max_connections_per_ip: 3\n  header_timeout: 2s\n",
+    );
+    let refused = |m: &Metrics| {
+        m.sum(
+            "chatgate_connections_refused_total",
+            &[("listener", "public"), ("reason", "max_connections_per_ip")],
+        )
+    };
+
+    // Three finished handshakes hold exactly three places: the fourth is refused.
+    let held: Vec<_> = (0..3).map(|_| HeldTls::open(&ca, t.tls_port)).collect();
+    assert_eq!(curl_login("--http1.1", &ca, t.tls_port).status, 0);
+    assert_eq!(refused(&t.gw.metrics().await), 1.0);
+    drop(held);
+    let ok = eventually(Duration::from_secs(5), || async {
+        curl_login("--http1.1", &ca, t.tls_port).status == 200
+    })
+    .await;
+    assert!(
+        ok,
+        "closed TLS connections kept their places\n{}",
+        t.gw.log()
+    );
+
+    // Connections that never send a ClientHello count too, and are cut at the deadline.
+    let mut silent: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", t.tls_port)).expect("connect"))
+        .collect();
+    let m = poll(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async { curl_login("--http1.1", &ca, t.tls_port).status },
+        |status| *status == 0,
+    )
+    .await;
+    assert_eq!(
+        m, 0,
+        "a fourth connection got through beside three silent ones"
+    );
+    let before = refused(&t.gw.metrics().await);
+    assert!(before >= 2.0, "refusals: {before}");
+    let started = Instant::now();
+    for c in &mut silent {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(
+            matches!(c.read(&mut buf), Ok(0) | Err(_)),
+            "a silent connection was answered"
+        );
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "silent connections held for {waited:?}"
+    );
+    let m = t.gw.metrics().await;
+    assert!(
+        m.sum(
+            "chatgate_client_errors_total",
+            &[("kind", "header_timeout")]
+        ) >= 3.0
+    );
+    assert_eq!(curl_login("--http2", &ca, t.tls_port).status, 200);
+
+    // Failed handshakes free their places at once (garbage instead of a ClientHello).
+    for _ in 0..6 {
+        let (reply, _) = raw_exchange(
+            t.tls_port,
+            b"GET / HTTP/1.1\r\n\r\n",
+            Duration::from_secs(3),
+        );
+        assert!(!reply.starts_with(b"HTTP/"));
+    }
+    assert_eq!(curl_login("--http1.1", &ca, t.tls_port).status, 200);
+    assert_eq!(refused(&t.gw.metrics().await), before);
+    let log = t.gw.log();
+    assert!(
+        !log.contains("\"level\":\"ERROR\""),
+        "ERROR lines in the log:\n{log}"
+    );
 }
 
 /// `chatgate <args> --config <path>`, given at most 20 s to exit: (exit code, stderr).

@@ -9,6 +9,7 @@
 //! once, before a byte is read.
 
 pub mod deadline;
+pub mod handshake;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -88,6 +89,8 @@ pub struct ConnectionLimits {
     /// The most connections open at once since the last memory trim.
     peak: AtomicUsize,
     by_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Slots of TLS connections taken before their handshake (see [`handshake`]).
+    parked: handshake::Parked,
 }
 
 impl ConnectionLimits {
@@ -102,6 +105,7 @@ impl ConnectionLimits {
             open: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             by_ip: Mutex::new(HashMap::new()),
+            parked: handshake::Parked::default(),
         }
     }
 
@@ -193,8 +197,10 @@ where
     ) -> Option<Stream> {
         let peer = stream
             .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        let _slot = match self.limits.admit(peer) {
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+        // A TLS connection took its slot before its handshake.
+        let parked = peer.and_then(|p| self.limits.parked.take(stream.id(), p));
+        let _slot = match parked.map_or_else(|| self.limits.admit(peer.map(|p| p.ip())), Ok) {
             Ok(slot) => slot,
             Err(refusal) => {
                 metrics::connection_refused(self.limits.listener, refusal);
@@ -242,6 +248,8 @@ impl MemoryTrimmer {
     pub fn check(&self) -> bool {
         let mut closed = 0;
         for l in &self.limits {
+            // Slots that failed TLS handshakes left parked go first.
+            l.parked.sweep(false);
             let open = l.open();
             closed += l.peak.swap(open, Ordering::Relaxed).saturating_sub(open);
         }
