@@ -167,8 +167,11 @@ impl Write for LineWriter<'_> {
             return Ok(line.len());
         }
         queue.bytes.extend_from_slice(line);
-        let wake = std::mem::take(&mut queue.idle)
-            || (queue.bytes.len() >= WAKE_AT && queue.bytes.len() - line.len() < WAKE_AT);
+        // An urgent line is written here: the writer thread stays idle (and the next
+        // line wakes it), so `idle` is left as it is.
+        let wake = !self.urgent
+            && (std::mem::take(&mut queue.idle)
+                || (queue.bytes.len() >= WAKE_AT && queue.bytes.len() - line.len() < WAKE_AT));
         drop(queue);
         if self.urgent {
             self.shared.write_queued(&mut Vec::new());
@@ -269,6 +272,44 @@ mod tests {
             assert_eq!(lines.len(), 2, "{text}");
             assert!(lines[0].ends_with("queued first") && lines[1].ends_with("cannot go on"));
         });
+    }
+
+    #[test]
+    fn lines_after_an_error_line_still_arrive_soon() {
+        let out = Out::default();
+        let (w, _guard) = BatchWriter::start(out.clone(), 1 << 20).unwrap();
+        let arrived = |n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while out
+                .written
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                < n
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            String::from_utf8(out.written.lock().unwrap().clone()).unwrap()
+        };
+        line(&w, "first\n");
+        assert_eq!(arrived(1), "first\n");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !w.shared.lock().idle && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The writer thread waits for a line now; an ERROR line is written by the logger itself.
+        let mut urgent = w.make_writer();
+        urgent.urgent = true;
+        urgent.write_all(b"error\n").unwrap();
+        line(&w, "after\n");
+        assert_eq!(
+            arrived(3),
+            "first\nerror\nafter\n",
+            "a line after an ERROR line stayed queued"
+        );
     }
 
     #[test]
