@@ -47,7 +47,8 @@ fn start_and_abandon_stream(s: &Stack, body: &str, until: &str) {
 }
 
 /// Scrapes until `ready` holds (the access-log hook runs just after a reply ends;
-/// with load 10 on 2 cores the three streams were once not all counted within 5 s).
+/// the first request to count tokens loads the tokenizer, which took over 5 s of a
+/// debug build with load 10 on 2 cores).
 async fn metrics_when(gw: &Gateway, ready: impl Fn(&Metrics) -> bool) -> Metrics {
     poll(
         Duration::from_secs(20),
