@@ -761,6 +761,129 @@ async fn schema_creation_is_safe_with_several_instances_at_once() {
     db::migrate(&mut client).await.expect("idempotent");
 }
 
+/// The schema as the first release (version 1) created it, with its version row.
+const SCHEMA_V1: &str = "
+CREATE TABLE chatgate_schema (component text PRIMARY KEY, version integer NOT NULL);
+INSERT INTO chatgate_schema VALUES ('conversations', 1);
+CREATE TABLE chatgate_conversations (
+    request_id text PRIMARY KEY, user_id bigint, username text, route text NOT NULL,
+    model text NOT NULL, messages jsonb NOT NULL, answer text, outcome text NOT NULL,
+    status integer, prompt_tokens integer, completion_tokens integer,
+    started_at timestamptz NOT NULL, duration_ms double precision NOT NULL,
+    ttfb_ms double precision);
+CREATE INDEX chatgate_conversations_started_at ON chatgate_conversations (started_at);
+CREATE INDEX chatgate_conversations_user ON chatgate_conversations (username, started_at);
+";
+
+/// A version 1 database, migrated by several instances at once: its rows are kept
+/// byte for byte, the indexes are the same, and new long texts are stored with lz4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_database_is_migrated_with_its_rows() {
+    use chatgate::conversations::db;
+    let pg = Postgres::start();
+    let client = pg.client().await;
+    client.batch_execute(SCHEMA_V1).await.expect("v1 schema");
+    let long = "x".repeat(4_000);
+    client
+        .batch_execute(&format!(
+            "INSERT INTO chatgate_conversations (request_id, username, route, model, messages, answer, outcome, started_at, duration_ms)
+             SELECT 'v1-' || i, 'alice', '/chatCompletion', 'm', '[{{\"role\":\"user\",\"content\":\"hi\"}}]',
+                    CASE WHEN i = 1 THEN '{long}' ELSE 'answer ' || i END, 'ok', now() - i * interval '1 minute', 1
+             FROM generate_series(1, 50) AS i"
+        ))
+        .await
+        .expect("v1 rows");
+    let before = pg.conversations().await;
+    assert_eq!(before.len(), 50);
+
+    let url = pg.url();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut client = db::connect(&url, None, Duration::from_secs(10)).await?;
+                db::migrate(&mut client).await?;
+                db::schema_version(&client).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), Ok(Some(db::SCHEMA_VERSION)));
+    }
+    assert_eq!(db::SCHEMA_VERSION, 2);
+    assert_eq!(
+        pg.conversations().await,
+        before,
+        "rows changed by the migration"
+    );
+
+    let indexes: Vec<String> = client
+        .query(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = 'chatgate_conversations' ORDER BY indexname",
+            &[],
+        )
+        .await
+        .expect("indexes")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        indexes,
+        [
+            "CREATE UNIQUE INDEX chatgate_conversations_pkey ON public.chatgate_conversations USING btree (request_id)",
+            "CREATE INDEX chatgate_conversations_started_at ON public.chatgate_conversations USING btree (started_at)",
+            "CREATE INDEX chatgate_conversations_user ON public.chatgate_conversations USING btree (username, started_at)",
+        ]
+    );
+    let compression: Vec<(String, String)> = client
+        .query(
+            "SELECT attname::text, attcompression::text FROM pg_attribute
+             WHERE attrelid = 'chatgate_conversations'::regclass AND attname IN ('messages', 'answer')
+             ORDER BY attname",
+            &[],
+        )
+        .await
+        .expect("columns")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        compression,
+        [
+            ("answer".into(), "l".into()),
+            ("messages".into(), "l".into())
+        ]
+    );
+    // A row written by the migrated gateway's writer: its long answer is lz4; the old
+    // row keeps pglz.
+    let mut client2 = db::connect(&url, None, Duration::from_secs(10))
+        .await
+        .expect("connect");
+    db::migrate(&mut client2).await.expect("idempotent");
+    let mut writer = db::Writer::new(client2).await.expect("writer");
+    let mut record = sample_record(0);
+    record.answer = Some(long.clone());
+    assert_eq!(writer.write_new(&[record]).await.expect("write"), 1);
+    let methods: Vec<(String, Option<String>)> = client
+        .query(
+            "SELECT request_id, pg_column_compression(answer) FROM chatgate_conversations
+             WHERE request_id IN ('v1-1', 'bench-0') ORDER BY request_id",
+            &[],
+        )
+        .await
+        .expect("compression")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            ("bench-0".into(), Some("lz4".into())),
+            ("v1-1".into(), Some("pglz".into()))
+        ]
+    );
+}
+
 #[tokio::test]
 async fn rows_past_the_retention_are_deleted_in_the_background() {
     use chatgate::conversations::db;
