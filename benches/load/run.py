@@ -33,6 +33,9 @@ RATES = [int(r) for r in os.environ.get("RATES", "500,2000").split(",") if r]
 ACCESS_LOG = os.environ.get("ACCESS_LOG", "both")  # warn | info | both
 # record step: alternated rounds of the gateway with the record off and on
 RECORD_ROUNDS = int(os.environ.get("RECORD_ROUNDS", "6"))
+# record step: 0 sends the usual one-line question; N sends a conversation of about N KiB
+# (earlier turns included, as chat clients send them), which PostgreSQL compresses
+RECORD_MESSAGES_KB = int(os.environ.get("RECORD_MESSAGES_KB", "0"))
 STEPS = os.environ.get("STEPS", "closed,fixed,streams,flood").split(",")
 # on: per-user request and token limits are checked on every chat call (set far above the
 # load, so they cost their Redis calls but refuse nothing); off: no chat limits at all.
@@ -54,6 +57,22 @@ OPENAI_BODY = json.dumps(
         "stream": False,
     }
 )
+
+
+def conversation_body(kib):
+    """A chat body of about `kib` KiB: alternating user and assistant turns cut from this
+    repository's docs (English prose, as compressible as a real conversation), then a question."""
+    docs = os.path.join(ROOT, "docs")
+    text = "".join(open(os.path.join(docs, f)).read() for f in sorted(os.listdir(docs)) if f.endswith(".md"))
+    turns, at = [], 0
+    while sum(len(t["content"]) for t in turns) < kib * 1024:
+        size = 300 if len(turns) % 2 == 0 else 1200
+        turns.append({"role": "user" if len(turns) % 2 == 0 else "assistant",
+                      "content": text[at:at + size]})
+        at = (at + size) % max(len(text) - 1200, 1)
+    if turns[-1]["role"] == "user":
+        turns.pop()
+    return json.dumps(turns + [{"role": "user", "content": "Hello, who are you?"}])
 
 
 def free_port():
@@ -526,7 +545,8 @@ http {{
         extra = (f"conversation_log:\n  url: postgres://postgres@127.0.0.1:{pg_port}/postgres\n"
                  f"  spool_dir: {spool}\n")
         on_port, on, _ = self.start_gateway(sim_port, "warn", extra)
-        self.wrk(on_port, "/chatCompletion", CHAT_BODY, bearer, seconds=2)
+        body = conversation_body(RECORD_MESSAGES_KB) if RECORD_MESSAGES_KB else CHAT_BODY
+        self.wrk(on_port, "/chatCompletion", body, bearer, seconds=2)
         pg_pids = lambda: [pg.pid, *descendants_of(pg.pid)]
         gateways = {"off": (gw_port, gw), "on": (on_port, on)}
         runs = {"off": [], "on": []}
@@ -534,7 +554,7 @@ http {{
             for side in (("off", "on") if i % 2 == 0 else ("on", "off")):
                 port, p = gateways[side]
                 pg_before, sim_before = cpu_seconds(pg_pids()), cpu_seconds([sim.pid])
-                run = self.closed_loop(f"record {side}", port, "/chatCompletion", CHAT_BODY,
+                run = self.closed_loop(f"record {side}", port, "/chatCompletion", body,
                                        lambda: [p.pid], bearer)
                 n = max(run["requests"], 1)
                 run["pg_cpu_per_1k"] = (cpu_seconds(pg_pids()) - pg_before) / n * 1000
@@ -684,7 +704,9 @@ http {{
         ms = lambda us: f"{us / 1000:.2f}"
         us = lambda cpu_per_1k: f"{cpu_per_1k * 1000:.1f}"
         lines.append(f"\n### Conversation record on vs off (wrk closed loop, {CONNECTIONS} connections, "
-                     f"{DURATION} s per run, {len(on_runs)} rounds, order alternated; CPU in µs per request)\n")
+                     f"{DURATION} s per run, {len(on_runs)} rounds, order alternated; CPU in µs per request; "
+                     + (f"a {RECORD_MESSAGES_KB} KiB conversation per request)\n" if RECORD_MESSAGES_KB
+                        else "a one-line question per request)\n"))
         lines.append("| round | off req/s | on req/s | on / off | off p99 ms | on p99 ms | "
                      "chatgate CPU off / on | PostgreSQL CPU off / on | simulator CPU off / on |")
         lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

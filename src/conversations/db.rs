@@ -9,9 +9,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut, BytesMut};
-use futures::{pin_mut, TryStreamExt};
+use futures::{pin_mut, SinkExt, TryStreamExt};
 use pingora::tls::{ClientConfig, RootCertStore};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
@@ -319,15 +318,17 @@ impl Writer {
         let copied = {
             let tx = self.client.transaction().await.map_err(pg_error)?;
             match copy_rows(&tx, &self.copy_direct, records).await {
-                Ok(()) => tx.commit().await,
+                Ok(()) => tx.commit().await.map_err(CopyFailed::Db),
                 // Dropping the transaction rolls it back.
                 Err(e) => Err(e),
             }
         };
         match copied {
             Ok(()) => Ok(records.len() as u64),
-            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => self.write(records).await,
-            Err(e) => Err(pg_error(e)),
+            Err(CopyFailed::Db(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                self.write(records).await
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -336,7 +337,7 @@ impl Writer {
     pub async fn write(&mut self, records: &[Record]) -> Result<u64, String> {
         let e = pg_error;
         let tx = self.client.transaction().await.map_err(e)?;
-        copy_rows(&tx, &self.copy, records).await.map_err(e)?;
+        copy_rows(&tx, &self.copy, records).await?;
         let inserted = tx.execute(&self.insert, &[]).await.map_err(e)?;
         tx.commit().await.map_err(e)?;
         Ok(inserted)
@@ -398,43 +399,92 @@ pub async fn export(
     Ok(n)
 }
 
-/// A short cause: the server's SQLSTATE and message for database errors (whose
-/// `Display` is only "db error"), else the error and its source. Never the URL.
-/// Sends `records` through the COPY statement `copy`, in the table's column order.
+/// The signature, flags and header extension length that open PostgreSQL's binary
+/// COPY format; [`COPY_TRAILER`] closes it.
+const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+const COPY_TRAILER: i16 = -1;
+/// Bytes of encoded rows per COPY message. tokio-postgres's `BinaryCopyInWriter`
+/// sends one per 4 KiB, each a hand-off to the connection's task and a socket write
+/// of its own; a batch of the usual size goes as one message here.
+const COPY_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Why a COPY failed.
+enum CopyFailed {
+    Db(tokio_postgres::Error),
+    /// A value the binary format cannot hold (a text over 2 GiB: none the queue takes).
+    Encode(String),
+}
+
+impl From<CopyFailed> for String {
+    fn from(e: CopyFailed) -> String {
+        match e {
+            CopyFailed::Db(e) => pg_error(e),
+            CopyFailed::Encode(e) => e,
+        }
+    }
+}
+
+/// Sends `records` through the COPY statement `copy` in PostgreSQL's binary format,
+/// the table's columns in order.
 async fn copy_rows(
     tx: &Transaction<'_>,
     copy: &Statement,
     records: &[Record],
-) -> Result<(), tokio_postgres::Error> {
-    let sink = tx.copy_in(copy).await?;
-    let writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
-    pin_mut!(writer);
+) -> Result<(), CopyFailed> {
+    let sink = tx.copy_in(copy).await.map_err(CopyFailed::Db)?;
+    pin_mut!(sink);
+    let size: usize = records.iter().map(Record::weight).sum();
+    let mut out = BytesMut::with_capacity(size.min(COPY_MESSAGE_BYTES) + 64);
+    out.put_slice(COPY_HEADER);
     for r in records {
-        let started_at = r.started_at();
-        writer
-            .as_mut()
-            .write(&[
-                &r.request_id,
-                &r.user_id,
-                &r.username,
-                &r.route,
-                &r.model,
-                &JsonText(&r.messages),
-                &r.answer,
-                &r.outcome,
-                &r.status,
-                &r.prompt_tokens,
-                &r.completion_tokens,
-                &started_at,
-                &r.duration_ms,
-                &r.ttfb_ms,
-            ])
-            .await?;
+        encode_row(r, &mut out).map_err(CopyFailed::Encode)?;
+        if out.len() >= COPY_MESSAGE_BYTES {
+            let full = out.split().freeze();
+            sink.send(full).await.map_err(CopyFailed::Db)?;
+        }
     }
-    writer.finish().await?;
+    out.put_i16(COPY_TRAILER);
+    sink.send(out.freeze()).await.map_err(CopyFailed::Db)?;
+    sink.finish().await.map_err(CopyFailed::Db)?;
     Ok(())
 }
 
+/// Appends one row: the field count, then each field's length (-1: null) and bytes.
+fn encode_row(r: &Record, out: &mut BytesMut) -> Result<(), String> {
+    let started_at = r.started_at();
+    let fields: [&(dyn ToSql + Sync); 14] = [
+        &r.request_id,
+        &r.user_id,
+        &r.username,
+        &r.route,
+        &r.model,
+        &JsonText(&r.messages),
+        &r.answer,
+        &r.outcome,
+        &r.status,
+        &r.prompt_tokens,
+        &r.completion_tokens,
+        &started_at,
+        &r.duration_ms,
+        &r.ttfb_ms,
+    ];
+    out.put_i16(fields.len() as i16);
+    for (value, ty) in fields.iter().zip(&COLUMN_TYPES) {
+        let at = out.len();
+        out.put_i32(0);
+        let len = match value.to_sql_checked(ty, out) {
+            Ok(IsNull::Yes) => -1,
+            Ok(IsNull::No) => i32::try_from(out.len() - at - 4)
+                .map_err(|_| "a record field over 2 GiB".to_string())?,
+            Err(e) => return Err(format!("cannot encode a record: {e}")),
+        };
+        out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    }
+    Ok(())
+}
+
+/// A short cause: the server's SQLSTATE and message for database errors (whose
+/// `Display` is only "db error"), else the error and its source. Never the URL.
 pub fn pg_error(e: tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{} ({})", db.message(), db.code().code());
