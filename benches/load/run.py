@@ -399,9 +399,14 @@ http {{
     # ---- steps -----------------------------------------------------------------------
     def closed_loop(self, label, port, path, body, pids, auth=None):
         before = cpu_seconds(pids())
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         r = self.wrk(port, path, body, auth)
         cpu = cpu_seconds(pids()) - before
+        waited = resource.getrusage(resource.RUSAGE_CHILDREN)
         r["cpu_per_1k"] = cpu / max(r["requests"], 1) * 1000
+        # wrk is the only child waited for meanwhile.
+        r["wrk_cpu_per_1k"] = ((waited.ru_utime + waited.ru_stime - children.ru_utime - children.ru_stime)
+                               / max(r["requests"], 1) * 1000)
         r["rps"] = r["requests"] / r["seconds"]
         log(f"{label}: {r}")
         return r
@@ -708,15 +713,20 @@ http {{
                      + (f"a {RECORD_MESSAGES_KB} KiB conversation per request)\n" if RECORD_MESSAGES_KB
                         else "a one-line question per request)\n"))
         lines.append("| round | off req/s | on req/s | on / off | off p99 ms | on p99 ms | "
-                     "chatgate CPU off / on | PostgreSQL CPU off / on | simulator CPU off / on |")
-        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        ratios = []
+                     "chatgate CPU off / on | PostgreSQL CPU off / on | simulator CPU off / on | "
+                     "wrk CPU off / on | all CPU off / on |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        ratios, cpu_ratios = [], []
+        total = lambda r: r["cpu_per_1k"] + r["pg_cpu_per_1k"] + r["sim_cpu_per_1k"] + r["wrk_cpu_per_1k"]
         for i, (f, n) in enumerate(zip(off_runs, on_runs), 1):
             ratios.append(n["rps"] / max(f["rps"], 1e-9))
+            cpu_ratios.append(total(f) / max(total(n), 1e-9))
             lines.append(f"| {i} | {f['rps']:.0f} | {n['rps']:.0f} | {ratios[-1]:.2f} | "
                          f"{ms(f['p99_us'])} | {ms(n['p99_us'])} | {us(f['cpu_per_1k'])} / {us(n['cpu_per_1k'])} | "
                          f"{us(f['pg_cpu_per_1k'])} / {us(n['pg_cpu_per_1k'])} | "
-                         f"{us(f['sim_cpu_per_1k'])} / {us(n['sim_cpu_per_1k'])} |")
+                         f"{us(f['sim_cpu_per_1k'])} / {us(n['sim_cpu_per_1k'])} | "
+                         f"{us(f['wrk_cpu_per_1k'])} / {us(n['wrk_cpu_per_1k'])} | "
+                         f"{us(total(f))} / {us(total(n))} |")
         med = lambda runs, key: statistics.median(r[key] for r in runs)
         own = med(on_runs, "cpu_per_1k") - med(off_runs, "cpu_per_1k")
         # All of PostgreSQL's CPU (during the off runs too: checkpoints and autovacuum
@@ -726,6 +736,10 @@ http {{
         overall = sum(r["rps"] for r in on_runs) / max(sum(r["rps"] for r in off_runs), 1e-9)
         lines.append(f"\nThroughput with the record on / off: median of the rounds **{statistics.median(ratios):.2f}** "
                      f"(rounds {min(ratios):.2f}-{max(ratios):.2f}; all requests {overall:.2f}; target ≥ 0.90). "
+                     f"CPU-bound estimate, all processes' CPU per request off / on (what the ratio would be "
+                     f"were the two cores busy with these processes only), median of the rounds: "
+                     f"{statistics.median(cpu_ratios):.2f} "
+                     f"(rounds {min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}). "
                      f"The record's CPU per request: chatgate **{own * 1000:+.1f} µs** (medians, on − off), "
                      f"PostgreSQL **{pg_cost * 1000:.1f} µs** (all its CPU in the step / requests recorded). "
                      f"Rows in PostgreSQL {rows} for {sent} answered requests (warm-up included in the rows); "
