@@ -300,7 +300,10 @@ async fn every_kind_of_exchange_lands_with_every_column() {
         .expect("check");
     let text = String::from_utf8_lossy(&check.stdout).to_string();
     assert!(
-        text.contains("answers, schema version 1 (current)"),
+        text.contains(&format!(
+            "answers, schema version {} (current)",
+            chatgate::conversations::db::SCHEMA_VERSION
+        )),
         "{text}"
     );
     assert_no_secrets("check output", &text, &s.token);
@@ -754,14 +757,12 @@ async fn record_on_vs_off() {
     assert_eq!(rows.len(), 3 * requests);
 }
 
-#[tokio::test]
-async fn schema_creation_is_safe_with_several_instances_at_once() {
+/// `instances` connections migrating the schema at once; each then sees the current version.
+async fn migrate_at_once(url: &str, instances: usize) {
     use chatgate::conversations::db;
-    let pg = Postgres::start();
-    let url = pg.url();
-    let tasks: Vec<_> = (0..6)
+    let tasks: Vec<_> = (0..instances)
         .map(|_| {
-            let url = url.clone();
+            let url = url.to_string();
             tokio::spawn(async move {
                 let mut client = db::connect(&url, None, Duration::from_secs(10)).await?;
                 db::migrate(&mut client).await?;
@@ -772,11 +773,30 @@ async fn schema_creation_is_safe_with_several_instances_at_once() {
     for t in tasks {
         assert_eq!(t.await.expect("task"), Ok(Some(db::SCHEMA_VERSION)));
     }
+}
+
+#[tokio::test]
+async fn schema_creation_is_safe_with_several_instances_at_once() {
+    use chatgate::conversations::db;
+    let pg = Postgres::start();
+    let url = pg.url();
+    migrate_at_once(&url, 6).await;
     // And again on a database that has it: nothing to do, no error.
     let mut client = db::connect(&url, None, Duration::from_secs(10))
         .await
         .expect("connect");
     db::migrate(&mut client).await.expect("idempotent");
+}
+
+/// The rows of a query of two text columns, the second nullable.
+async fn text_pairs(client: &tokio_postgres::Client, sql: &str) -> Vec<(String, Option<String>)> {
+    client
+        .query(sql, &[])
+        .await
+        .expect(sql)
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
 }
 
 /// The schema as the first release (version 1) created it, with its version row.
@@ -815,19 +835,7 @@ async fn a_version_1_database_is_migrated_with_its_rows() {
     assert_eq!(before.len(), 50);
 
     let url = pg.url();
-    let tasks: Vec<_> = (0..4)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move {
-                let mut client = db::connect(&url, None, Duration::from_secs(10)).await?;
-                db::migrate(&mut client).await?;
-                db::schema_version(&client).await
-            })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.expect("task"), Ok(Some(db::SCHEMA_VERSION)));
-    }
+    migrate_at_once(&url, 4).await;
     assert_eq!(db::SCHEMA_VERSION, 2);
     assert_eq!(
         pg.conversations().await,
@@ -853,23 +861,18 @@ async fn a_version_1_database_is_migrated_with_its_rows() {
             "CREATE INDEX chatgate_conversations_user ON public.chatgate_conversations USING btree (username, started_at)",
         ]
     );
-    let compression: Vec<(String, String)> = client
-        .query(
-            "SELECT attname::text, attcompression::text FROM pg_attribute
-             WHERE attrelid = 'chatgate_conversations'::regclass AND attname IN ('messages', 'answer')
-             ORDER BY attname",
-            &[],
-        )
-        .await
-        .expect("columns")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let compression = text_pairs(
+        &client,
+        "SELECT attname::text, attcompression::text FROM pg_attribute
+         WHERE attrelid = 'chatgate_conversations'::regclass AND attname IN ('messages', 'answer')
+         ORDER BY attname",
+    )
+    .await;
     assert_eq!(
         compression,
         [
-            ("answer".into(), "l".into()),
-            ("messages".into(), "l".into())
+            ("answer".into(), Some("l".into())),
+            ("messages".into(), Some("l".into()))
         ]
     );
     // A row written by the migrated gateway's writer: its long answer is lz4; the old
@@ -882,17 +885,12 @@ async fn a_version_1_database_is_migrated_with_its_rows() {
     let mut record = sample_record(0);
     record.answer = Some(long.clone());
     assert_eq!(writer.write_new(&[record]).await.expect("write"), 1);
-    let methods: Vec<(String, Option<String>)> = client
-        .query(
-            "SELECT request_id, pg_column_compression(answer) FROM chatgate_conversations
-             WHERE request_id IN ('v1-1', 'bench-0') ORDER BY request_id",
-            &[],
-        )
-        .await
-        .expect("compression")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let methods = text_pairs(
+        &client,
+        "SELECT request_id, pg_column_compression(answer) FROM chatgate_conversations
+         WHERE request_id IN ('v1-1', 'bench-0') ORDER BY request_id",
+    )
+    .await;
     assert_eq!(
         methods,
         [

@@ -197,7 +197,8 @@ mod tests {
 
     #[test]
     fn a_draft_from_the_messages_span_is_the_parsed_one() {
-        let body = br#"{"model":"m-1","messages":[{"role":"user","content":"caf\u00e9"}],"stream":false}"#;
+        let body =
+            br#"{"model":"m-1","messages":[{"role":"user","content":"caf\u00e9"}],"stream":false}"#;
         let messages = &body[26..body.len() - 16];
         assert_eq!(
             Draft::with_messages("alice", "m-1", messages),
