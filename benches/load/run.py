@@ -14,6 +14,7 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -30,6 +31,11 @@ PACE_MS = int(os.environ.get("PACE_MS", "500"))  # simulator delay between strea
 STREAM_CHUNKS = int(os.environ.get("STREAM_CHUNKS", "20"))
 RATES = [int(r) for r in os.environ.get("RATES", "500,2000").split(",") if r]
 ACCESS_LOG = os.environ.get("ACCESS_LOG", "both")  # warn | info | both
+# record step: alternated rounds of the gateway with the record off and on
+RECORD_ROUNDS = int(os.environ.get("RECORD_ROUNDS", "6"))
+# record step: 0 sends the usual one-line question; N sends a conversation of about N KiB
+# (earlier turns included, as chat clients send them), which PostgreSQL compresses
+RECORD_MESSAGES_KB = int(os.environ.get("RECORD_MESSAGES_KB", "0"))
 STEPS = os.environ.get("STEPS", "closed,fixed,streams,flood").split(",")
 # on: per-user request and token limits are checked on every chat call (set far above the
 # load, so they cost their Redis calls but refuse nothing); off: no chat limits at all.
@@ -51,6 +57,22 @@ OPENAI_BODY = json.dumps(
         "stream": False,
     }
 )
+
+
+def conversation_body(kib):
+    """A chat body of about `kib` KiB: alternating user and assistant turns cut from this
+    repository's docs (English prose, as compressible as a real conversation), then a question."""
+    docs = os.path.join(ROOT, "docs")
+    text = "".join(open(os.path.join(docs, f)).read() for f in sorted(os.listdir(docs)) if f.endswith(".md"))
+    turns, at = [], 0
+    while sum(len(t["content"]) for t in turns) < kib * 1024:
+        size = 300 if len(turns) % 2 == 0 else 1200
+        turns.append({"role": "user" if len(turns) % 2 == 0 else "assistant",
+                      "content": text[at:at + size]})
+        at = (at + size) % max(len(text) - 1200, 1)
+    if turns[-1]["role"] == "user":
+        turns.pop()
+    return json.dumps(turns + [{"role": "user", "content": "Hello, who are you?"}])
 
 
 def free_port():
@@ -377,9 +399,14 @@ http {{
     # ---- steps -----------------------------------------------------------------------
     def closed_loop(self, label, port, path, body, pids, auth=None):
         before = cpu_seconds(pids())
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         r = self.wrk(port, path, body, auth)
         cpu = cpu_seconds(pids()) - before
+        waited = resource.getrusage(resource.RUSAGE_CHILDREN)
         r["cpu_per_1k"] = cpu / max(r["requests"], 1) * 1000
+        # wrk is the only child waited for meanwhile.
+        r["wrk_cpu_per_1k"] = ((waited.ru_utime + waited.ru_stime - children.ru_utime - children.ru_stime)
+                               / max(r["requests"], 1) * 1000)
         r["rps"] = r["requests"] / r["seconds"]
         log(f"{label}: {r}")
         return r
@@ -418,7 +445,7 @@ http {{
         if "streams" in STEPS:
             self.stream_steps(streams, sim_port, gw_port, gw, bearer)
         flood = self.flood_step(gw_port, bearer) if "flood" in STEPS else None
-        record = self.record_step(sim_port, gw_port, gw, bearer) if "record" in STEPS else None
+        record = self.record_step(sim_port, sim, gw_port, gw, bearer) if "record" in STEPS else None
         access = (self.access_log_step(sim_port, nginx_port, nginx_pids, gw_port, gw, bearer)
                   if "accesslog" in STEPS else None)
         memory = self.stream_memory_step(sim_port, bearer) if "streammem" in STEPS else None
@@ -512,25 +539,32 @@ http {{
             lines.append(f"| {n} | {per['nginx']:.1f} | {per['floor']:.1f} | {per['chatgate']:.1f} | "
                          f"{per['chatgate'] / max(per['nginx'], 1e-9):.2f}× | {errs} | {gaps} | {rss} |")
 
-    def record_step(self, sim_port, gw_port, gw, bearer, rounds=3):
+    def record_step(self, sim_port, sim, gw_port, gw, bearer, rounds=RECORD_ROUNDS):
         """Chat throughput and p99 with the conversation record on vs off: the same load
-        alternated between this gateway (record off) and one writing to PostgreSQL."""
+        alternated between this gateway (record off) and one writing to PostgreSQL. The
+        order within a round alternates too (off, on; then on, off), so a load change on
+        the shared machine does not always fall on the same side. Each run also measures
+        the CPU per request of chatgate, PostgreSQL and the simulator separately."""
         pg_port, pg = self.start_postgres()
         spool = os.path.join(self.work, "spool")
         extra = (f"conversation_log:\n  url: postgres://postgres@127.0.0.1:{pg_port}/postgres\n"
                  f"  spool_dir: {spool}\n")
         on_port, on, _ = self.start_gateway(sim_port, "warn", extra)
-        self.wrk(on_port, "/chatCompletion", CHAT_BODY, bearer, seconds=2)
-        off_runs, on_runs = [], []
+        body = conversation_body(RECORD_MESSAGES_KB) if RECORD_MESSAGES_KB else CHAT_BODY
+        self.wrk(on_port, "/chatCompletion", body, bearer, seconds=2)
         pg_pids = lambda: [pg.pid, *descendants_of(pg.pid)]
-        for _ in range(rounds):
-            off_runs.append(self.closed_loop("record off", gw_port, "/chatCompletion", CHAT_BODY,
-                                             lambda: [gw.pid], bearer))
-            pg_before = cpu_seconds(pg_pids())
-            run = self.closed_loop("record on", on_port, "/chatCompletion", CHAT_BODY,
-                                   lambda: [on.pid], bearer)
-            run["pg_cpu_per_1k"] = (cpu_seconds(pg_pids()) - pg_before) / max(run["requests"], 1) * 1000
-            on_runs.append(run)
+        gateways = {"off": (gw_port, gw), "on": (on_port, on)}
+        runs = {"off": [], "on": []}
+        for i in range(rounds):
+            for side in (("off", "on") if i % 2 == 0 else ("on", "off")):
+                port, p = gateways[side]
+                pg_before, sim_before = cpu_seconds(pg_pids()), cpu_seconds([sim.pid])
+                run = self.closed_loop(f"record {side}", port, "/chatCompletion", body,
+                                       lambda: [p.pid], bearer)
+                n = max(run["requests"], 1)
+                run["pg_cpu_per_1k"] = (cpu_seconds(pg_pids()) - pg_before) / n * 1000
+                run["sim_cpu_per_1k"] = (cpu_seconds([sim.pid]) - sim_before) / n * 1000
+                runs[side].append(run)
         time.sleep(2)  # the writer's last batch
         rows = subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres",
                                "-tAc", "select count(*) from chatgate_conversations"],
@@ -541,9 +575,9 @@ http {{
         written = metric_sum(admin, "chatgate_conversation_log_written_total")
         busy = metric_sum(admin, "chatgate_conversation_log_write_seconds_sum")
         capacity = written / busy if busy > 0 else 0.0
-        sent = sum(r["requests"] for r in on_runs)
+        sent = sum(r["requests"] for r in runs["on"])
         stop(on)
-        return off_runs, on_runs, rows, sent, capacity
+        return runs["off"], runs["on"], rows, sent, capacity
 
     def closed_steps(self, res, sim_port, nginx_port, floor_port, gw_port, bearer, sim_pids,
                      nginx_pids, floor_pids, gw_pids):
@@ -673,19 +707,42 @@ http {{
 
     def record_table(self, lines, off_runs, on_runs, rows, sent, capacity):
         ms = lambda us: f"{us / 1000:.2f}"
+        us = lambda cpu_per_1k: f"{cpu_per_1k * 1000:.1f}"
         lines.append(f"\n### Conversation record on vs off (wrk closed loop, {CONNECTIONS} connections, "
-                     f"{DURATION} s per round, rounds alternated)\n")
+                     f"{DURATION} s per run, {len(on_runs)} rounds, order alternated; CPU in µs per request; "
+                     + (f"a {RECORD_MESSAGES_KB} KiB conversation per request)\n" if RECORD_MESSAGES_KB
+                        else "a one-line question per request)\n"))
         lines.append("| round | off req/s | on req/s | on / off | off p99 ms | on p99 ms | "
-                     "chatgate CPU s / 1,000 req off / on | PostgreSQL CPU s / 1,000 req |")
-        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+                     "chatgate CPU off / on | PostgreSQL CPU off / on | simulator CPU off / on | "
+                     "wrk CPU off / on | all CPU off / on |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        ratios, cpu_ratios = [], []
+        total = lambda r: r["cpu_per_1k"] + r["pg_cpu_per_1k"] + r["sim_cpu_per_1k"] + r["wrk_cpu_per_1k"]
         for i, (f, n) in enumerate(zip(off_runs, on_runs), 1):
-            lines.append(f"| {i} | {f['rps']:.0f} | {n['rps']:.0f} | {n['rps'] / max(f['rps'], 1e-9):.2f} | "
-                         f"{ms(f['p99_us'])} | {ms(n['p99_us'])} | {f['cpu_per_1k']:.3f} / {n['cpu_per_1k']:.3f} | "
-                         f"{n['pg_cpu_per_1k']:.3f} |")
-        off = sum(r["rps"] for r in off_runs)
-        on = sum(r["rps"] for r in on_runs)
-        lines.append(f"\nThroughput with the record on / off: **{on / max(off, 1e-9):.2f}** (target ≥ 0.90); "
-                     f"rows in PostgreSQL {rows} for {sent} answered requests (warm-up included in the rows); "
+            ratios.append(n["rps"] / max(f["rps"], 1e-9))
+            cpu_ratios.append(total(f) / max(total(n), 1e-9))
+            lines.append(f"| {i} | {f['rps']:.0f} | {n['rps']:.0f} | {ratios[-1]:.2f} | "
+                         f"{ms(f['p99_us'])} | {ms(n['p99_us'])} | {us(f['cpu_per_1k'])} / {us(n['cpu_per_1k'])} | "
+                         f"{us(f['pg_cpu_per_1k'])} / {us(n['pg_cpu_per_1k'])} | "
+                         f"{us(f['sim_cpu_per_1k'])} / {us(n['sim_cpu_per_1k'])} | "
+                         f"{us(f['wrk_cpu_per_1k'])} / {us(n['wrk_cpu_per_1k'])} | "
+                         f"{us(total(f))} / {us(total(n))} |")
+        med = lambda runs, key: statistics.median(r[key] for r in runs)
+        own = med(on_runs, "cpu_per_1k") - med(off_runs, "cpu_per_1k")
+        # All of PostgreSQL's CPU (during the off runs too: checkpoints and autovacuum
+        # catching up) per request recorded.
+        pg_cost = (sum(r["pg_cpu_per_1k"] * r["requests"] for r in off_runs + on_runs)
+                   / max(sum(r["requests"] for r in on_runs), 1))
+        overall = sum(r["rps"] for r in on_runs) / max(sum(r["rps"] for r in off_runs), 1e-9)
+        lines.append(f"\nThroughput with the record on / off: median of the rounds **{statistics.median(ratios):.2f}** "
+                     f"(rounds {min(ratios):.2f}-{max(ratios):.2f}; all requests {overall:.2f}; target ≥ 0.90). "
+                     f"CPU-bound estimate, all processes' CPU per request off / on (what the ratio would be "
+                     f"were the two cores busy with these processes only), median of the rounds: "
+                     f"{statistics.median(cpu_ratios):.2f} "
+                     f"(rounds {min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}). "
+                     f"The record's CPU per request: chatgate **{own * 1000:+.1f} µs** (medians, on − off), "
+                     f"PostgreSQL **{pg_cost * 1000:.1f} µs** (all its CPU in the step / requests recorded). "
+                     f"Rows in PostgreSQL {rows} for {sent} answered requests (warm-up included in the rows); "
                      f"the writer wrote **{capacity:,.0f} records per second of batch-write time** "
                      f"(target ≥ 5,000)\n")
 

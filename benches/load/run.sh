@@ -6,8 +6,9 @@
 # DURATION=10 CONNECTIONS=32 RATES=500,2000 STREAMS=1000,10000 PACE_MS=500 STREAM_CHUNKS=20
 # ACCESS_LOG=both|warn, LIMITS=on|off, CHATGATE_BIN=path (another build to compare),
 # STEPS=closed,fixed,streams,flood (add record: conversation record on vs off against a
-# private PostgreSQL; accesslog: CPU per request with the access log on vs off, chatgate and
-# nginx, rounds alternated). Everything listens on 127.0.0.1.
+# private PostgreSQL, RECORD_ROUNDS=6 rounds, RECORD_MESSAGES_KB=0 (N: N KiB conversations);
+# accesslog: CPU per request with the access log on vs off, chatgate and nginx, rounds
+# alternated). Everything listens on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

@@ -436,6 +436,15 @@ pub const RESERVED_KEYS: [&str; 4] = ["model", "messages", "stream", "stream_opt
 
 /// Writes the OpenAI chat-completions request body for `messages`.
 pub fn build_openai_body(messages: &[ChatMessage], spec: &UpstreamRequestSpec) -> Vec<u8> {
+    build_openai_body_and_messages(messages, spec).0
+}
+
+/// [`build_openai_body`], and where the messages array is in it (what the
+/// conversation record keeps, without parsing the body again).
+pub fn build_openai_body_and_messages(
+    messages: &[ChatMessage],
+    spec: &UpstreamRequestSpec,
+) -> (Vec<u8>, std::ops::Range<usize>) {
     let prompt = spec
         .system_prompt
         .filter(|_| !messages.iter().any(|message| message.role == Role::System));
@@ -451,7 +460,9 @@ pub fn build_openai_body(messages: &[ChatMessage], spec: &UpstreamRequestSpec) -
 
     out.extend_from_slice(b"{\"model\":");
     push_json(&mut out, spec.model);
-    out.extend_from_slice(b",\"messages\":[");
+    out.extend_from_slice(b",\"messages\":");
+    let messages_start = out.len();
+    out.push(b'[');
     let mut first = true;
     let all = prompt
         .map(|prompt| (Role::System, prompt))
@@ -472,10 +483,12 @@ pub fn build_openai_body(messages: &[ChatMessage], spec: &UpstreamRequestSpec) -
         push_json(&mut out, content);
         out.push(b'}');
     }
+    out.push(b']');
+    let messages_at = messages_start..out.len();
     out.extend_from_slice(if spec.stream {
-        b"],\"stream\":true"
+        b",\"stream\":true"
     } else {
-        b"],\"stream\":false"
+        b",\"stream\":false"
     });
     if spec.stream && spec.include_usage {
         out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
@@ -490,7 +503,7 @@ pub fn build_openai_body(messages: &[ChatMessage], spec: &UpstreamRequestSpec) -
         push_json(&mut out, value);
     }
     out.push(b'}');
-    out
+    (out, messages_at)
 }
 
 fn push_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
@@ -704,6 +717,23 @@ mod tests {
             String::from_utf8(body).unwrap(),
             r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are XiaoZhi."},{"role":"user","content":"Hi \"you\"\n你"}],"stream":false,"max_tokens":512,"stop":["\n\n"],"temperature":0.5}"#
         );
+    }
+
+    #[test]
+    fn the_messages_span_is_the_bodys_messages_array() {
+        let mut params = Map::new();
+        params.insert("temperature".to_owned(), json!(0.5));
+        let messages = [
+            message(Role::User, "a \"]\" [b"),
+            message(Role::Assistant, "你"),
+        ];
+        for stream in [false, true] {
+            let (body, at) =
+                build_openai_body_and_messages(&messages, &spec(&params, Some("prompt"), stream));
+            let parsed: Value = serde_json::from_slice(&body).unwrap();
+            let span: Value = serde_json::from_slice(&body[at]).unwrap();
+            assert_eq!(span, parsed["messages"]);
+        }
     }
 
     #[test]

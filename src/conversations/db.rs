@@ -1,16 +1,16 @@
 //! PostgreSQL side of the conversation record: connecting, the schema (created
 //! or migrated at start under an advisory lock, so instances starting together
-//! do not race), batched writes by binary COPY into a session-local staging
-//! table then one `INSERT ... ON CONFLICT (request_id) DO NOTHING` (COPY alone
-//! cannot skip rows that a replay already wrote), retention deletes and export.
+//! do not race), batched writes by binary COPY (new records straight into the
+//! table; replays through a session-local staging table then one `INSERT ... ON
+//! CONFLICT (request_id) DO NOTHING`, since COPY alone cannot skip rows a replay
+//! already wrote), retention deletes and export.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut, BytesMut};
-use futures::{pin_mut, TryStreamExt};
+use futures::{pin_mut, SinkExt, TryStreamExt};
 use pingora::tls::{ClientConfig, RootCertStore};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
@@ -20,7 +20,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::record::Record;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// `pg_advisory_xact_lock` key taken while the schema is created or migrated.
 const SCHEMA_LOCK: i64 = 0x6368_6174_6761_7465; // "chatgate"
@@ -66,6 +66,20 @@ CREATE TABLE IF NOT EXISTS chatgate_conversations (
 );
 CREATE INDEX IF NOT EXISTS chatgate_conversations_started_at ON chatgate_conversations (started_at);
 CREATE INDEX IF NOT EXISTS chatgate_conversations_user ON chatgate_conversations (username, started_at);
+";
+
+/// Version 2: the long texts (`messages`, `answer`) are compressed with lz4 instead of
+/// PostgreSQL's default pglz: about half of PostgreSQL's CPU per row for a 10 KiB
+/// record (see benches/RESULTS.md), for ~10% more disk. Only the catalog changes
+/// (rows already stored stay as they are, none is rewritten), so it is instant on any
+/// table; it still needs the table's exclusive lock for a moment, hence the lock
+/// timeout: waiting behind a long export would stall every writer queued behind it.
+/// Servers built without lz4 (or older than 14) keep pglz.
+const SCHEMA_V2: &str = "
+SET LOCAL lock_timeout = '1s';
+ALTER TABLE chatgate_conversations
+    ALTER COLUMN messages SET COMPRESSION lz4,
+    ALTER COLUMN answer SET COMPRESSION lz4;
 ";
 
 /// Opens a connection (driven by a task on the current runtime) within `timeout`.
@@ -183,9 +197,20 @@ pub async fn migrate(client: &mut Client) -> Result<(), String> {
                 "the schema is at version {v}, newer than this gateway's {SCHEMA_VERSION}"
             ))
         }
-        // Version 1 is the first: anything older (none yet) would be migrated here, step by step.
+        // Step by step from what is there (nothing: `None`).
         _ => {
-            tx.batch_execute(SCHEMA_V1).await.map_err(e)?;
+            let from = version.unwrap_or(0);
+            tracing::info!(
+                from,
+                to = SCHEMA_VERSION,
+                "conversation log: migrating the schema"
+            );
+            if from < 1 {
+                tx.batch_execute(SCHEMA_V1).await.map_err(e)?;
+            }
+            if from < 2 && server_has_lz4(&tx).await.map_err(e)? {
+                tx.batch_execute(SCHEMA_V2).await.map_err(e)?;
+            }
             tx.execute(
                 "INSERT INTO chatgate_schema (component, version) VALUES ('conversations', $1)
                  ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
@@ -196,6 +221,18 @@ pub async fn migrate(client: &mut Client) -> Result<(), String> {
         }
     }
     tx.commit().await.map_err(e)
+}
+
+/// Whether the server can compress with lz4 (built with it, version 14 or later).
+async fn server_has_lz4(tx: &Transaction<'_>) -> Result<bool, tokio_postgres::Error> {
+    let row = tx
+        .query_one(
+            "SELECT coalesce((SELECT 'lz4' = ANY(enumvals) FROM pg_settings
+                              WHERE name = 'default_toast_compression'), false)",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// The schema version in the database; `None` when it was never created.
@@ -281,15 +318,17 @@ impl Writer {
         let copied = {
             let tx = self.client.transaction().await.map_err(pg_error)?;
             match copy_rows(&tx, &self.copy_direct, records).await {
-                Ok(()) => tx.commit().await,
+                Ok(()) => tx.commit().await.map_err(CopyFailed::Db),
                 // Dropping the transaction rolls it back.
                 Err(e) => Err(e),
             }
         };
         match copied {
             Ok(()) => Ok(records.len() as u64),
-            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => self.write(records).await,
-            Err(e) => Err(pg_error(e)),
+            Err(CopyFailed::Db(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                self.write(records).await
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -298,7 +337,7 @@ impl Writer {
     pub async fn write(&mut self, records: &[Record]) -> Result<u64, String> {
         let e = pg_error;
         let tx = self.client.transaction().await.map_err(e)?;
-        copy_rows(&tx, &self.copy, records).await.map_err(e)?;
+        copy_rows(&tx, &self.copy, records).await?;
         let inserted = tx.execute(&self.insert, &[]).await.map_err(e)?;
         tx.commit().await.map_err(e)?;
         Ok(inserted)
@@ -360,43 +399,92 @@ pub async fn export(
     Ok(n)
 }
 
-/// A short cause: the server's SQLSTATE and message for database errors (whose
-/// `Display` is only "db error"), else the error and its source. Never the URL.
-/// Sends `records` through the COPY statement `copy`, in the table's column order.
+/// The signature, flags and header extension length that open PostgreSQL's binary
+/// COPY format; [`COPY_TRAILER`] closes it.
+const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+const COPY_TRAILER: i16 = -1;
+/// Bytes of encoded rows per COPY message. tokio-postgres's `BinaryCopyInWriter`
+/// sends one per 4 KiB, each a hand-off to the connection's task and a socket write
+/// of its own; a batch of the usual size goes as one message here.
+const COPY_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Why a COPY failed.
+enum CopyFailed {
+    Db(tokio_postgres::Error),
+    /// A value the binary format cannot hold (a text over 2 GiB: none the queue takes).
+    Encode(String),
+}
+
+impl From<CopyFailed> for String {
+    fn from(e: CopyFailed) -> String {
+        match e {
+            CopyFailed::Db(e) => pg_error(e),
+            CopyFailed::Encode(e) => e,
+        }
+    }
+}
+
+/// Sends `records` through the COPY statement `copy` in PostgreSQL's binary format,
+/// the table's columns in order.
 async fn copy_rows(
     tx: &Transaction<'_>,
     copy: &Statement,
     records: &[Record],
-) -> Result<(), tokio_postgres::Error> {
-    let sink = tx.copy_in(copy).await?;
-    let writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
-    pin_mut!(writer);
+) -> Result<(), CopyFailed> {
+    let sink = tx.copy_in(copy).await.map_err(CopyFailed::Db)?;
+    pin_mut!(sink);
+    let size: usize = records.iter().map(Record::weight).sum();
+    let mut out = BytesMut::with_capacity(size.min(COPY_MESSAGE_BYTES) + 64);
+    out.put_slice(COPY_HEADER);
     for r in records {
-        let started_at = r.started_at();
-        writer
-            .as_mut()
-            .write(&[
-                &r.request_id,
-                &r.user_id,
-                &r.username,
-                &r.route,
-                &r.model,
-                &JsonText(&r.messages),
-                &r.answer,
-                &r.outcome,
-                &r.status,
-                &r.prompt_tokens,
-                &r.completion_tokens,
-                &started_at,
-                &r.duration_ms,
-                &r.ttfb_ms,
-            ])
-            .await?;
+        encode_row(r, &mut out).map_err(CopyFailed::Encode)?;
+        if out.len() >= COPY_MESSAGE_BYTES {
+            let full = out.split().freeze();
+            sink.send(full).await.map_err(CopyFailed::Db)?;
+        }
     }
-    writer.finish().await?;
+    out.put_i16(COPY_TRAILER);
+    sink.send(out.freeze()).await.map_err(CopyFailed::Db)?;
+    sink.finish().await.map_err(CopyFailed::Db)?;
     Ok(())
 }
 
+/// Appends one row: the field count, then each field's length (-1: null) and bytes.
+fn encode_row(r: &Record, out: &mut BytesMut) -> Result<(), String> {
+    let started_at = r.started_at();
+    let fields: [&(dyn ToSql + Sync); 14] = [
+        &r.request_id,
+        &r.user_id,
+        &r.username,
+        &r.route,
+        &r.model,
+        &JsonText(&r.messages),
+        &r.answer,
+        &r.outcome,
+        &r.status,
+        &r.prompt_tokens,
+        &r.completion_tokens,
+        &started_at,
+        &r.duration_ms,
+        &r.ttfb_ms,
+    ];
+    out.put_i16(fields.len() as i16);
+    for (value, ty) in fields.iter().zip(&COLUMN_TYPES) {
+        let at = out.len();
+        out.put_i32(0);
+        let len = match value.to_sql_checked(ty, out) {
+            Ok(IsNull::Yes) => -1,
+            Ok(IsNull::No) => i32::try_from(out.len() - at - 4)
+                .map_err(|_| "a record field over 2 GiB".to_string())?,
+            Err(e) => return Err(format!("cannot encode a record: {e}")),
+        };
+        out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    }
+    Ok(())
+}
+
+/// A short cause: the server's SQLSTATE and message for database errors (whose
+/// `Display` is only "db error"), else the error and its source. Never the URL.
 pub fn pg_error(e: tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{} ({})", db.message(), db.code().code());

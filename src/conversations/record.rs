@@ -92,6 +92,17 @@ impl Draft {
         })
     }
 
+    /// A draft for a body the gateway built itself, with `messages` the span of its
+    /// messages array (no parse needed); `None` if it is not text (never for JSON).
+    pub fn with_messages(username: &str, model: &str, messages: &[u8]) -> Option<Draft> {
+        Some(Draft {
+            username: username.to_string(),
+            model: model.to_string(),
+            messages: std::str::from_utf8(messages).ok()?.to_string(),
+            answer: None,
+        })
+    }
+
     /// The reply started: from now on the answer is text, possibly empty.
     pub fn answer_started(&mut self) {
         self.answer.get_or_insert_with(String::new);
@@ -182,6 +193,18 @@ mod tests {
             .unwrap()
             .as_micros() as i64;
         assert!((now_us - r.started_at_us - 1_500_000).abs() < 1_000_000);
+    }
+
+    #[test]
+    fn a_draft_from_the_messages_span_is_the_parsed_one() {
+        let body =
+            br#"{"model":"m-1","messages":[{"role":"user","content":"caf\u00e9"}],"stream":false}"#;
+        let messages = &body[26..body.len() - 16];
+        assert_eq!(
+            Draft::with_messages("alice", "m-1", messages),
+            Draft::new("alice", body)
+        );
+        assert!(Draft::with_messages("alice", "m-1", b"[\xff]").is_none());
     }
 
     #[test]

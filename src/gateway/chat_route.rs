@@ -12,7 +12,7 @@ use pingora::proxy::Session;
 use super::{exchange, reply, ChatRoute, RequestCtx};
 use crate::auth::Authenticator;
 use crate::chat::reply::parse_completion;
-use crate::chat::request::{build_openai_body, parse_messages, UpstreamRequestSpec};
+use crate::chat::request::{build_openai_body_and_messages, parse_messages, UpstreamRequestSpec};
 use crate::chat::sse_out::{write_error_event, KEEPALIVE_COMMENT};
 use crate::chat::stream::{StreamStatus, StreamTranscoder};
 use crate::chat::token_count::estimate_stream;
@@ -40,7 +40,7 @@ pub(super) async fn handle(
     exchange::reserve(limiter, route, &caller, raw.len(), None, ctx).await?;
     drop(raw);
     let stream = settings.kind == RouteKind::ChatStream;
-    let upstream_body = Bytes::from(build_openai_body(
+    let (upstream_body, messages_at) = build_openai_body_and_messages(
         &messages,
         &UpstreamRequestSpec {
             model: &settings.model,
@@ -49,11 +49,17 @@ pub(super) async fn handle(
             stream,
             include_usage: route.include_usage,
         },
-    ));
+    );
     drop(messages);
     if settings.conversation_log {
-        ctx.conversation = Draft::new(&caller.username, &upstream_body).map(Box::new);
+        ctx.conversation = Draft::with_messages(
+            &caller.username,
+            &settings.model,
+            &upstream_body[messages_at],
+        )
+        .map(Box::new);
     }
+    let upstream_body = Bytes::from(upstream_body);
 
     let deadline = Instant::now() + route.upstream.settings.total_timeout;
     let opened =
