@@ -25,6 +25,11 @@ use crate::metrics::ActiveStream;
 use crate::upstream::{OpenResponse, UpstreamError};
 
 /// Handles one chat request; errors before the reply started are answered by the caller.
+///
+/// Each phase is boxed and awaited in turn, so this future stays a few pointers: the
+/// request's future is held for as long as a stream is open, and the state of the
+/// phases before the first byte (auth, limits, rewrite, connect, retries) would
+/// otherwise stay reserved in it for every open stream.
 pub(super) async fn handle(
     auth: &Authenticator,
     limiter: &Limiter,
@@ -32,8 +37,38 @@ pub(super) async fn handle(
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(), ApiError> {
-    let Some((caller, raw)) = exchange::admit(auth, route, session, ctx).await? else {
+    let Some((open, upstream_body, deadline)) =
+        Box::pin(open_call(auth, limiter, route, session, ctx)).await?
+    else {
         return Ok(());
+    };
+    if route.settings.kind == RouteKind::ChatStream {
+        Box::pin(stream_reply(
+            route,
+            session,
+            ctx,
+            open,
+            upstream_body,
+            deadline,
+        ))
+        .await;
+        return Ok(());
+    }
+    drop(upstream_body);
+    Box::pin(json_reply(route, session, ctx, open, deadline)).await
+}
+
+/// Everything before the reply: Bearer check, body, reservation, rewrite, and the
+/// upstream call up to a 2xx header. `Ok(None)`: the client left; nobody to answer.
+async fn open_call(
+    auth: &Authenticator,
+    limiter: &Limiter,
+    route: &ChatRoute,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<Option<(OpenResponse, Bytes, Instant)>, ApiError> {
+    let Some((caller, raw)) = exchange::admit(auth, route, session, ctx).await? else {
+        return Ok(None);
     };
     let settings = &route.settings;
     let messages = parse_messages(&raw).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
@@ -64,22 +99,17 @@ pub(super) async fn handle(
     let deadline = Instant::now() + route.upstream.settings.total_timeout;
     let opened =
         exchange::open_upstream(route, session, ctx, &upstream_body, stream, deadline).await?;
-    let Some(open) = opened else { return Ok(()) };
-    if stream {
-        // Boxed: its state is large and would otherwise be part of (and copied with)
-        // every request's future, streaming or not.
-        Box::pin(stream_reply(
-            route,
-            session,
-            ctx,
-            open,
-            upstream_body,
-            deadline,
-        ))
-        .await;
-        return Ok(());
-    }
-    drop(upstream_body);
+    Ok(opened.map(|open| (open, upstream_body, deadline)))
+}
+
+/// Reads a whole upstream reply and answers `{"message": ...}`.
+async fn json_reply(
+    route: &ChatRoute,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    open: OpenResponse,
+    deadline: Instant,
+) -> Result<(), ApiError> {
     let Some((body, _)) = exchange::read_reply(route, session, ctx, open, deadline).await? else {
         return Ok(());
     };

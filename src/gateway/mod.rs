@@ -264,14 +264,14 @@ impl ProxyHttp for Gateway {
             ctx.route = "/auth".into();
             if is_post {
                 let client_ip = self.client_ip(session);
-                let result = login_route::handle(
+                let result = Box::pin(login_route::handle(
                     &self.auth,
                     &self.limiter,
                     &self.limits,
                     client_ip,
                     session,
                     ctx,
-                )
+                ))
                 .await;
                 if let Some(outcome) = login_outcome(&result, ctx.outcome) {
                     metrics::auth_attempt(outcome);
@@ -284,10 +284,15 @@ impl ProxyHttp for Gateway {
             ctx.route = route.settings.path.clone();
             if !is_post {
                 Err(ApiError::MethodNotAllowed { allow: "POST" })
-            } else if route.settings.kind == RouteKind::Openai {
-                openai_route::handle(&self.auth, &self.limiter, route, session, ctx).await
             } else {
-                chat_route::handle(&self.auth, &self.limiter, route, session, ctx).await
+                // Boxed, each handler: this future lives as long as the request (a
+                // stream's whole life), and only one handler's state is ever needed.
+                let (auth, limiter) = (&*self.auth, &*self.limiter);
+                if route.settings.kind == RouteKind::Openai {
+                    Box::pin(openai_route::handle(auth, limiter, route, session, ctx)).await
+                } else {
+                    Box::pin(chat_route::handle(auth, limiter, route, session, ctx)).await
+                }
             }
         } else {
             ctx.route = "unmatched".into();

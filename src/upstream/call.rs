@@ -445,7 +445,12 @@ impl Upstream {
         let mut open = OpenResponse {
             body,
             conn,
-            content_type: head.headers.get(http::header::CONTENT_TYPE).cloned(),
+            // Copied: hyper's header values are slices of its first read buffer, and
+            // a clone would keep that whole buffer (4 KiB) for as long as a stream is open.
+            content_type: head
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()),
             status,
             done: false,
             endpoint,
