@@ -27,6 +27,7 @@ use opentelemetry_sdk::trace::{
 use opentelemetry_sdk::Resource;
 use tokio::sync::mpsc;
 
+use crate::chat::FinishSeen;
 use crate::config::TracingSettings;
 use crate::metrics;
 
@@ -178,8 +179,8 @@ pub struct RequestTrace {
     recording: bool,
     /// The client span of the attempt that answered, ended when the request is logged.
     attempt: Option<Context>,
-    response_model: Option<String>,
-    finish_reasons: Vec<String>,
+    /// The model and finish reasons the answer named.
+    reply: FinishSeen,
 }
 
 /// The trace of a request with these headers: `None` when tracing is off and the
@@ -196,8 +197,7 @@ pub fn start_request(headers: &http::HeaderMap, method: &str) -> Option<Box<Requ
                 cx: parent,
                 recording: false,
                 attempt: None,
-                response_model: None,
-                finish_reasons: Vec::new(),
+                reply: FinishSeen::default(),
             })
         });
     };
@@ -210,8 +210,7 @@ pub fn start_request(headers: &http::HeaderMap, method: &str) -> Option<Box<Requ
         cx: parent.with_span(span),
         recording: true,
         attempt: None,
-        response_model: None,
-        finish_reasons: Vec::new(),
+        reply: FinishSeen::default(),
     }))
 }
 
@@ -228,6 +227,17 @@ pub struct RequestEnd<'a> {
 }
 
 impl RequestTrace {
+    /// Whether spans are recorded for this request (tracing on and the trace sampled):
+    /// what a stream checks before keeping anything for them.
+    pub fn is_recording(&self) -> bool {
+        self.recording
+    }
+
+    /// Notes the model and finish reasons a stream reported.
+    pub fn stream_seen(&mut self, seen: FinishSeen) {
+        self.reply = seen;
+    }
+
     /// Notes the model and finish reasons of a complete JSON reply (the answer is not kept).
     pub fn reply_seen(&mut self, body: &[u8]) {
         if !self.recording {
@@ -244,12 +254,14 @@ impl RequestTrace {
             choices: Vec<Choice>,
         }
         if let Ok(reply) = serde_json::from_slice::<Reply>(body) {
-            self.response_model = reply.model;
-            self.finish_reasons = reply
-                .choices
-                .into_iter()
-                .filter_map(|c| c.finish_reason)
-                .collect();
+            self.reply = FinishSeen {
+                model: reply.model,
+                finish_reasons: reply
+                    .choices
+                    .into_iter()
+                    .filter_map(|c| c.finish_reason)
+                    .collect(),
+            };
         }
     }
 
@@ -272,11 +284,13 @@ impl RequestTrace {
                     span.set_attribute(KeyValue::new("chatgate.tokens_estimated", true));
                 }
             }
-            if let Some(model) = self.response_model.take() {
+            let reply = std::mem::take(&mut self.reply);
+            if let Some(model) = reply.model {
                 span.set_attribute(KeyValue::new("gen_ai.response.model", model));
             }
-            if !self.finish_reasons.is_empty() {
-                let reasons = std::mem::take(&mut self.finish_reasons)
+            if !reply.finish_reasons.is_empty() {
+                let reasons = reply
+                    .finish_reasons
                     .into_iter()
                     .map(Into::into)
                     .collect::<Vec<opentelemetry::StringValue>>();

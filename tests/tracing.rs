@@ -14,6 +14,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::{status::StatusCode, Span};
 use prost::Message;
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -23,6 +24,9 @@ const WRONG_PASSWORD: &str = "hunter2-wrong";
 const API_KEY: &str = "sk-trace-secret-key";
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_ID: &str = "00f067aa0ba902b7";
+/// A pass-through route letting the client pick the model (no `gen_ai.request.model`).
+const OPENAI_ROUTE: &str =
+    "  - path: /v1/chat/completions\n    kind: openai\n    upstream: main\n    models: [gpt-traced]\n";
 
 /// An OTLP/HTTP receiver: every span of every `POST /v1/traces`, with its service name.
 #[derive(Clone, Default)]
@@ -187,6 +191,14 @@ fn strings(span: &Span) -> Vec<String> {
     out
 }
 
+/// `gen_ai.response.finish_reasons`, a string array.
+fn finish_reasons(span: &Span) -> Vec<&str> {
+    match find(&span.attributes, "gen_ai.response.finish_reasons").and_then(|v| v.value.as_ref()) {
+        Some(Value::ArrayValue(a)) => a.values.iter().filter_map(as_str).collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn is_error(span: &Span) -> bool {
     span.status.as_ref().map(|s| s.code) == Some(StatusCode::Error as i32)
 }
@@ -207,7 +219,7 @@ async fn start(sim_flags: &[&str], tracing: Option<String>) -> Traced {
         &[sim.addr()],
         "    api_keys_env: TEST_UPSTREAM_KEYS\n    retries: 2\n",
     );
-    cfg.routes = seed_routes("main");
+    cfg.routes = seed_routes("main") + OPENAI_ROUTE;
     cfg.env = vec![("TEST_UPSTREAM_KEYS".into(), API_KEY.into())];
     if let Some(block) = tracing {
         cfg.extra = block;
@@ -298,10 +310,7 @@ async fn spans_for_json_stream_retry_failure_and_auth() {
     assert!(attr_int(ok, "gen_ai.usage.input_tokens").is_some_and(|n| n > 0));
     assert!(attr_int(ok, "gen_ai.usage.output_tokens").is_some_and(|n| n > 0));
     assert!(attr_str(ok, "gen_ai.response.model").is_some());
-    assert!(
-        find(&ok.attributes, "gen_ai.response.finish_reasons").is_some(),
-        "{ok:#?}"
-    );
+    assert_eq!(finish_reasons(ok), ["stop"], "{ok:#?}");
     assert!(ok
         .events
         .iter()
@@ -343,6 +352,54 @@ async fn spans_for_json_stream_retry_failure_and_auth() {
     assert!(attr_int(&attempt, "gen_ai.usage.output_tokens").is_some_and(|n| n > 0));
     assert!(attempt.end_time_unix_nano <= server.end_time_unix_nano);
     assert!(attempt.end_time_unix_nano > attempt.start_time_unix_nano);
+    // What the simulator's chunks name: the model asked for, and `stop` in the last one.
+    assert_eq!(
+        attr_str(&attempt, "gen_ai.response.model"),
+        Some("test-model")
+    );
+    assert_eq!(finish_reasons(&attempt), ["stop"], "{attempt:#?}");
+    assert!(attempt.events.iter().any(|e| find(
+        &e.attributes,
+        "gen_ai.server.time_to_first_token"
+    )
+    .is_some()));
+
+    // A pass-through stream: the same, from the bytes it passes on unchanged.
+    let resp = t
+        .chat(
+            "/v1/chat/completions",
+            json!({"model": "gpt-traced", "stream": true,
+                   "messages": [{"role": "user", "content": PROMPT}]})
+            .to_string(),
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let passed_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body = resp.text().await.expect("pass-through body");
+    assert!(body.contains("\"finish_reason\":\"stop\""), "{body}");
+    let server = receiver
+        .wait_for(1, |s| {
+            attr_str(s, "chatgate.request_id") == Some(&passed_id)
+        })
+        .await
+        .remove(0);
+    assert_eq!(
+        attr_str(&server, "http.route"),
+        Some("/v1/chat/completions")
+    );
+    let attempt = receiver
+        .wait_for(1, |s| s.parent_span_id == server.span_id)
+        .await
+        .remove(0);
+    assert_eq!(attr_str(&attempt, "gen_ai.request.model"), None);
+    assert_eq!(
+        attr_str(&attempt, "gen_ai.response.model"),
+        Some("gpt-traced")
+    );
+    assert_eq!(finish_reasons(&attempt), ["stop"], "{attempt:#?}");
+    assert!(attr_int(&attempt, "gen_ai.usage.output_tokens").is_some_and(|n| n > 0));
+    assert!(attempt.end_time_unix_nano <= server.end_time_unix_nano);
 
     // A failed upstream: a 4xx is not retried; the client gets CONTRACT's 500.
     let resp = t

@@ -17,6 +17,12 @@ pub enum UpstreamEvent<'a> {
     Delta(Cow<'a, str>),
     /// Token usage, usually in the last chunk before `[DONE]`.
     Usage(Usage),
+    /// The first choice's `finish_reason` (once per stream, in its last content chunk),
+    /// with the `model` that chunk names; read for traces only.
+    Finish {
+        reason: Cow<'a, str>,
+        model: Option<Cow<'a, str>>,
+    },
     /// `data: [DONE]`: the answer is complete.
     Done,
     /// The upstream reported an error inside the stream; the text is already cleaned.
@@ -29,8 +35,30 @@ impl UpstreamEvent<'_> {
         match self {
             UpstreamEvent::Delta(text) => UpstreamEvent::Delta(Cow::Owned(text.into_owned())),
             UpstreamEvent::Usage(usage) => UpstreamEvent::Usage(usage),
+            UpstreamEvent::Finish { reason, model } => UpstreamEvent::Finish {
+                reason: Cow::Owned(reason.into_owned()),
+                model: model.map(|model| Cow::Owned(model.into_owned())),
+            },
             UpstreamEvent::Done => UpstreamEvent::Done,
             UpstreamEvent::Error(message) => UpstreamEvent::Error(message),
+        }
+    }
+}
+
+/// How a reply said it ended, for its trace: the model the upstream named and the
+/// finish reasons, in the order they came.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FinishSeen {
+    pub model: Option<String>,
+    pub finish_reasons: Vec<String>,
+}
+
+impl FinishSeen {
+    /// Notes one [`UpstreamEvent::Finish`].
+    pub fn note(&mut self, reason: &str, model: Option<&str>) {
+        self.finish_reasons.push(reason.to_owned());
+        if let Some(model) = model {
+            self.model = Some(model.to_owned());
         }
     }
 }
@@ -306,6 +334,12 @@ where
     if let Some(text) = content.filter(|text| !text.is_empty()) {
         on_event(UpstreamEvent::Delta(Cow::Borrowed(text)));
     }
+    // Null in every chunk but the last: decoded once per stream. A reason that does
+    // not decode is only left out of the trace, never an error of the stream.
+    if let Some(Ok(reason)) = chunk.finish_reason.map(|literal| literal.decode()) {
+        let model = chunk.model.and_then(|literal| literal.decode().ok());
+        on_event(UpstreamEvent::Finish { reason, model });
+    }
     if let Some(usage) = chunk.usage {
         on_event(UpstreamEvent::Usage(usage));
     }
@@ -342,6 +376,13 @@ mod tests {
         UpstreamEvent::Delta(Cow::Owned(text.to_owned()))
     }
 
+    fn finish(reason: &str, model: Option<&str>) -> UpstreamEvent<'static> {
+        UpstreamEvent::Finish {
+            reason: Cow::Owned(reason.to_owned()),
+            model: model.map(|model| Cow::Owned(model.to_owned())),
+        }
+    }
+
     fn content_chunk(text: &str) -> String {
         format!(
             r#"{{"id":"c","object":"chat.completion.chunk","choices":[{{"index":0,"delta":{{"content":{}}},"finish_reason":null}}],"usage":null}}"#,
@@ -356,7 +397,7 @@ mod tests {
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"},\"finish_reason\":null}]}\n\n",
             ": keep-alive\n\n",
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" \\\"w\\u00f6rld\\\"\"},\"logprobs\":null}]}\n\n",
-            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: {\"model\":\"gpt-4o-2024\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
             "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\n",
             "data: [DONE]\n\n",
         );
@@ -366,6 +407,7 @@ mod tests {
                 vec![
                     delta("Hello"),
                     delta(" \"wörld\""),
+                    finish("stop", Some("gpt-4o-2024")),
                     UpstreamEvent::Usage(Usage {
                         prompt_tokens: 9,
                         completion_tokens: 2
@@ -485,10 +527,50 @@ mod tests {
     }
 
     #[test]
+    fn finish_reasons_come_with_the_chunks_model_and_never_fail_the_stream() {
+        let body = concat!(
+            "data: {\"model\":\"m\\u00e9\",\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":\"len\\u0067th\"}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"},{\"finish_reason\":\"second\"}]}\n\n",
+            "data: {\"model\":7,\"choices\":[{\"finish_reason\":{\"odd\":true}}]}\n\n",
+            "data: {\"model\":\"x\",\"choices\":[{\"finish_reason\":\"\\ud800\"}]}\n\n",
+            "data: {\"model\":[],\"model\":\"last\",\"choices\":[{\"finish_reason\":null,\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        assert_eq!(
+            parse(&[body.as_bytes()]),
+            (
+                vec![
+                    delta("a"),
+                    finish("length", Some("mé")),
+                    finish("stop", None),
+                    finish("stop", Some("last")),
+                    UpstreamEvent::Done,
+                ],
+                None
+            )
+        );
+        let mut parser = UpstreamSseParser::default();
+        let mut borrowed = Vec::new();
+        let chunk = b"data: {\"model\":\"m\",\"choices\":[{\"finish_reason\":\"stop\"}]}\n\n";
+        parser
+            .feed(chunk, &mut |event| {
+                borrowed.push(matches!(
+                    event,
+                    UpstreamEvent::Finish {
+                        reason: Cow::Borrowed("stop"),
+                        model: Some(Cow::Borrowed("m")),
+                    }
+                ))
+            })
+            .unwrap();
+        assert_eq!(borrowed, vec![true]);
+    }
+
+    #[test]
     fn chunks_without_text_give_nothing() {
         let body = concat!(
             "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n",
-            "data: {\"choices\":[{\"delta\":{\"content\":null},\"finish_reason\":\"length\"}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":null},\"finish_reason\":null}]}\n\n",
             "data: {\"choices\":[{\"delta\":{\"content\":\"\"}}]}\n\n",
             "data: {\"choices\":[]}\n\n",
             "data: {\"choices\":null,\"usage\":null}\n\n",

@@ -17,11 +17,12 @@ use crate::chat::reply::parse_completion;
 use crate::chat::sse_in::{UpstreamEvent, UpstreamSseParser};
 use crate::chat::token_count::{estimate_stream, CompletionText};
 use crate::chat::usage_strip::UsageChunkFilter;
-use crate::chat::{Usage, DEFAULT_MAX_EVENT_BYTES};
+use crate::chat::{FinishSeen, Usage, DEFAULT_MAX_EVENT_BYTES};
 use crate::conversations::Draft;
 use crate::error::ApiError;
 use crate::limits::Limiter;
 use crate::metrics::ActiveStream;
+use crate::traces::RequestTrace;
 use crate::upstream::{OpenResponse, UpstreamError};
 
 /// Handles one OpenAI-format request; errors before the reply started are answered by the caller.
@@ -141,6 +142,11 @@ async fn pass_stream(
             draft.answer_started();
             String::new()
         }),
+        finish: ctx
+            .trace
+            .as_deref()
+            .is_some_and(RequestTrace::is_recording)
+            .then(FinishSeen::default),
         ..Seen::default()
     };
     let mut out = BytesMut::new();
@@ -205,6 +211,9 @@ async fn pass_stream(
         }
     };
     ctx.tokens = seen.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
+    if let (Some(trace), Some(finish)) = (ctx.trace.as_deref_mut(), seen.finish.take()) {
+        trace.stream_seen(finish);
+    }
     match failure {
         Some(cause) => {
             drop(open);
@@ -225,13 +234,15 @@ async fn pass_stream(
     }
 }
 
-/// What the stream said, read on the side: its usage, its text while no usage came, and
-/// (when the exchange is recorded) the text of the piece in hand.
+/// What the stream said, read on the side: its usage, its text while no usage came,
+/// (when the exchange is recorded) the text of the piece in hand, and (when the trace
+/// is recorded) the model and finish reasons.
 #[derive(Default)]
 struct Seen {
     usage: Option<Usage>,
     completion: CompletionText,
     text: Option<String>,
+    finish: Option<FinishSeen>,
 }
 
 impl Seen {
@@ -249,7 +260,12 @@ impl Seen {
                     self.completion.push(&text);
                 }
             }
-            _ => {}
+            UpstreamEvent::Finish { reason, model } => {
+                if let Some(finish) = self.finish.as_mut() {
+                    finish.note(&reason, model.as_deref());
+                }
+            }
+            UpstreamEvent::Done | UpstreamEvent::Error(_) => {}
         }
     }
 }
