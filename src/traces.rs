@@ -1,6 +1,7 @@
 //! OpenTelemetry traces: one server span per public request, one client span per
 //! upstream attempt (GenAI conventions), W3C trace context in and out, exported
-//! over OTLP/HTTP by a background thread fed through a bounded queue.
+//! over OTLP/HTTP (plain, or TLS verified with rustls) by a background thread fed
+//! through a bounded queue.
 //!
 //! Why not the SDK's `BatchSpanProcessor`: it drops spans silently; this queue
 //! counts every span it cannot deliver (`chatgate_trace_spans_dropped_total`). The
@@ -18,7 +19,7 @@ use opentelemetry::trace::{
     SpanContext, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
@@ -53,18 +54,20 @@ pub fn init(settings: &TracingSettings) -> Result<(), String> {
     let resource = Resource::builder()
         .with_service_name(settings.service_name.clone())
         .build();
-    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+    let mut builder = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary)
         .with_endpoint(settings.traces_url.clone())
-        .with_timeout(EXPORT_TIMEOUT)
-        .build()
-        .map_err(|e| {
-            format!(
-                "tracing: cannot build the OTLP exporter for {}: {e}",
-                crate::redact::redact_url(&settings.traces_url)
-            )
-        })?;
+        .with_timeout(EXPORT_TIMEOUT);
+    if settings.traces_url.starts_with("https://") {
+        builder = builder.with_http_client(https_client(settings.ca_file.as_deref())?);
+    }
+    let mut exporter = builder.build().map_err(|e| {
+        format!(
+            "tracing: cannot build the OTLP exporter for {}: {e}",
+            crate::redact::redact_url(&settings.traces_url)
+        )
+    })?;
     exporter.set_resource(&resource);
     let (tx, rx) = mpsc::channel(QUEUE_SPANS);
     std::thread::Builder::new()
@@ -83,10 +86,29 @@ pub fn init(settings: &TracingSettings) -> Result<(), String> {
     let _ = TRACER.set(tracer);
     tracing::info!(
         endpoint = %crate::redact::redact_url(&settings.traces_url),
+        ca_file = settings.ca_file.as_ref().map(|p| p.display().to_string()),
         sample_ratio = settings.sample_ratio,
         "traces exported over OTLP/HTTP"
     );
     Ok(())
+}
+
+/// The OTLP client of an https collector: rustls, verifying its certificate against
+/// `ca_file` or the system's CAs (never unverified), over HTTP/1.1.
+fn https_client(
+    ca_file: Option<&std::path::Path>,
+) -> Result<impl opentelemetry_http::HttpClient + 'static, String> {
+    let tls = crate::tls::client_config(ca_file).map_err(|e| format!("tracing: {e}"))?;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    Ok(opentelemetry_http::hyper::HyperClient::new(
+        connector,
+        EXPORT_TIMEOUT,
+        None,
+    ))
 }
 
 /// Hands finished spans to the exporter thread without ever waiting.

@@ -1,22 +1,29 @@
 //! OpenTelemetry traces end to end: the gateway exports to an OTLP/HTTP receiver
 //! this test runs (protobuf decoded with opentelemetry-proto), in front of the
-//! simulator; and a collector that is down or never answers leaves chat alone.
+//! simulator; over https too, where a collector whose certificate is not trusted
+//! gets nothing; and a collector that is down or never answers leaves chat alone.
 
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::certs::{make_certificates, make_certificates_named};
 use common::*;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::{status::StatusCode, Span};
+use pingora::tls::{ServerConfig, TlsAcceptor};
 use prost::Message;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 const PROMPT: &str = "what is the capital of traceland";
 const PASSWORD: &str = "default_password";
@@ -32,6 +39,8 @@ const OPENAI_ROUTE: &str =
 #[derive(Clone, Default)]
 struct Receiver {
     spans: Arc<Mutex<Vec<(String, Span)>>>,
+    /// TCP connections accepted (TLS handshakes tried, for the https receiver).
+    connections: Arc<AtomicUsize>,
 }
 
 impl Receiver {
@@ -48,8 +57,40 @@ impl Receiver {
         (receiver, port)
     }
 
+    /// An https receiver presenting `dir`'s `server.pem` (for `localhost`).
+    async fn start_tls(dir: &Path) -> (Receiver, u16) {
+        let chain = CertificateDer::pem_file_iter(dir.join("server.pem"))
+            .expect("server.pem")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("chain");
+        let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).expect("server.key");
+        pingora::tls::install_default_crypto_provider();
+        let config = ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server config");
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let receiver = Receiver::default();
+        let r = receiver.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                r.connections.fetch_add(1, Ordering::SeqCst);
+                let (r, acceptor) = (r.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    // A client that does not trust the certificate aborts here.
+                    if let Ok(tls) = acceptor.accept(conn).await {
+                        r.serve(tls).await;
+                    }
+                });
+            }
+        });
+        (receiver, port)
+    }
+
     /// HTTP/1.1 requests on one connection: header, `Content-Length` body, 200.
-    async fn serve(self, mut conn: TcpStream) {
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(self, mut conn: S) {
         let mut buf = Vec::new();
         loop {
             let head_end = loop {
@@ -84,7 +125,7 @@ impl Receiver {
             let request = ExportTraceServiceRequest::decode(body.as_slice()).expect("protobuf");
             self.keep(request);
             let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
-            if conn.write_all(reply).await.is_err() {
+            if conn.write_all(reply).await.is_err() || conn.flush().await.is_err() {
                 return;
             }
         }
@@ -559,4 +600,85 @@ async fn collector_down_or_silent_leaves_chat_alone() {
         assert!(dropped > 0.0, "undelivered spans are counted");
     }
     assert!(silent.gw.log().contains("traces exported over OTLP/HTTP"));
+}
+
+fn https_block(port: u16, service: &str, ca: Option<&Path>) -> String {
+    let ca = ca.map_or(String::new(), |ca| format!("  ca_file: {}\n", ca.display()));
+    format!("tracing:\n  otlp_endpoint: https://localhost:{port}\n  service_name: {service}\n{ca}")
+}
+
+/// Waits until `t` counts spans that failed to export.
+async fn export_failures(t: &Traced) -> f64 {
+    poll(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            t.gw.metrics().await.sum(
+                "chatgate_trace_spans_dropped_total",
+                &[("reason", "export_failed")],
+            )
+        },
+        |n: &f64| *n > 0.0,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_https_collector_only_with_a_trusted_certificate() {
+    let ours = tempfile::tempdir().expect("tempdir");
+    make_certificates(ours.path());
+    let theirs = tempfile::tempdir().expect("tempdir");
+    make_certificates_named(theirs.path(), "another CA");
+    let ca = ours.path().join("ca.pem");
+    let (trusted, trusted_port) = Receiver::start_tls(ours.path()).await;
+    let (foreign, foreign_port) = Receiver::start_tls(theirs.path()).await;
+
+    // Trusting the collector's CA: spans arrive over TLS.
+    let t = start(&[], Some(https_block(trusted_port, "gw-tls", Some(&ca)))).await;
+    let resp = t.chat("/chatCompletion", user(PROMPT), None).await;
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (status, reply) = json_reply(resp).await;
+    assert_eq!(status, 200, "{reply}");
+    let server = trusted
+        .wait_for(1, |s| {
+            attr_str(s, "chatgate.request_id") == Some(&request_id)
+        })
+        .await
+        .remove(0);
+    let attempt = trusted
+        .wait_for(1, |s| s.parent_span_id == server.span_id)
+        .await
+        .remove(0);
+    assert_eq!(
+        attr_str(&attempt, "gen_ai.request.model"),
+        Some("test-model")
+    );
+    assert!(t.gw.log().contains("traces exported over OTLP/HTTP"));
+
+    // A certificate from another CA, and the system's CAs (which do not know ours):
+    // the handshake fails, nothing is sent, the spans are counted, chat is unaffected.
+    let wrong_ca = start(
+        &[],
+        Some(https_block(foreign_port, "gw-wrong-ca", Some(&ca))),
+    )
+    .await;
+    let system_cas = start(&[], Some(https_block(trusted_port, "gw-system-cas", None))).await;
+    for t in [&wrong_ca, &system_cas] {
+        let took = chat_round(t, 5).await;
+        assert!(took < Duration::from_secs(4), "{took:?}");
+        assert!(
+            export_failures(t).await > 0.0,
+            "undelivered spans are counted"
+        );
+    }
+    assert!(
+        foreign.connections.load(Ordering::SeqCst) > 0,
+        "the exporter tried"
+    );
+    assert!(foreign.spans().is_empty(), "{:#?}", foreign.spans());
+    assert!(
+        trusted.services().iter().all(|s| s == "gw-tls"),
+        "{:?}",
+        trusted.services()
+    );
 }
