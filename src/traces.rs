@@ -200,7 +200,7 @@ pub struct RequestTrace {
     cx: Context,
     recording: bool,
     /// The client span of the attempt that answered, ended when the request is logged.
-    attempt: Option<Context>,
+    attempt: Option<AnsweredSpan>,
     /// The model and finish reasons the answer named.
     reply: FinishSeen,
 }
@@ -288,8 +288,21 @@ impl RequestTrace {
     }
 
     /// Keeps the answering attempt's span open until the request ends.
-    pub fn attempt_answered(&mut self, span: Option<Context>) {
+    pub fn attempt_answered(&mut self, span: Option<AnsweredSpan>) {
         self.attempt = span;
+    }
+
+    /// A stream's first piece of answer text reached the gateway: the attempt's event
+    /// `gen_ai.first_token`. Call once per stream.
+    pub fn first_token(&self) {
+        let Some(attempt) = &self.attempt else { return };
+        attempt.cx.span().add_event(
+            "gen_ai.first_token",
+            vec![KeyValue::new(
+                "gen_ai.server.time_to_first_token",
+                attempt.started.elapsed().as_secs_f64(),
+            )],
+        );
     }
 
     /// Ends the attempt's span (with the usage) and the server span.
@@ -298,7 +311,7 @@ impl RequestTrace {
             return;
         }
         if let Some(attempt) = self.attempt.take() {
-            let span = attempt.span();
+            let span = attempt.cx.span();
             if let Some((input, output)) = end.tokens {
                 span.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", input as i64));
                 span.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", output as i64));
@@ -352,6 +365,12 @@ pub struct CallTrace<'a> {
     pub trace: Option<&'a RequestTrace>,
     /// The model the request asks for (`gen_ai.request.model`).
     pub model: &'a str,
+}
+
+/// The client span of the attempt that answered, open until the request ends.
+pub struct AnsweredSpan {
+    cx: Context,
+    started: Instant,
 }
 
 /// One upstream attempt's client span (when tracing is on) and the headers it sends.
@@ -436,22 +455,31 @@ impl AttemptSpan {
     }
 
     /// The response header arrived: notes the time to first byte and keeps the span open.
-    pub fn answered(self, first_byte_at: Instant, status: u16) -> Option<Context> {
+    /// `stream`: the first token comes later (see [`RequestTrace::first_token`]); for a
+    /// whole reply, the header's time is also the first token's.
+    pub fn answered(
+        self,
+        first_byte_at: Instant,
+        status: u16,
+        stream: bool,
+    ) -> Option<AnsweredSpan> {
         let cx = self.cx?;
         let span = cx.span();
         span.set_attribute(KeyValue::new(
             "http.response.status_code",
             i64::from(status),
         ));
-        span.add_event(
-            "gen_ai.first_byte",
-            vec![KeyValue::new(
-                "gen_ai.server.time_to_first_token",
-                first_byte_at
-                    .saturating_duration_since(self.started)
-                    .as_secs_f64(),
-            )],
-        );
-        Some(cx)
+        let seconds = first_byte_at
+            .saturating_duration_since(self.started)
+            .as_secs_f64();
+        let mut attributes = vec![KeyValue::new("chatgate.time_to_first_byte", seconds)];
+        if !stream {
+            attributes.push(KeyValue::new("gen_ai.server.time_to_first_token", seconds));
+        }
+        span.add_event("gen_ai.first_byte", attributes);
+        Some(AnsweredSpan {
+            cx,
+            started: self.started,
+        })
     }
 }

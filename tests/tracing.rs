@@ -232,6 +232,34 @@ fn strings(span: &Span) -> Vec<String> {
     out
 }
 
+/// How long the simulator waits before a stream's first text (`#sim stall_ms`).
+const STALL_MS: u64 = 500;
+
+/// A double attribute of the span's event `name`.
+fn event_seconds(span: &Span, name: &str, key: &str) -> Option<f64> {
+    let event = span.events.iter().find(|e| e.name == name)?;
+    match find(&event.attributes, key)?.value.as_ref() {
+        Some(Value::DoubleValue(d)) => Some(*d),
+        _ => None,
+    }
+}
+
+/// A stream attempt's time to first token counts to its first text, not its header.
+fn first_token_after_the_stall(attempt: &Span) {
+    let first_byte = event_seconds(attempt, "gen_ai.first_byte", "chatgate.time_to_first_byte")
+        .unwrap_or_else(|| panic!("first byte: {attempt:#?}"));
+    let first_token = event_seconds(
+        attempt,
+        "gen_ai.first_token",
+        "gen_ai.server.time_to_first_token",
+    )
+    .unwrap_or_else(|| panic!("first token: {attempt:#?}"));
+    assert!(
+        first_token >= STALL_MS as f64 / 1000.0 && first_byte < first_token,
+        "first byte {first_byte} s, first token {first_token} s"
+    );
+}
+
 /// `gen_ai.response.finish_reasons`, a string array.
 fn finish_reasons(span: &Span) -> Vec<&str> {
     match find(&span.attributes, "gen_ai.response.finish_reasons").and_then(|v| v.value.as_ref()) {
@@ -373,8 +401,10 @@ async fn spans_for_json_stream_retry_failure_and_auth() {
         assert_eq!(headers["x-request-id"].as_str(), Some(request_id.as_str()));
     }
 
-    // A stream: its spans end when it ends, with the tokens.
-    let resp = t.chat("/chatCompletionStream", user(PROMPT), None).await;
+    // A stream: its spans end when it ends, with the tokens. The simulator sends its
+    // header and role chunk at once, and the first text only after a pause.
+    let stalled = format!("#sim stall_after=0 stall_ms={STALL_MS}\n{PROMPT}");
+    let resp = t.chat("/chatCompletionStream", user(&stalled), None).await;
     assert_eq!(resp.status(), 200);
     let stream_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     let body = resp.text().await.expect("stream body");
@@ -399,18 +429,14 @@ async fn spans_for_json_stream_retry_failure_and_auth() {
         Some("test-model")
     );
     assert_eq!(finish_reasons(&attempt), ["stop"], "{attempt:#?}");
-    assert!(attempt.events.iter().any(|e| find(
-        &e.attributes,
-        "gen_ai.server.time_to_first_token"
-    )
-    .is_some()));
+    first_token_after_the_stall(&attempt);
 
     // A pass-through stream: the same, from the bytes it passes on unchanged.
     let resp = t
         .chat(
             "/v1/chat/completions",
             json!({"model": "gpt-traced", "stream": true,
-                   "messages": [{"role": "user", "content": PROMPT}]})
+                   "messages": [{"role": "user", "content": stalled}]})
             .to_string(),
             None,
         )
@@ -441,6 +467,7 @@ async fn spans_for_json_stream_retry_failure_and_auth() {
     assert_eq!(finish_reasons(&attempt), ["stop"], "{attempt:#?}");
     assert!(attr_int(&attempt, "gen_ai.usage.output_tokens").is_some_and(|n| n > 0));
     assert!(attempt.end_time_unix_nano <= server.end_time_unix_nano);
+    first_token_after_the_stall(&attempt);
 
     // A failed upstream: a 4xx is not retried; the client gets CONTRACT's 500.
     let resp = t

@@ -127,9 +127,11 @@ async fn stream_reply(
     if ctx.conversation.is_some() {
         transcoder.keep_text();
     }
-    if ctx.trace.as_deref().is_some_and(RequestTrace::is_recording) {
+    let recording = ctx.trace.as_deref().is_some_and(RequestTrace::is_recording);
+    if recording {
         transcoder.keep_finish();
     }
+    let mut awaiting_first_token = recording;
     transcoder.start(&mut out);
     let started = async {
         let mut h = reply::header(200, ctx, "text/event-stream; charset=utf-8", None)?;
@@ -183,6 +185,12 @@ async fn stream_reply(
                 StreamStatus::Open
             }
         };
+        if awaiting_first_token && transcoder.events_sent() > 0 {
+            awaiting_first_token = false;
+            if let Some(trace) = ctx.trace.as_deref() {
+                trace.first_token();
+            }
+        }
         if !out.is_empty() {
             next_keepalive = Instant::now() + keepalive_every;
             let finished = matches!(status, StreamStatus::Finished);

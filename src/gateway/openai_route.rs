@@ -136,17 +136,15 @@ async fn pass_stream(
     }
     // Events beyond the bound are still passed on, just not parsed for usage.
     let mut parser = UpstreamSseParser::new(DEFAULT_MAX_EVENT_BYTES);
+    let recording = ctx.trace.as_deref().is_some_and(RequestTrace::is_recording);
+    let mut awaiting_first_token = recording;
     let mut seen = Seen {
         // The answer text of the piece in hand, when the exchange is recorded.
         text: ctx.conversation.as_deref_mut().map(|draft| {
             draft.answer_started();
             String::new()
         }),
-        finish: ctx
-            .trace
-            .as_deref()
-            .is_some_and(RequestTrace::is_recording)
-            .then(FinishSeen::default),
+        finish: recording.then(FinishSeen::default),
         ..Seen::default()
     };
     let mut out = BytesMut::new();
@@ -186,6 +184,12 @@ async fn pass_stream(
             Ok(Ok(Some(piece))) => piece,
         };
         let _ = parser.feed(&piece, &mut |event| seen.take(event));
+        if awaiting_first_token && seen.answered {
+            awaiting_first_token = false;
+            if let Some(trace) = ctx.trace.as_deref() {
+                trace.first_token();
+            }
+        }
         let piece = match strip.as_mut() {
             Some(filter) => {
                 filter.feed(&piece, &mut out);
@@ -243,6 +247,8 @@ struct Seen {
     completion: CompletionText,
     text: Option<String>,
     finish: Option<FinishSeen>,
+    /// A piece of answer text came.
+    answered: bool,
 }
 
 impl Seen {
@@ -253,6 +259,7 @@ impl Seen {
                 self.completion.clear();
             }
             UpstreamEvent::Delta(text) => {
+                self.answered = true;
                 if let Some(kept) = self.text.as_mut() {
                     kept.push_str(&text);
                 }
