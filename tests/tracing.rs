@@ -45,16 +45,7 @@ struct Receiver {
 
 impl Receiver {
     async fn start() -> (Receiver, u16) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let receiver = Receiver::default();
-        let r = receiver.clone();
-        tokio::spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(r.clone().serve(conn));
-            }
-        });
-        (receiver, port)
+        Receiver::start_with(None).await
     }
 
     /// An https receiver presenting `dir`'s `server.pem` (for `localhost`).
@@ -69,7 +60,10 @@ impl Receiver {
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .expect("server config");
-        let acceptor = TlsAcceptor::from(Arc::new(config));
+        Receiver::start_with(Some(TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_with(tls: Option<TlsAcceptor>) -> (Receiver, u16) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let receiver = Receiver::default();
@@ -77,11 +71,16 @@ impl Receiver {
         tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
                 r.connections.fetch_add(1, Ordering::SeqCst);
-                let (r, acceptor) = (r.clone(), acceptor.clone());
+                let (r, tls) = (r.clone(), tls.clone());
                 tokio::spawn(async move {
-                    // A client that does not trust the certificate aborts here.
-                    if let Ok(tls) = acceptor.accept(conn).await {
-                        r.serve(tls).await;
+                    match tls {
+                        None => r.serve(conn).await,
+                        // A client that does not trust the certificate aborts here.
+                        Some(tls) => {
+                            if let Ok(conn) = tls.accept(conn).await {
+                                r.serve(conn).await;
+                            }
+                        }
                     }
                 });
             }
@@ -163,6 +162,22 @@ impl Receiver {
             .iter()
             .map(|(n, _)| n.clone())
             .collect()
+    }
+
+    /// The server span of the request with this `X-Request-Id`.
+    async fn server_span(&self, request_id: &str) -> Span {
+        self.wait_for(1, |s| {
+            attr_str(s, "chatgate.request_id") == Some(request_id)
+        })
+        .await
+        .remove(0)
+    }
+
+    /// The (first) client span under `server`.
+    async fn attempt_of(&self, server: &Span) -> Span {
+        self.wait_for(1, |s| s.parent_span_id == server.span_id)
+            .await
+            .remove(0)
     }
 
     /// Waits until `n` spans satisfy `which`, and returns them.
@@ -322,6 +337,21 @@ impl Traced {
     }
 }
 
+fn request_id_of(resp: &reqwest::Response) -> String {
+    resp.headers()["x-request-id"].to_str().unwrap().to_string()
+}
+
+/// A streamed answer's attempt: ended with the stream, with its tokens, the model the
+/// simulator's chunks name, `stop` from the last one, and the time to its first text.
+fn check_streamed_attempt(server: &Span, attempt: &Span, model: &str) {
+    assert!(attr_int(attempt, "gen_ai.usage.output_tokens").is_some_and(|n| n > 0));
+    assert!(attempt.end_time_unix_nano <= server.end_time_unix_nano);
+    assert!(attempt.end_time_unix_nano > attempt.start_time_unix_nano);
+    assert_eq!(attr_str(attempt, "gen_ai.response.model"), Some(model));
+    assert_eq!(finish_reasons(attempt), ["stop"], "{attempt:#?}");
+    first_token_after_the_stall(attempt);
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -337,17 +367,12 @@ async fn spans_for_json_stream_retry_failure_and_auth() {
     let resp = t
         .chat("/chatCompletion", user(PROMPT), Some(&incoming))
         .await;
-    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let request_id = request_id_of(&resp);
     let (status, reply) = json_reply(resp).await;
     assert_eq!(status, 200, "{reply}");
     let answer = reply["message"].as_str().expect("message").to_string();
 
-    let server = receiver
-        .wait_for(1, |s| {
-            attr_str(s, "chatgate.request_id") == Some(&request_id)
-        })
-        .await
-        .remove(0);
+    let server = receiver.server_span(&request_id).await;
     assert_eq!(hex(&server.trace_id), TRACE_ID, "incoming trace continued");
     assert_eq!(hex(&server.parent_span_id), PARENT_ID);
     assert_eq!(server.kind, 2, "server kind");
@@ -406,30 +431,13 @@ async fn spans_for_json_stream_retry_failure_and_auth() {
     let stalled = format!("#sim stall_after=0 stall_ms={STALL_MS}\n{PROMPT}");
     let resp = t.chat("/chatCompletionStream", user(&stalled), None).await;
     assert_eq!(resp.status(), 200);
-    let stream_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let stream_id = request_id_of(&resp);
     let body = resp.text().await.expect("stream body");
     assert!(body.contains("data:"), "{body}");
-    let server = receiver
-        .wait_for(1, |s| {
-            attr_str(s, "chatgate.request_id") == Some(&stream_id)
-        })
-        .await
-        .remove(0);
+    let server = receiver.server_span(&stream_id).await;
     assert_eq!(server.parent_span_id, Vec::<u8>::new(), "a new trace");
-    let attempt = receiver
-        .wait_for(1, |s| s.parent_span_id == server.span_id)
-        .await
-        .remove(0);
-    assert!(attr_int(&attempt, "gen_ai.usage.output_tokens").is_some_and(|n| n > 0));
-    assert!(attempt.end_time_unix_nano <= server.end_time_unix_nano);
-    assert!(attempt.end_time_unix_nano > attempt.start_time_unix_nano);
-    // What the simulator's chunks name: the model asked for, and `stop` in the last one.
-    assert_eq!(
-        attr_str(&attempt, "gen_ai.response.model"),
-        Some("test-model")
-    );
-    assert_eq!(finish_reasons(&attempt), ["stop"], "{attempt:#?}");
-    first_token_after_the_stall(&attempt);
+    let attempt = receiver.attempt_of(&server).await;
+    check_streamed_attempt(&server, &attempt, "test-model");
 
     // A pass-through stream: the same, from the bytes it passes on unchanged.
     let resp = t
@@ -442,55 +450,32 @@ async fn spans_for_json_stream_retry_failure_and_auth() {
         )
         .await;
     assert_eq!(resp.status(), 200);
-    let passed_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let passed_id = request_id_of(&resp);
     let body = resp.text().await.expect("pass-through body");
     assert!(body.contains("\"finish_reason\":\"stop\""), "{body}");
-    let server = receiver
-        .wait_for(1, |s| {
-            attr_str(s, "chatgate.request_id") == Some(&passed_id)
-        })
-        .await
-        .remove(0);
+    let server = receiver.server_span(&passed_id).await;
     assert_eq!(
         attr_str(&server, "http.route"),
         Some("/v1/chat/completions")
     );
-    let attempt = receiver
-        .wait_for(1, |s| s.parent_span_id == server.span_id)
-        .await
-        .remove(0);
+    let attempt = receiver.attempt_of(&server).await;
     assert_eq!(attr_str(&attempt, "gen_ai.request.model"), None);
-    assert_eq!(
-        attr_str(&attempt, "gen_ai.response.model"),
-        Some("gpt-traced")
-    );
-    assert_eq!(finish_reasons(&attempt), ["stop"], "{attempt:#?}");
-    assert!(attr_int(&attempt, "gen_ai.usage.output_tokens").is_some_and(|n| n > 0));
-    assert!(attempt.end_time_unix_nano <= server.end_time_unix_nano);
-    first_token_after_the_stall(&attempt);
+    check_streamed_attempt(&server, &attempt, "gpt-traced");
 
     // A failed upstream: a 4xx is not retried; the client gets CONTRACT's 500.
     let resp = t
         .chat("/chatCompletion", user("#sim status=400\nfail"), None)
         .await;
-    let failed_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let failed_id = request_id_of(&resp);
     assert_eq!(resp.status(), 500);
-    let server = receiver
-        .wait_for(1, |s| {
-            attr_str(s, "chatgate.request_id") == Some(&failed_id)
-        })
-        .await
-        .remove(0);
+    let server = receiver.server_span(&failed_id).await;
     assert!(is_error(&server));
     assert_eq!(attr_int(&server, "http.response.status_code"), Some(500));
     assert_eq!(
         attr_str(&server, "chatgate.outcome"),
         Some("upstream_error")
     );
-    let attempt = receiver
-        .wait_for(1, |s| s.parent_span_id == server.span_id)
-        .await
-        .remove(0);
+    let attempt = receiver.attempt_of(&server).await;
     assert!(is_error(&attempt));
     assert_eq!(attr_str(&attempt, "error.type"), Some("http_4xx"));
 
@@ -584,7 +569,7 @@ async fn collector_down_or_silent_leaves_chat_alone() {
     let resp = off
         .chat("/chatCompletion", user("plain"), Some(&incoming))
         .await;
-    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let request_id = request_id_of(&resp);
     assert_eq!(resp.status(), 200);
     let seen = off.sim.requests().await;
     let headers = &seen.last().expect("request")["headers"];
@@ -612,19 +597,10 @@ async fn collector_down_or_silent_leaves_chat_alone() {
     eprintln!("ten chat calls: {took:?}");
 
     for t in [&silent, &closed] {
-        let dropped = poll(
-            Duration::from_secs(20),
-            Duration::from_millis(200),
-            || async {
-                t.gw.metrics().await.sum(
-                    "chatgate_trace_spans_dropped_total",
-                    &[("reason", "export_failed")],
-                )
-            },
-            |n: &f64| *n > 0.0,
-        )
-        .await;
-        assert!(dropped > 0.0, "undelivered spans are counted");
+        assert!(
+            export_failures(t).await > 0.0,
+            "undelivered spans are counted"
+        );
     }
     assert!(silent.gw.log().contains("traces exported over OTLP/HTTP"));
 }
@@ -663,19 +639,11 @@ async fn spans_reach_an_https_collector_only_with_a_trusted_certificate() {
     // Trusting the collector's CA: spans arrive over TLS.
     let t = start(&[], Some(https_block(trusted_port, "gw-tls", Some(&ca)))).await;
     let resp = t.chat("/chatCompletion", user(PROMPT), None).await;
-    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let request_id = request_id_of(&resp);
     let (status, reply) = json_reply(resp).await;
     assert_eq!(status, 200, "{reply}");
-    let server = trusted
-        .wait_for(1, |s| {
-            attr_str(s, "chatgate.request_id") == Some(&request_id)
-        })
-        .await
-        .remove(0);
-    let attempt = trusted
-        .wait_for(1, |s| s.parent_span_id == server.span_id)
-        .await
-        .remove(0);
+    let server = trusted.server_span(&request_id).await;
+    let attempt = trusted.attempt_of(&server).await;
     assert_eq!(
         attr_str(&attempt, "gen_ai.request.model"),
         Some("test-model")

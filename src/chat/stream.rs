@@ -88,22 +88,9 @@ impl StreamTranscoder {
         if !matches!(self.status, StreamStatus::Open) {
             return self.status.clone();
         }
-        let mut completion = std::mem::take(&mut self.completion);
-        let mut text = self.text.take();
-        let mut finish = self.finish.take();
-        let mut sink = EventSink::new(
-            self.writer,
-            out,
-            &mut completion,
-            text.as_mut(),
-            finish.as_mut(),
-        );
-        let result = self.parser.feed(piece, &mut |event| sink.take(event));
-        let status = self.settle(sink, result);
-        self.keep_completion(completion);
-        self.text = text;
-        self.finish = finish;
-        status
+        self.parse(out, |parser, sink| {
+            parser.feed(piece, &mut |event| sink.take(event))
+        })
     }
 
     /// Ends the upstream body (it closed cleanly): dispatches a trailing event and, unless
@@ -112,21 +99,9 @@ impl StreamTranscoder {
         if self.status != StreamStatus::Open {
             return self.status.clone();
         }
-        let mut completion = std::mem::take(&mut self.completion);
-        let mut text = self.text.take();
-        let mut finish = self.finish.take();
-        let mut sink = EventSink::new(
-            self.writer,
-            out,
-            &mut completion,
-            text.as_mut(),
-            finish.as_mut(),
-        );
-        let result = self.parser.finish(&mut |event| sink.take(event));
-        let status = self.settle(sink, result);
-        self.keep_completion(completion);
-        self.text = text;
-        self.finish = finish;
+        let status = self.parse(out, |parser, sink| {
+            parser.finish(&mut |event| sink.take(event))
+        });
         if status != StreamStatus::Open {
             return status;
         }
@@ -148,6 +123,30 @@ impl StreamTranscoder {
     /// How many non-empty `message` events were written.
     pub fn events_sent(&self) -> u64 {
         self.events_sent
+    }
+
+    /// Runs the parser (`feed` or `finish`) with a sink writing into `out` and noting
+    /// what is kept, then settles the status.
+    fn parse<P>(&mut self, out: &mut BytesMut, run: P) -> StreamStatus
+    where
+        P: FnOnce(&mut UpstreamSseParser, &mut EventSink<'_, '_>) -> Result<(), SseError>,
+    {
+        let mut completion = std::mem::take(&mut self.completion);
+        let mut text = self.text.take();
+        let mut finish = self.finish.take();
+        let mut sink = EventSink::new(
+            self.writer,
+            out,
+            &mut completion,
+            text.as_mut(),
+            finish.as_mut(),
+        );
+        let result = run(&mut self.parser, &mut sink);
+        let status = self.settle(sink, result);
+        self.keep_completion(completion);
+        self.text = text;
+        self.finish = finish;
+        status
     }
 
     /// Puts the answer's text back, unless usage came and nothing needs counting.
