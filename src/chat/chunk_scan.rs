@@ -124,7 +124,7 @@ pub(super) fn scan_chunk(payload: &[u8]) -> Scan<ChunkFields<'_>> {
             return Err(Malformed);
         }
         match slot {
-            0 => (fields.content, fields.finish_reason) = scanner.choices()?,
+            0 => scanner.choices(&mut fields)?,
             1 => fields.usage = scanner.usage()?,
             _ => fields.has_error = !scanner.null()?,
         }
@@ -538,36 +538,32 @@ impl<'a> Scanner<'a> {
         self.skip_value().map(|()| None)
     }
 
-    /// `choices`: null or an array whose first element is a choice object; gives that
-    /// choice's content and finish reason.
-    fn choices(&mut self) -> Scan<(Option<JsonStr<'a>>, Option<JsonStr<'a>>)> {
+    /// `choices`: null or an array whose first element is a choice object; notes that
+    /// choice's content and finish reason in `fields` (written in place: returning them
+    /// cost the hot path more than reading them).
+    fn choices(&mut self, fields: &mut ChunkFields<'a>) -> Scan<()> {
         if self.peek() != Some(b'[') {
-            return self.null_or_malformed().map(|()| (None, None));
+            return self.null_or_malformed();
         }
-        let mut first = (None, None);
         self.array(|scanner, index| {
             if index == 0 {
-                first = scanner.first_choice()?;
-                Ok(())
+                scanner.first_choice(fields)
             } else {
                 scanner.skip_value()
             }
-        })?;
-        Ok(first)
+        })
     }
 
-    fn first_choice(&mut self) -> Scan<(Option<JsonStr<'a>>, Option<JsonStr<'a>>)> {
+    fn first_choice(&mut self, fields: &mut ChunkFields<'a>) -> Scan<()> {
         if self.peek() != Some(b'{') {
             return Err(Malformed);
         }
-        let mut content = None;
-        let mut finish_reason = None;
         let mut seen_delta = false;
         self.object(|scanner, key| {
             match &*key.name()? {
                 b"delta" => {}
                 b"finish_reason" => {
-                    finish_reason = scanner.string_or_skip()?;
+                    fields.finish_reason = scanner.string_or_skip()?;
                     return Ok(());
                 }
                 _ => return scanner.skip_value(),
@@ -575,13 +571,13 @@ impl<'a> Scanner<'a> {
             if std::mem::replace(&mut seen_delta, true) {
                 return Err(Malformed);
             }
-            content = scanner.delta()?;
+            fields.content = scanner.delta()?;
             Ok(())
-        })?;
-        Ok((content, finish_reason))
+        })
     }
 
     /// `delta`: null or an object whose `content` is null or a string.
+    #[inline(always)]
     fn delta(&mut self) -> Scan<Option<JsonStr<'a>>> {
         if self.peek() != Some(b'{') {
             return self.null_or_malformed().map(|()| None);
