@@ -1,7 +1,6 @@
 //! The JSON scanner for upstream `chat.completion.chunk` payloads: one pass over the
 //! bytes that validates the whole payload and reads only the fields the gateway uses
-//! (`choices[0].delta.content`, `usage`, `error`, and for traces `model` and
-//! `choices[0].finish_reason`), classifying string bytes a block at a time.
+//! (`choices[0].delta.content`, `usage`, `error`), classifying string bytes a block at a time.
 
 use std::borrow::Cow;
 
@@ -15,11 +14,6 @@ pub(super) struct ChunkFields<'a> {
     pub(super) usage: Option<Usage>,
     /// A non-null top-level `error` member is present.
     pub(super) has_error: bool,
-    /// Top-level `model`, when a string. The trace-only fields never make a chunk
-    /// malformed: another type, or a repeat (the last one counts), is let through.
-    pub(super) model: Option<JsonStr<'a>>,
-    /// `choices[0].finish_reason`, when a string (it is `null` until the last chunk).
-    pub(super) finish_reason: Option<JsonStr<'a>>,
 }
 
 /// The payload is not valid JSON, or a used field has the wrong type.
@@ -113,10 +107,6 @@ pub(super) fn scan_chunk(payload: &[u8]) -> Scan<ChunkFields<'_>> {
             b"choices" => 0,
             b"usage" => 1,
             b"error" => 2,
-            b"model" => {
-                fields.model = scanner.string_or_skip()?;
-                return Ok(());
-            }
             _ => return scanner.skip_value(),
         };
         // serde refuses a repeated field too; which copy would win is anyone's guess.
@@ -124,7 +114,7 @@ pub(super) fn scan_chunk(payload: &[u8]) -> Scan<ChunkFields<'_>> {
             return Err(Malformed);
         }
         match slot {
-            0 => scanner.choices(&mut fields)?,
+            0 => fields.content = scanner.choices()?,
             1 => fields.usage = scanner.usage()?,
             _ => fields.has_error = !scanner.null()?,
         }
@@ -165,18 +155,6 @@ impl<'a> JsonStr<'a> {
         scratch.clear();
         unescape_into(inner, scratch)?;
         Ok(scratch)
-    }
-
-    /// The decoded text, borrowed unless it has escapes; for the rare strings read once
-    /// per stream. Call after [`scan_chunk`] accepted the payload (its UTF-8 is checked).
-    pub(super) fn decode(&self) -> Scan<Cow<'a, str>> {
-        let inner = std::str::from_utf8(self.inner).map_err(|_| Malformed)?;
-        if !self.escaped {
-            return Ok(Cow::Borrowed(inner));
-        }
-        let mut text = String::new();
-        unescape_into(inner, &mut text)?;
-        Ok(Cow::Owned(text))
     }
 
     /// The decoded bytes, for object keys; comparing bytes needs no UTF-8 check. Inlined,
@@ -530,54 +508,43 @@ impl<'a> Scanner<'a> {
         Ok(())
     }
 
-    /// The string at the cursor, or `None` after skipping a value of another type.
-    fn string_or_skip(&mut self) -> Scan<Option<JsonStr<'a>>> {
-        if self.peek() == Some(b'"') {
-            return self.string().map(Some);
-        }
-        self.skip_value().map(|()| None)
-    }
-
-    /// `choices`: null or an array whose first element is a choice object; notes that
-    /// choice's content and finish reason in `fields` (written in place: returning them
-    /// cost the hot path more than reading them).
-    fn choices(&mut self, fields: &mut ChunkFields<'a>) -> Scan<()> {
+    /// `choices`: null or an array whose first element is a choice object.
+    fn choices(&mut self) -> Scan<Option<JsonStr<'a>>> {
         if self.peek() != Some(b'[') {
-            return self.null_or_malformed();
+            return self.null_or_malformed().map(|()| None);
         }
+        let mut content = None;
         self.array(|scanner, index| {
             if index == 0 {
-                scanner.first_choice(fields)
+                content = scanner.first_choice()?;
+                Ok(())
             } else {
                 scanner.skip_value()
             }
-        })
+        })?;
+        Ok(content)
     }
 
-    fn first_choice(&mut self, fields: &mut ChunkFields<'a>) -> Scan<()> {
+    fn first_choice(&mut self) -> Scan<Option<JsonStr<'a>>> {
         if self.peek() != Some(b'{') {
             return Err(Malformed);
         }
+        let mut content = None;
         let mut seen_delta = false;
         self.object(|scanner, key| {
-            match &*key.name()? {
-                b"delta" => {}
-                b"finish_reason" => {
-                    fields.finish_reason = scanner.string_or_skip()?;
-                    return Ok(());
-                }
-                _ => return scanner.skip_value(),
+            if *key.name()? != *b"delta" {
+                return scanner.skip_value();
             }
             if std::mem::replace(&mut seen_delta, true) {
                 return Err(Malformed);
             }
-            fields.content = scanner.delta()?;
+            content = scanner.delta()?;
             Ok(())
-        })
+        })?;
+        Ok(content)
     }
 
     /// `delta`: null or an object whose `content` is null or a string.
-    #[inline(always)]
     fn delta(&mut self) -> Scan<Option<JsonStr<'a>>> {
         if self.peek() != Some(b'{') {
             return self.null_or_malformed().map(|()| None);
@@ -647,41 +614,18 @@ impl<'a> Scanner<'a> {
 mod tests {
     use super::*;
 
-    /// Content, usage, error, model and finish reason, strings decoded.
-    type Fields = (
-        Option<String>,
-        Option<Usage>,
-        bool,
-        Option<String>,
-        Option<String>,
-    );
-
-    /// The used fields as the scanner reads them, strings decoded; `None` if malformed.
-    fn scan(payload: &[u8]) -> Option<Fields> {
+    /// The used fields as the scanner reads them, content decoded; `None` if malformed.
+    fn scan(payload: &[u8]) -> Option<(Option<String>, Option<Usage>, bool)> {
         let fields = scan_chunk(payload).ok()?;
         let content = match fields.content {
             Some(literal) => Some(literal.decode_into(&mut String::new()).ok()?.to_owned()),
             None => None,
         };
-        // serde_json refuses a payload with a bad escape in any string; here only a
-        // decoded one is checked, so a bad model or finish reason counts as malformed.
-        let decode = |literal: Option<JsonStr<'_>>| match literal {
-            Some(literal) => literal.decode().map(|text| Some(text.into_owned())),
-            None => Ok(None),
-        };
-        let model = decode(fields.model).ok()?;
-        let finish_reason = decode(fields.finish_reason).ok()?;
-        Some((
-            content,
-            fields.usage,
-            fields.has_error,
-            model,
-            finish_reason,
-        ))
+        Some((content, fields.usage, fields.has_error))
     }
 
     /// What serde_json's general parser says the used fields are; the scanner must agree.
-    fn reference_fields(payload: &[u8]) -> Option<Fields> {
+    fn reference_fields(payload: &[u8]) -> Option<(Option<String>, Option<Usage>, bool)> {
         use serde_json::Value;
         let value: Value = serde_json::from_slice(payload).ok()?;
         let object = value.as_object()?;
@@ -717,19 +661,7 @@ mod tests {
             Some(_) => return None,
         };
         let has_error = object.get("error").is_some_and(|error| !error.is_null());
-        let model = object
-            .get("model")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        let finish_reason = match object.get("choices") {
-            Some(Value::Array(choices)) => choices
-                .first()
-                .and_then(|choice| choice.get("finish_reason"))
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            _ => None,
-        };
-        Some((content, usage, has_error, model, finish_reason))
+        Some((content, usage, has_error))
     }
 
     mod differential {
@@ -772,43 +704,30 @@ mod tests {
                 }
                 Value::Object(delta)
             });
-            let finish_reason = prop_oneof![
-                3 => Just(Value::Null),
-                1 => "(stop|length|tool_calls|[a-z\"\\\\\n你]{0,4})".prop_map(Value::String),
-                1 => any_json(),
-            ];
-            let choice = (maybe(delta), finish_reason).prop_map(|(delta, finish_reason)| {
+            let choice = maybe(delta).prop_map(|delta| {
                 let mut choice = Map::new();
                 choice.insert("index".to_owned(), json!(0));
                 if let Some(delta) = delta {
                     choice.insert("delta".to_owned(), delta);
                 }
-                choice.insert("finish_reason".to_owned(), finish_reason);
+                choice.insert("finish_reason".to_owned(), Value::Null);
                 Value::Object(choice)
             });
             let choices = prop::collection::vec(choice, 0..3).prop_map(Value::Array);
             let usage = (any::<u64>(), maybe(Just(json!(5))))
                 .prop_map(|(prompt, completion)| json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": 1}));
             let error = Just(json!({"message": "boom"}));
-            let model = "[a-z0-9.\"\\\\/-]{0,8}".prop_map(Value::String);
             (
                 maybe(choices),
                 maybe(usage),
                 prop::option::weighted(0.1, error),
                 any_json(),
-                maybe(model),
             )
-                .prop_map(|(choices, usage, error, extra, model)| {
+                .prop_map(|(choices, usage, error, extra)| {
                     let mut chunk = Map::new();
                     chunk.insert("id".to_owned(), json!("chatcmpl-1"));
                     chunk.insert("extra".to_owned(), extra);
-                    let members = [
-                        ("choices", choices),
-                        ("usage", usage),
-                        ("error", error),
-                        ("model", model),
-                    ];
-                    for (key, value) in members {
+                    for (key, value) in [("choices", choices), ("usage", usage), ("error", error)] {
                         if let Some(value) = value {
                             chunk.insert(key.to_owned(), value);
                         }
@@ -889,7 +808,7 @@ mod tests {
         assert!(scan_chunk(fine.as_bytes()).is_ok());
         let escaped = scan(br#"{"choices":[{"delta":{"content":"\u00e9\ud83d\ude00\n"}}]}"#);
         assert_eq!(
-            escaped.and_then(|(content, ..)| content).as_deref(),
+            escaped.and_then(|(content, _, _)| content).as_deref(),
             Some("é😀\n")
         );
     }

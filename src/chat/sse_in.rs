@@ -17,8 +17,8 @@ pub enum UpstreamEvent<'a> {
     Delta(Cow<'a, str>),
     /// Token usage, usually in the last chunk before `[DONE]`.
     Usage(Usage),
-    /// The first choice's `finish_reason` (once per stream, in its last content chunk),
-    /// with the `model` that chunk names; read for traces only.
+    /// A choice's `finish_reason` (once per stream and choice, in its last chunk), with
+    /// the `model` that chunk names; only from a parser told to [`UpstreamSseParser::report_finish`].
     Finish {
         reason: Cow<'a, str>,
         model: Option<Cow<'a, str>>,
@@ -94,6 +94,8 @@ pub struct UpstreamSseParser {
     /// The previous piece ended in `\r`, so a `\n` opening the next one ends no new line.
     skip_lf: bool,
     ended: bool,
+    /// Whether finish reasons are looked for (the stream's trace is recorded).
+    report_finish: bool,
 }
 
 impl Default for UpstreamSseParser {
@@ -113,7 +115,14 @@ impl UpstreamSseParser {
             has_data: false,
             skip_lf: false,
             ended: false,
+            report_finish: false,
         }
+    }
+
+    /// Also reports [`UpstreamEvent::Finish`]. Off, as it is for an untraced stream, the
+    /// parser does not look for finish reasons at all.
+    pub fn report_finish(&mut self) {
+        self.report_finish = true;
     }
 
     /// Whether the stream is over (`[DONE]`, an upstream error or a parse error was seen).
@@ -161,7 +170,7 @@ impl UpstreamSseParser {
                         limit: self.max_event_bytes,
                     }));
                 }
-                match interpret_payload(value, &mut self.unescaped, on_event) {
+                match interpret_payload(value, &mut self.unescaped, self.report_finish, on_event) {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::End) => self.ended = true,
                     Err(error) => return Err(self.fail(error)),
@@ -280,7 +289,12 @@ impl UpstreamSseParser {
         if !std::mem::take(&mut self.has_data) {
             return Ok(());
         }
-        let result = interpret_payload(&self.data, &mut self.unescaped, on_event);
+        let result = interpret_payload(
+            &self.data,
+            &mut self.unescaped,
+            self.report_finish,
+            on_event,
+        );
         self.data.clear();
         match result {
             Ok(Flow::Continue) => Ok(()),
@@ -302,6 +316,7 @@ enum Flow {
 fn interpret_payload<F>(
     payload: &[u8],
     unescaped: &mut String,
+    report_finish: bool,
     on_event: &mut F,
 ) -> Result<Flow, SseError>
 where
@@ -334,16 +349,49 @@ where
     if let Some(text) = content.filter(|text| !text.is_empty()) {
         on_event(UpstreamEvent::Delta(Cow::Borrowed(text)));
     }
-    // Null in every chunk but the last: decoded once per stream. A reason that does
-    // not decode is only left out of the trace, never an error of the stream.
-    if let Some(Ok(reason)) = chunk.finish_reason.map(|literal| literal.decode()) {
-        let model = chunk.model.and_then(|literal| literal.decode().ok());
-        on_event(UpstreamEvent::Finish { reason, model });
+    if report_finish && has_finish_reason(trimmed) {
+        report_finishes(trimmed, on_event);
     }
     if let Some(usage) = chunk.usage {
         on_event(UpstreamEvent::Usage(usage));
     }
     Ok(Flow::Continue)
+}
+
+/// Whether the payload may hold a string `finish_reason` (it is `null` in every chunk but
+/// the last): a quick look, so that only that chunk is parsed again. Inside a JSON string a
+/// quote is escaped, so `"finish_reason"` with both quotes bare is a key.
+fn has_finish_reason(payload: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"finish_reason\"";
+    memchr::memmem::find_iter(payload, KEY).any(|at| {
+        let rest = payload[at + KEY.len()..].trim_ascii_start();
+        rest.strip_prefix(b":")
+            .is_some_and(|value| value.trim_ascii_start().first() == Some(&b'"'))
+    })
+}
+
+/// Reports each choice's string `finish_reason` with the chunk's `model`, read with the
+/// general JSON parser (once per stream). Odd types are left out, never an error.
+fn report_finishes<F>(payload: &[u8], on_event: &mut F)
+where
+    F: FnMut(UpstreamEvent<'_>),
+{
+    let Ok(chunk) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return;
+    };
+    let model = chunk.get("model").and_then(serde_json::Value::as_str);
+    let choices = chunk.get("choices").and_then(serde_json::Value::as_array);
+    for choice in choices.into_iter().flatten() {
+        if let Some(reason) = choice
+            .get("finish_reason")
+            .and_then(serde_json::Value::as_str)
+        {
+            on_event(UpstreamEvent::Finish {
+                reason: Cow::Borrowed(reason),
+                model: model.map(Cow::Borrowed),
+            });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -407,7 +455,6 @@ mod tests {
                 vec![
                     delta("Hello"),
                     delta(" \"wörld\""),
-                    finish("stop", Some("gpt-4o-2024")),
                     UpstreamEvent::Usage(Usage {
                         prompt_tokens: 9,
                         completion_tokens: 2
@@ -527,43 +574,38 @@ mod tests {
     }
 
     #[test]
-    fn finish_reasons_come_with_the_chunks_model_and_never_fail_the_stream() {
+    fn finish_reasons_come_with_the_chunks_model_only_when_asked_and_never_fail() {
         let body = concat!(
-            "data: {\"model\":\"m\\u00e9\",\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":\"len\\u0067th\"}]}\n\n",
+            "data: {\"model\":\"m\\u00e9\",\"choices\":[{\"delta\":{\"content\":\"a \\\"finish_reason\\\": \\\"x\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"model\":\"m\\u00e9\",\"choices\":[{\"delta\":{},\"finish_reason\" : \"len\\u0067th\"}]}\n\n",
             "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"},{\"finish_reason\":\"second\"}]}\n\n",
             "data: {\"model\":7,\"choices\":[{\"finish_reason\":{\"odd\":true}}]}\n\n",
             "data: {\"model\":\"x\",\"choices\":[{\"finish_reason\":\"\\ud800\"}]}\n\n",
-            "data: {\"model\":[],\"model\":\"last\",\"choices\":[{\"finish_reason\":null,\"finish_reason\":\"stop\"}]}\n\n",
             "data: [DONE]\n\n",
         );
+        let mut parser = UpstreamSseParser::default();
+        parser.report_finish();
         assert_eq!(
-            parse(&[body.as_bytes()]),
+            parse_pieces(&mut parser, &[body.as_bytes()]),
             (
                 vec![
-                    delta("a"),
+                    delta("a \"finish_reason\": \"x"),
                     finish("length", Some("mé")),
                     finish("stop", None),
-                    finish("stop", Some("last")),
+                    finish("second", None),
                     UpstreamEvent::Done,
                 ],
                 None
             )
         );
-        let mut parser = UpstreamSseParser::default();
-        let mut borrowed = Vec::new();
-        let chunk = b"data: {\"model\":\"m\",\"choices\":[{\"finish_reason\":\"stop\"}]}\n\n";
-        parser
-            .feed(chunk, &mut |event| {
-                borrowed.push(matches!(
-                    event,
-                    UpstreamEvent::Finish {
-                        reason: Cow::Borrowed("stop"),
-                        model: Some(Cow::Borrowed("m")),
-                    }
-                ))
-            })
-            .unwrap();
-        assert_eq!(borrowed, vec![true]);
+        assert_eq!(
+            parse(&[body.as_bytes()]),
+            (
+                vec![delta("a \"finish_reason\": \"x"), UpstreamEvent::Done],
+                None
+            ),
+            "not looked for unless asked"
+        );
     }
 
     #[test]

@@ -58,6 +58,7 @@ impl StreamTranscoder {
     /// Keeps the model and finish reasons the upstream reports, for
     /// [`StreamTranscoder::take_finish`] (the attempt's span).
     pub fn keep_finish(&mut self) {
+        self.parser.report_finish();
         self.finish.get_or_insert_with(FinishSeen::default);
     }
 

@@ -137,6 +137,9 @@ async fn pass_stream(
     // Events beyond the bound are still passed on, just not parsed for usage.
     let mut parser = UpstreamSseParser::new(DEFAULT_MAX_EVENT_BYTES);
     let recording = ctx.trace.as_deref().is_some_and(RequestTrace::is_recording);
+    if recording {
+        parser.report_finish();
+    }
     let mut awaiting_first_token = recording;
     let mut seen = Seen {
         // The answer text of the piece in hand, when the exchange is recorded.
