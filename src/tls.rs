@@ -2,6 +2,7 @@
 //! and checked once, when the config is loaded (any problem refuses start),
 //! and the listener's Pingora settings (rustls, HTTP/2 by ALPN) are built from
 //! what was read, so a file changed after the check cannot fail the listener.
+//! Also the client settings of outgoing TLS (upstreams, the trace collector).
 
 use std::fmt;
 use std::path::Path;
@@ -12,6 +13,20 @@ use pingora::tls::sign::{CertifiedKey, SingleCertAndKey};
 use pingora::tls::CryptoProvider;
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// TLS client settings verifying servers against `ca_file`'s CAs, or the system's.
+pub fn client_config(ca_file: Option<&Path>) -> Result<pingora::tls::ClientConfig, String> {
+    let mut roots = pingora::tls::RootCertStore::empty();
+    let loaded = match ca_file {
+        Some(path) => pingora::tls::load_ca_file_into_store(path, &mut roots),
+        None => pingora::tls::load_platform_certs_incl_env_into_store(&mut roots),
+    };
+    loaded.map_err(|e| format!("cannot load the CA certificates: {e}"))?;
+    pingora::tls::install_default_crypto_provider();
+    Ok(pingora::tls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
 
 /// A certificate chain and the private key that matches its first certificate.
 #[derive(Clone)]

@@ -1,6 +1,7 @@
 //! OpenTelemetry traces: one server span per public request, one client span per
 //! upstream attempt (GenAI conventions), W3C trace context in and out, exported
-//! over OTLP/HTTP by a background thread fed through a bounded queue.
+//! over OTLP/HTTP (plain, or TLS verified with rustls) by a background thread fed
+//! through a bounded queue.
 //!
 //! Why not the SDK's `BatchSpanProcessor`: it drops spans silently; this queue
 //! counts every span it cannot deliver (`chatgate_trace_spans_dropped_total`). The
@@ -18,7 +19,7 @@ use opentelemetry::trace::{
     SpanContext, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
@@ -27,6 +28,7 @@ use opentelemetry_sdk::trace::{
 use opentelemetry_sdk::Resource;
 use tokio::sync::mpsc;
 
+use crate::chat::FinishSeen;
 use crate::config::TracingSettings;
 use crate::metrics;
 
@@ -52,18 +54,20 @@ pub fn init(settings: &TracingSettings) -> Result<(), String> {
     let resource = Resource::builder()
         .with_service_name(settings.service_name.clone())
         .build();
-    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+    let mut builder = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary)
         .with_endpoint(settings.traces_url.clone())
-        .with_timeout(EXPORT_TIMEOUT)
-        .build()
-        .map_err(|e| {
-            format!(
-                "tracing: cannot build the OTLP exporter for {}: {e}",
-                crate::redact::redact_url(&settings.traces_url)
-            )
-        })?;
+        .with_timeout(EXPORT_TIMEOUT);
+    if settings.traces_url.starts_with("https://") {
+        builder = builder.with_http_client(https_client(settings.ca_file.as_deref())?);
+    }
+    let mut exporter = builder.build().map_err(|e| {
+        format!(
+            "tracing: cannot build the OTLP exporter for {}: {e}",
+            crate::redact::redact_url(&settings.traces_url)
+        )
+    })?;
     exporter.set_resource(&resource);
     let (tx, rx) = mpsc::channel(QUEUE_SPANS);
     std::thread::Builder::new()
@@ -82,10 +86,29 @@ pub fn init(settings: &TracingSettings) -> Result<(), String> {
     let _ = TRACER.set(tracer);
     tracing::info!(
         endpoint = %crate::redact::redact_url(&settings.traces_url),
+        ca_file = settings.ca_file.as_ref().map(|p| p.display().to_string()),
         sample_ratio = settings.sample_ratio,
         "traces exported over OTLP/HTTP"
     );
     Ok(())
+}
+
+/// The OTLP client of an https collector: rustls, verifying its certificate against
+/// `ca_file` or the system's CAs (never unverified), over HTTP/1.1.
+fn https_client(
+    ca_file: Option<&std::path::Path>,
+) -> Result<impl opentelemetry_http::HttpClient + 'static, String> {
+    let tls = crate::tls::client_config(ca_file).map_err(|e| format!("tracing: {e}"))?;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    Ok(opentelemetry_http::hyper::HyperClient::new(
+        connector,
+        EXPORT_TIMEOUT,
+        None,
+    ))
 }
 
 /// Hands finished spans to the exporter thread without ever waiting.
@@ -177,9 +200,9 @@ pub struct RequestTrace {
     cx: Context,
     recording: bool,
     /// The client span of the attempt that answered, ended when the request is logged.
-    attempt: Option<Context>,
-    response_model: Option<String>,
-    finish_reasons: Vec<String>,
+    attempt: Option<AnsweredSpan>,
+    /// The model and finish reasons the answer named.
+    reply: FinishSeen,
 }
 
 /// The trace of a request with these headers: `None` when tracing is off and the
@@ -196,8 +219,7 @@ pub fn start_request(headers: &http::HeaderMap, method: &str) -> Option<Box<Requ
                 cx: parent,
                 recording: false,
                 attempt: None,
-                response_model: None,
-                finish_reasons: Vec::new(),
+                reply: FinishSeen::default(),
             })
         });
     };
@@ -210,8 +232,7 @@ pub fn start_request(headers: &http::HeaderMap, method: &str) -> Option<Box<Requ
         cx: parent.with_span(span),
         recording: true,
         attempt: None,
-        response_model: None,
-        finish_reasons: Vec::new(),
+        reply: FinishSeen::default(),
     }))
 }
 
@@ -228,6 +249,17 @@ pub struct RequestEnd<'a> {
 }
 
 impl RequestTrace {
+    /// Whether spans are recorded for this request (tracing on and the trace sampled):
+    /// what a stream checks before keeping anything for them.
+    pub fn is_recording(&self) -> bool {
+        self.recording
+    }
+
+    /// Notes the model and finish reasons a stream reported.
+    pub fn stream_seen(&mut self, seen: FinishSeen) {
+        self.reply = seen;
+    }
+
     /// Notes the model and finish reasons of a complete JSON reply (the answer is not kept).
     pub fn reply_seen(&mut self, body: &[u8]) {
         if !self.recording {
@@ -244,18 +276,33 @@ impl RequestTrace {
             choices: Vec<Choice>,
         }
         if let Ok(reply) = serde_json::from_slice::<Reply>(body) {
-            self.response_model = reply.model;
-            self.finish_reasons = reply
-                .choices
-                .into_iter()
-                .filter_map(|c| c.finish_reason)
-                .collect();
+            self.reply = FinishSeen {
+                model: reply.model,
+                finish_reasons: reply
+                    .choices
+                    .into_iter()
+                    .filter_map(|c| c.finish_reason)
+                    .collect(),
+            };
         }
     }
 
     /// Keeps the answering attempt's span open until the request ends.
-    pub fn attempt_answered(&mut self, span: Option<Context>) {
+    pub fn attempt_answered(&mut self, span: Option<AnsweredSpan>) {
         self.attempt = span;
+    }
+
+    /// A stream's first piece of answer text reached the gateway: the attempt's event
+    /// `gen_ai.first_token`. Call once per stream.
+    pub fn first_token(&self) {
+        let Some(attempt) = &self.attempt else { return };
+        attempt.cx.span().add_event(
+            "gen_ai.first_token",
+            vec![KeyValue::new(
+                "gen_ai.server.time_to_first_token",
+                attempt.started.elapsed().as_secs_f64(),
+            )],
+        );
     }
 
     /// Ends the attempt's span (with the usage) and the server span.
@@ -264,7 +311,7 @@ impl RequestTrace {
             return;
         }
         if let Some(attempt) = self.attempt.take() {
-            let span = attempt.span();
+            let span = attempt.cx.span();
             if let Some((input, output)) = end.tokens {
                 span.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", input as i64));
                 span.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", output as i64));
@@ -272,11 +319,13 @@ impl RequestTrace {
                     span.set_attribute(KeyValue::new("chatgate.tokens_estimated", true));
                 }
             }
-            if let Some(model) = self.response_model.take() {
+            let reply = std::mem::take(&mut self.reply);
+            if let Some(model) = reply.model {
                 span.set_attribute(KeyValue::new("gen_ai.response.model", model));
             }
-            if !self.finish_reasons.is_empty() {
-                let reasons = std::mem::take(&mut self.finish_reasons)
+            if !reply.finish_reasons.is_empty() {
+                let reasons = reply
+                    .finish_reasons
                     .into_iter()
                     .map(Into::into)
                     .collect::<Vec<opentelemetry::StringValue>>();
@@ -316,6 +365,12 @@ pub struct CallTrace<'a> {
     pub trace: Option<&'a RequestTrace>,
     /// The model the request asks for (`gen_ai.request.model`).
     pub model: &'a str,
+}
+
+/// The client span of the attempt that answered, open until the request ends.
+pub struct AnsweredSpan {
+    cx: Context,
+    started: Instant,
 }
 
 /// One upstream attempt's client span (when tracing is on) and the headers it sends.
@@ -400,22 +455,31 @@ impl AttemptSpan {
     }
 
     /// The response header arrived: notes the time to first byte and keeps the span open.
-    pub fn answered(self, first_byte_at: Instant, status: u16) -> Option<Context> {
+    /// `stream`: the first token comes later (see [`RequestTrace::first_token`]); for a
+    /// whole reply, the header's time is also the first token's.
+    pub fn answered(
+        self,
+        first_byte_at: Instant,
+        status: u16,
+        stream: bool,
+    ) -> Option<AnsweredSpan> {
         let cx = self.cx?;
         let span = cx.span();
         span.set_attribute(KeyValue::new(
             "http.response.status_code",
             i64::from(status),
         ));
-        span.add_event(
-            "gen_ai.first_byte",
-            vec![KeyValue::new(
-                "gen_ai.server.time_to_first_token",
-                first_byte_at
-                    .saturating_duration_since(self.started)
-                    .as_secs_f64(),
-            )],
-        );
-        Some(cx)
+        let seconds = first_byte_at
+            .saturating_duration_since(self.started)
+            .as_secs_f64();
+        let mut attributes = vec![KeyValue::new("chatgate.time_to_first_byte", seconds)];
+        if !stream {
+            attributes.push(KeyValue::new("gen_ai.server.time_to_first_token", seconds));
+        }
+        span.add_event("gen_ai.first_byte", attributes);
+        Some(AnsweredSpan {
+            cx,
+            started: self.started,
+        })
     }
 }

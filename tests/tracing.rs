@@ -1,21 +1,29 @@
 //! OpenTelemetry traces end to end: the gateway exports to an OTLP/HTTP receiver
 //! this test runs (protobuf decoded with opentelemetry-proto), in front of the
-//! simulator; and a collector that is down or never answers leaves chat alone.
+//! simulator; over https too, where a collector whose certificate is not trusted
+//! gets nothing; and a collector that is down or never answers leaves chat alone.
 
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::certs::{make_certificates, make_certificates_named};
 use common::*;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::{status::StatusCode, Span};
+use pingora::tls::{ServerConfig, TlsAcceptor};
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 const PROMPT: &str = "what is the capital of traceland";
 const PASSWORD: &str = "default_password";
@@ -23,29 +31,65 @@ const WRONG_PASSWORD: &str = "hunter2-wrong";
 const API_KEY: &str = "sk-trace-secret-key";
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_ID: &str = "00f067aa0ba902b7";
+/// A pass-through route letting the client pick the model (no `gen_ai.request.model`).
+const OPENAI_ROUTE: &str =
+    "  - path: /v1/chat/completions\n    kind: openai\n    upstream: main\n    models: [gpt-traced]\n";
 
 /// An OTLP/HTTP receiver: every span of every `POST /v1/traces`, with its service name.
 #[derive(Clone, Default)]
 struct Receiver {
     spans: Arc<Mutex<Vec<(String, Span)>>>,
+    /// TCP connections accepted (TLS handshakes tried, for the https receiver).
+    connections: Arc<AtomicUsize>,
 }
 
 impl Receiver {
     async fn start() -> (Receiver, u16) {
+        Receiver::start_with(None).await
+    }
+
+    /// An https receiver presenting `dir`'s `server.pem` (for `localhost`).
+    async fn start_tls(dir: &Path) -> (Receiver, u16) {
+        let chain = CertificateDer::pem_file_iter(dir.join("server.pem"))
+            .expect("server.pem")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("chain");
+        let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).expect("server.key");
+        pingora::tls::install_default_crypto_provider();
+        let config = ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server config");
+        Receiver::start_with(Some(TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_with(tls: Option<TlsAcceptor>) -> (Receiver, u16) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let receiver = Receiver::default();
         let r = receiver.clone();
         tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(r.clone().serve(conn));
+                r.connections.fetch_add(1, Ordering::SeqCst);
+                let (r, tls) = (r.clone(), tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        None => r.serve(conn).await,
+                        // A client that does not trust the certificate aborts here.
+                        Some(tls) => {
+                            if let Ok(conn) = tls.accept(conn).await {
+                                r.serve(conn).await;
+                            }
+                        }
+                    }
+                });
             }
         });
         (receiver, port)
     }
 
     /// HTTP/1.1 requests on one connection: header, `Content-Length` body, 200.
-    async fn serve(self, mut conn: TcpStream) {
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(self, mut conn: S) {
         let mut buf = Vec::new();
         loop {
             let head_end = loop {
@@ -80,7 +124,7 @@ impl Receiver {
             let request = ExportTraceServiceRequest::decode(body.as_slice()).expect("protobuf");
             self.keep(request);
             let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
-            if conn.write_all(reply).await.is_err() {
+            if conn.write_all(reply).await.is_err() || conn.flush().await.is_err() {
                 return;
             }
         }
@@ -118,6 +162,22 @@ impl Receiver {
             .iter()
             .map(|(n, _)| n.clone())
             .collect()
+    }
+
+    /// The server span of the request with this `X-Request-Id`.
+    async fn server_span(&self, request_id: &str) -> Span {
+        self.wait_for(1, |s| {
+            attr_str(s, "chatgate.request_id") == Some(request_id)
+        })
+        .await
+        .remove(0)
+    }
+
+    /// The (first) client span under `server`.
+    async fn attempt_of(&self, server: &Span) -> Span {
+        self.wait_for(1, |s| s.parent_span_id == server.span_id)
+            .await
+            .remove(0)
     }
 
     /// Waits until `n` spans satisfy `which`, and returns them.
@@ -187,6 +247,42 @@ fn strings(span: &Span) -> Vec<String> {
     out
 }
 
+/// How long the simulator waits before a stream's first text (`#sim stall_ms`).
+const STALL_MS: u64 = 500;
+
+/// A double attribute of the span's event `name`.
+fn event_seconds(span: &Span, name: &str, key: &str) -> Option<f64> {
+    let event = span.events.iter().find(|e| e.name == name)?;
+    match find(&event.attributes, key)?.value.as_ref() {
+        Some(Value::DoubleValue(d)) => Some(*d),
+        _ => None,
+    }
+}
+
+/// A stream attempt's time to first token counts to its first text, not its header.
+fn first_token_after_the_stall(attempt: &Span) {
+    let first_byte = event_seconds(attempt, "gen_ai.first_byte", "chatgate.time_to_first_byte")
+        .unwrap_or_else(|| panic!("first byte: {attempt:#?}"));
+    let first_token = event_seconds(
+        attempt,
+        "gen_ai.first_token",
+        "gen_ai.server.time_to_first_token",
+    )
+    .unwrap_or_else(|| panic!("first token: {attempt:#?}"));
+    assert!(
+        first_token >= STALL_MS as f64 / 1000.0 && first_byte < first_token,
+        "first byte {first_byte} s, first token {first_token} s"
+    );
+}
+
+/// `gen_ai.response.finish_reasons`, a string array.
+fn finish_reasons(span: &Span) -> Vec<&str> {
+    match find(&span.attributes, "gen_ai.response.finish_reasons").and_then(|v| v.value.as_ref()) {
+        Some(Value::ArrayValue(a)) => a.values.iter().filter_map(as_str).collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn is_error(span: &Span) -> bool {
     span.status.as_ref().map(|s| s.code) == Some(StatusCode::Error as i32)
 }
@@ -207,7 +303,7 @@ async fn start(sim_flags: &[&str], tracing: Option<String>) -> Traced {
         &[sim.addr()],
         "    api_keys_env: TEST_UPSTREAM_KEYS\n    retries: 2\n",
     );
-    cfg.routes = seed_routes("main");
+    cfg.routes = seed_routes("main") + OPENAI_ROUTE;
     cfg.env = vec![("TEST_UPSTREAM_KEYS".into(), API_KEY.into())];
     if let Some(block) = tracing {
         cfg.extra = block;
@@ -241,6 +337,21 @@ impl Traced {
     }
 }
 
+fn request_id_of(resp: &reqwest::Response) -> String {
+    resp.headers()["x-request-id"].to_str().unwrap().to_string()
+}
+
+/// A streamed answer's attempt: ended with the stream, with its tokens, the model the
+/// simulator's chunks name, `stop` from the last one, and the time to its first text.
+fn check_streamed_attempt(server: &Span, attempt: &Span, model: &str) {
+    assert!(attr_int(attempt, "gen_ai.usage.output_tokens").is_some_and(|n| n > 0));
+    assert!(attempt.end_time_unix_nano <= server.end_time_unix_nano);
+    assert!(attempt.end_time_unix_nano > attempt.start_time_unix_nano);
+    assert_eq!(attr_str(attempt, "gen_ai.response.model"), Some(model));
+    assert_eq!(finish_reasons(attempt), ["stop"], "{attempt:#?}");
+    first_token_after_the_stall(attempt);
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -256,17 +367,12 @@ async fn spans_for_json_stream_retry_failure_and_auth() {
     let resp = t
         .chat("/chatCompletion", user(PROMPT), Some(&incoming))
         .await;
-    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let request_id = request_id_of(&resp);
     let (status, reply) = json_reply(resp).await;
     assert_eq!(status, 200, "{reply}");
     let answer = reply["message"].as_str().expect("message").to_string();
 
-    let server = receiver
-        .wait_for(1, |s| {
-            attr_str(s, "chatgate.request_id") == Some(&request_id)
-        })
-        .await
-        .remove(0);
+    let server = receiver.server_span(&request_id).await;
     assert_eq!(hex(&server.trace_id), TRACE_ID, "incoming trace continued");
     assert_eq!(hex(&server.parent_span_id), PARENT_ID);
     assert_eq!(server.kind, 2, "server kind");
@@ -298,10 +404,7 @@ async fn spans_for_json_stream_retry_failure_and_auth() {
     assert!(attr_int(ok, "gen_ai.usage.input_tokens").is_some_and(|n| n > 0));
     assert!(attr_int(ok, "gen_ai.usage.output_tokens").is_some_and(|n| n > 0));
     assert!(attr_str(ok, "gen_ai.response.model").is_some());
-    assert!(
-        find(&ok.attributes, "gen_ai.response.finish_reasons").is_some(),
-        "{ok:#?}"
-    );
+    assert_eq!(finish_reasons(ok), ["stop"], "{ok:#?}");
     assert!(ok
         .events
         .iter()
@@ -323,49 +426,56 @@ async fn spans_for_json_stream_retry_failure_and_auth() {
         assert_eq!(headers["x-request-id"].as_str(), Some(request_id.as_str()));
     }
 
-    // A stream: its spans end when it ends, with the tokens.
-    let resp = t.chat("/chatCompletionStream", user(PROMPT), None).await;
+    // A stream: its spans end when it ends, with the tokens. The simulator sends its
+    // header and role chunk at once, and the first text only after a pause.
+    let stalled = format!("#sim stall_after=0 stall_ms={STALL_MS}\n{PROMPT}");
+    let resp = t.chat("/chatCompletionStream", user(&stalled), None).await;
     assert_eq!(resp.status(), 200);
-    let stream_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let stream_id = request_id_of(&resp);
     let body = resp.text().await.expect("stream body");
     assert!(body.contains("data:"), "{body}");
-    let server = receiver
-        .wait_for(1, |s| {
-            attr_str(s, "chatgate.request_id") == Some(&stream_id)
-        })
-        .await
-        .remove(0);
+    let server = receiver.server_span(&stream_id).await;
     assert_eq!(server.parent_span_id, Vec::<u8>::new(), "a new trace");
-    let attempt = receiver
-        .wait_for(1, |s| s.parent_span_id == server.span_id)
-        .await
-        .remove(0);
-    assert!(attr_int(&attempt, "gen_ai.usage.output_tokens").is_some_and(|n| n > 0));
-    assert!(attempt.end_time_unix_nano <= server.end_time_unix_nano);
-    assert!(attempt.end_time_unix_nano > attempt.start_time_unix_nano);
+    let attempt = receiver.attempt_of(&server).await;
+    check_streamed_attempt(&server, &attempt, "test-model");
+
+    // A pass-through stream: the same, from the bytes it passes on unchanged.
+    let resp = t
+        .chat(
+            "/v1/chat/completions",
+            json!({"model": "gpt-traced", "stream": true,
+                   "messages": [{"role": "user", "content": stalled}]})
+            .to_string(),
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let passed_id = request_id_of(&resp);
+    let body = resp.text().await.expect("pass-through body");
+    assert!(body.contains("\"finish_reason\":\"stop\""), "{body}");
+    let server = receiver.server_span(&passed_id).await;
+    assert_eq!(
+        attr_str(&server, "http.route"),
+        Some("/v1/chat/completions")
+    );
+    let attempt = receiver.attempt_of(&server).await;
+    assert_eq!(attr_str(&attempt, "gen_ai.request.model"), None);
+    check_streamed_attempt(&server, &attempt, "gpt-traced");
 
     // A failed upstream: a 4xx is not retried; the client gets CONTRACT's 500.
     let resp = t
         .chat("/chatCompletion", user("#sim status=400\nfail"), None)
         .await;
-    let failed_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let failed_id = request_id_of(&resp);
     assert_eq!(resp.status(), 500);
-    let server = receiver
-        .wait_for(1, |s| {
-            attr_str(s, "chatgate.request_id") == Some(&failed_id)
-        })
-        .await
-        .remove(0);
+    let server = receiver.server_span(&failed_id).await;
     assert!(is_error(&server));
     assert_eq!(attr_int(&server, "http.response.status_code"), Some(500));
     assert_eq!(
         attr_str(&server, "chatgate.outcome"),
         Some("upstream_error")
     );
-    let attempt = receiver
-        .wait_for(1, |s| s.parent_span_id == server.span_id)
-        .await
-        .remove(0);
+    let attempt = receiver.attempt_of(&server).await;
     assert!(is_error(&attempt));
     assert_eq!(attr_str(&attempt, "error.type"), Some("http_4xx"));
 
@@ -459,7 +569,7 @@ async fn collector_down_or_silent_leaves_chat_alone() {
     let resp = off
         .chat("/chatCompletion", user("plain"), Some(&incoming))
         .await;
-    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let request_id = request_id_of(&resp);
     assert_eq!(resp.status(), 200);
     let seen = off.sim.requests().await;
     let headers = &seen.last().expect("request")["headers"];
@@ -487,19 +597,83 @@ async fn collector_down_or_silent_leaves_chat_alone() {
     eprintln!("ten chat calls: {took:?}");
 
     for t in [&silent, &closed] {
-        let dropped = poll(
-            Duration::from_secs(20),
-            Duration::from_millis(200),
-            || async {
-                t.gw.metrics().await.sum(
-                    "chatgate_trace_spans_dropped_total",
-                    &[("reason", "export_failed")],
-                )
-            },
-            |n: &f64| *n > 0.0,
-        )
-        .await;
-        assert!(dropped > 0.0, "undelivered spans are counted");
+        assert!(
+            export_failures(t).await > 0.0,
+            "undelivered spans are counted"
+        );
     }
     assert!(silent.gw.log().contains("traces exported over OTLP/HTTP"));
+}
+
+fn https_block(port: u16, service: &str, ca: Option<&Path>) -> String {
+    let ca = ca.map_or(String::new(), |ca| format!("  ca_file: {}\n", ca.display()));
+    format!("tracing:\n  otlp_endpoint: https://localhost:{port}\n  service_name: {service}\n{ca}")
+}
+
+/// Waits until `t` counts spans that failed to export.
+async fn export_failures(t: &Traced) -> f64 {
+    poll(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            t.gw.metrics().await.sum(
+                "chatgate_trace_spans_dropped_total",
+                &[("reason", "export_failed")],
+            )
+        },
+        |n: &f64| *n > 0.0,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_https_collector_only_with_a_trusted_certificate() {
+    let ours = tempfile::tempdir().expect("tempdir");
+    make_certificates(ours.path());
+    let theirs = tempfile::tempdir().expect("tempdir");
+    make_certificates_named(theirs.path(), "another CA");
+    let ca = ours.path().join("ca.pem");
+    let (trusted, trusted_port) = Receiver::start_tls(ours.path()).await;
+    let (foreign, foreign_port) = Receiver::start_tls(theirs.path()).await;
+
+    // Trusting the collector's CA: spans arrive over TLS.
+    let t = start(&[], Some(https_block(trusted_port, "gw-tls", Some(&ca)))).await;
+    let resp = t.chat("/chatCompletion", user(PROMPT), None).await;
+    let request_id = request_id_of(&resp);
+    let (status, reply) = json_reply(resp).await;
+    assert_eq!(status, 200, "{reply}");
+    let server = trusted.server_span(&request_id).await;
+    let attempt = trusted.attempt_of(&server).await;
+    assert_eq!(
+        attr_str(&attempt, "gen_ai.request.model"),
+        Some("test-model")
+    );
+    assert!(t.gw.log().contains("traces exported over OTLP/HTTP"));
+
+    // A certificate from another CA, and the system's CAs (which do not know ours):
+    // the handshake fails, nothing is sent, the spans are counted, chat is unaffected.
+    let wrong_ca = start(
+        &[],
+        Some(https_block(foreign_port, "gw-wrong-ca", Some(&ca))),
+    )
+    .await;
+    let system_cas = start(&[], Some(https_block(trusted_port, "gw-system-cas", None))).await;
+    for t in [&wrong_ca, &system_cas] {
+        let took = chat_round(t, 5).await;
+        assert!(took < Duration::from_secs(4), "{took:?}");
+        assert!(
+            export_failures(t).await > 0.0,
+            "undelivered spans are counted"
+        );
+    }
+    assert!(
+        foreign.connections.load(Ordering::SeqCst) > 0,
+        "the exporter tried"
+    );
+    assert!(foreign.spans().is_empty(), "{:#?}", foreign.spans());
+    assert!(
+        trusted.services().iter().all(|s| s == "gw-tls"),
+        "{:?}",
+        trusted.services()
+    );
 }

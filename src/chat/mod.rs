@@ -17,6 +17,6 @@ pub use reply::{parse_completion, upstream_error_message, Completion, ReplyError
 pub use request::{
     build_openai_body, parse_messages, ChatMessage, MessagesError, Role, UpstreamRequestSpec,
 };
-pub use sse_in::{SseError, UpstreamEvent, UpstreamSseParser, DEFAULT_MAX_EVENT_BYTES};
+pub use sse_in::{FinishSeen, SseError, UpstreamEvent, UpstreamSseParser, DEFAULT_MAX_EVENT_BYTES};
 pub use sse_out::{write_error_event, write_message_event, DataFormat, KEEPALIVE_COMMENT};
 pub use stream::{StreamStatus, StreamTranscoder};

@@ -17,6 +17,12 @@ pub enum UpstreamEvent<'a> {
     Delta(Cow<'a, str>),
     /// Token usage, usually in the last chunk before `[DONE]`.
     Usage(Usage),
+    /// A choice's `finish_reason` (once per stream and choice, in its last chunk), with
+    /// the `model` that chunk names; only from a parser told to [`UpstreamSseParser::report_finish`].
+    Finish {
+        reason: Cow<'a, str>,
+        model: Option<Cow<'a, str>>,
+    },
     /// `data: [DONE]`: the answer is complete.
     Done,
     /// The upstream reported an error inside the stream; the text is already cleaned.
@@ -29,8 +35,30 @@ impl UpstreamEvent<'_> {
         match self {
             UpstreamEvent::Delta(text) => UpstreamEvent::Delta(Cow::Owned(text.into_owned())),
             UpstreamEvent::Usage(usage) => UpstreamEvent::Usage(usage),
+            UpstreamEvent::Finish { reason, model } => UpstreamEvent::Finish {
+                reason: Cow::Owned(reason.into_owned()),
+                model: model.map(|model| Cow::Owned(model.into_owned())),
+            },
             UpstreamEvent::Done => UpstreamEvent::Done,
             UpstreamEvent::Error(message) => UpstreamEvent::Error(message),
+        }
+    }
+}
+
+/// How a reply said it ended, for its trace: the model the upstream named and the
+/// finish reasons, in the order they came.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FinishSeen {
+    pub model: Option<String>,
+    pub finish_reasons: Vec<String>,
+}
+
+impl FinishSeen {
+    /// Notes one [`UpstreamEvent::Finish`].
+    pub fn note(&mut self, reason: &str, model: Option<&str>) {
+        self.finish_reasons.push(reason.to_owned());
+        if let Some(model) = model {
+            self.model = Some(model.to_owned());
         }
     }
 }
@@ -66,6 +94,8 @@ pub struct UpstreamSseParser {
     /// The previous piece ended in `\r`, so a `\n` opening the next one ends no new line.
     skip_lf: bool,
     ended: bool,
+    /// Whether finish reasons are looked for (the stream's trace is recorded).
+    report_finish: bool,
 }
 
 impl Default for UpstreamSseParser {
@@ -85,7 +115,14 @@ impl UpstreamSseParser {
             has_data: false,
             skip_lf: false,
             ended: false,
+            report_finish: false,
         }
+    }
+
+    /// Also reports [`UpstreamEvent::Finish`]. Off, as it is for an untraced stream, the
+    /// parser does not look for finish reasons at all.
+    pub fn report_finish(&mut self) {
+        self.report_finish = true;
     }
 
     /// Whether the stream is over (`[DONE]`, an upstream error or a parse error was seen).
@@ -133,7 +170,7 @@ impl UpstreamSseParser {
                         limit: self.max_event_bytes,
                     }));
                 }
-                match interpret_payload(value, &mut self.unescaped, on_event) {
+                match interpret_payload(value, &mut self.unescaped, self.report_finish, on_event) {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::End) => self.ended = true,
                     Err(error) => return Err(self.fail(error)),
@@ -252,7 +289,12 @@ impl UpstreamSseParser {
         if !std::mem::take(&mut self.has_data) {
             return Ok(());
         }
-        let result = interpret_payload(&self.data, &mut self.unescaped, on_event);
+        let result = interpret_payload(
+            &self.data,
+            &mut self.unescaped,
+            self.report_finish,
+            on_event,
+        );
         self.data.clear();
         match result {
             Ok(Flow::Continue) => Ok(()),
@@ -274,6 +316,7 @@ enum Flow {
 fn interpret_payload<F>(
     payload: &[u8],
     unescaped: &mut String,
+    report_finish: bool,
     on_event: &mut F,
 ) -> Result<Flow, SseError>
 where
@@ -306,10 +349,49 @@ where
     if let Some(text) = content.filter(|text| !text.is_empty()) {
         on_event(UpstreamEvent::Delta(Cow::Borrowed(text)));
     }
+    if report_finish && has_finish_reason(trimmed) {
+        report_finishes(trimmed, on_event);
+    }
     if let Some(usage) = chunk.usage {
         on_event(UpstreamEvent::Usage(usage));
     }
     Ok(Flow::Continue)
+}
+
+/// Whether the payload may hold a string `finish_reason` (it is `null` in every chunk but
+/// the last): a quick look, so that only that chunk is parsed again. Inside a JSON string a
+/// quote is escaped, so `"finish_reason"` with both quotes bare is a key.
+fn has_finish_reason(payload: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"finish_reason\"";
+    memchr::memmem::find_iter(payload, KEY).any(|at| {
+        let rest = payload[at + KEY.len()..].trim_ascii_start();
+        rest.strip_prefix(b":")
+            .is_some_and(|value| value.trim_ascii_start().first() == Some(&b'"'))
+    })
+}
+
+/// Reports each choice's string `finish_reason` with the chunk's `model`, read with the
+/// general JSON parser (once per stream). Odd types are left out, never an error.
+fn report_finishes<F>(payload: &[u8], on_event: &mut F)
+where
+    F: FnMut(UpstreamEvent<'_>),
+{
+    let Ok(chunk) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return;
+    };
+    let model = chunk.get("model").and_then(serde_json::Value::as_str);
+    let choices = chunk.get("choices").and_then(serde_json::Value::as_array);
+    for choice in choices.into_iter().flatten() {
+        if let Some(reason) = choice
+            .get("finish_reason")
+            .and_then(serde_json::Value::as_str)
+        {
+            on_event(UpstreamEvent::Finish {
+                reason: Cow::Borrowed(reason),
+                model: model.map(Cow::Borrowed),
+            });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -342,6 +424,13 @@ mod tests {
         UpstreamEvent::Delta(Cow::Owned(text.to_owned()))
     }
 
+    fn finish(reason: &str, model: Option<&str>) -> UpstreamEvent<'static> {
+        UpstreamEvent::Finish {
+            reason: Cow::Owned(reason.to_owned()),
+            model: model.map(|model| Cow::Owned(model.to_owned())),
+        }
+    }
+
     fn content_chunk(text: &str) -> String {
         format!(
             r#"{{"id":"c","object":"chat.completion.chunk","choices":[{{"index":0,"delta":{{"content":{}}},"finish_reason":null}}],"usage":null}}"#,
@@ -356,7 +445,7 @@ mod tests {
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"},\"finish_reason\":null}]}\n\n",
             ": keep-alive\n\n",
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" \\\"w\\u00f6rld\\\"\"},\"logprobs\":null}]}\n\n",
-            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: {\"model\":\"gpt-4o-2024\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
             "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\n",
             "data: [DONE]\n\n",
         );
@@ -485,10 +574,45 @@ mod tests {
     }
 
     #[test]
+    fn finish_reasons_come_with_the_chunks_model_only_when_asked_and_never_fail() {
+        let body = concat!(
+            "data: {\"model\":\"m\\u00e9\",\"choices\":[{\"delta\":{\"content\":\"a \\\"finish_reason\\\": \\\"x\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"model\":\"m\\u00e9\",\"choices\":[{\"delta\":{},\"finish_reason\" : \"len\\u0067th\"}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"},{\"finish_reason\":\"second\"}]}\n\n",
+            "data: {\"model\":7,\"choices\":[{\"finish_reason\":{\"odd\":true}}]}\n\n",
+            "data: {\"model\":\"x\",\"choices\":[{\"finish_reason\":\"\\ud800\"}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let mut parser = UpstreamSseParser::default();
+        parser.report_finish();
+        assert_eq!(
+            parse_pieces(&mut parser, &[body.as_bytes()]),
+            (
+                vec![
+                    delta("a \"finish_reason\": \"x"),
+                    finish("length", Some("mé")),
+                    finish("stop", None),
+                    finish("second", None),
+                    UpstreamEvent::Done,
+                ],
+                None
+            )
+        );
+        assert_eq!(
+            parse(&[body.as_bytes()]),
+            (
+                vec![delta("a \"finish_reason\": \"x"), UpstreamEvent::Done],
+                None
+            ),
+            "not looked for unless asked"
+        );
+    }
+
+    #[test]
     fn chunks_without_text_give_nothing() {
         let body = concat!(
             "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n",
-            "data: {\"choices\":[{\"delta\":{\"content\":null},\"finish_reason\":\"length\"}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":null},\"finish_reason\":null}]}\n\n",
             "data: {\"choices\":[{\"delta\":{\"content\":\"\"}}]}\n\n",
             "data: {\"choices\":[]}\n\n",
             "data: {\"choices\":null,\"usage\":null}\n\n",

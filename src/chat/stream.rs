@@ -6,7 +6,7 @@
 use bytes::BytesMut;
 
 use super::reply::Usage;
-use super::sse_in::{SseError, UpstreamEvent, UpstreamSseParser};
+use super::sse_in::{FinishSeen, SseError, UpstreamEvent, UpstreamSseParser};
 use super::sse_out::{write_message_event, DataFormat, DeltaWriter};
 use super::token_count::CompletionText;
 
@@ -35,6 +35,8 @@ pub struct StreamTranscoder {
     completion: CompletionText,
     /// The answer text written since the last [`StreamTranscoder::take_text`], when kept.
     text: Option<String>,
+    /// The model and finish reasons, when kept (the request's trace is recorded).
+    finish: Option<FinishSeen>,
 }
 
 impl StreamTranscoder {
@@ -49,7 +51,20 @@ impl StreamTranscoder {
             events_sent: 0,
             completion: CompletionText::default(),
             text: None,
+            finish: None,
         }
+    }
+
+    /// Keeps the model and finish reasons the upstream reports, for
+    /// [`StreamTranscoder::take_finish`] (the attempt's span).
+    pub fn keep_finish(&mut self) {
+        self.parser.report_finish();
+        self.finish.get_or_insert_with(FinishSeen::default);
+    }
+
+    /// The model and finish reasons seen, when kept.
+    pub fn take_finish(&mut self) -> Option<FinishSeen> {
+        self.finish.take()
     }
 
     /// Keeps the answer text it writes, for [`StreamTranscoder::take_text`] (the
@@ -74,14 +89,9 @@ impl StreamTranscoder {
         if !matches!(self.status, StreamStatus::Open) {
             return self.status.clone();
         }
-        let mut completion = std::mem::take(&mut self.completion);
-        let mut text = self.text.take();
-        let mut sink = EventSink::new(self.writer, out, &mut completion, text.as_mut());
-        let result = self.parser.feed(piece, &mut |event| sink.take(event));
-        let status = self.settle(sink, result);
-        self.keep_completion(completion);
-        self.text = text;
-        status
+        self.parse(out, |parser, sink| {
+            parser.feed(piece, &mut |event| sink.take(event))
+        })
     }
 
     /// Ends the upstream body (it closed cleanly): dispatches a trailing event and, unless
@@ -90,13 +100,9 @@ impl StreamTranscoder {
         if self.status != StreamStatus::Open {
             return self.status.clone();
         }
-        let mut completion = std::mem::take(&mut self.completion);
-        let mut text = self.text.take();
-        let mut sink = EventSink::new(self.writer, out, &mut completion, text.as_mut());
-        let result = self.parser.finish(&mut |event| sink.take(event));
-        let status = self.settle(sink, result);
-        self.keep_completion(completion);
-        self.text = text;
+        let status = self.parse(out, |parser, sink| {
+            parser.finish(&mut |event| sink.take(event))
+        });
         if status != StreamStatus::Open {
             return status;
         }
@@ -118,6 +124,30 @@ impl StreamTranscoder {
     /// How many non-empty `message` events were written.
     pub fn events_sent(&self) -> u64 {
         self.events_sent
+    }
+
+    /// Runs the parser (`feed` or `finish`) with a sink writing into `out` and noting
+    /// what is kept, then settles the status.
+    fn parse<P>(&mut self, out: &mut BytesMut, run: P) -> StreamStatus
+    where
+        P: FnOnce(&mut UpstreamSseParser, &mut EventSink<'_, '_>) -> Result<(), SseError>,
+    {
+        let mut completion = std::mem::take(&mut self.completion);
+        let mut text = self.text.take();
+        let mut finish = self.finish.take();
+        let mut sink = EventSink::new(
+            self.writer,
+            out,
+            &mut completion,
+            text.as_mut(),
+            finish.as_mut(),
+        );
+        let result = run(&mut self.parser, &mut sink);
+        let status = self.settle(sink, result);
+        self.keep_completion(completion);
+        self.text = text;
+        self.finish = finish;
+        status
     }
 
     /// Puts the answer's text back, unless usage came and nothing needs counting.
@@ -164,6 +194,7 @@ struct EventSink<'o, 't> {
     out: &'o mut BytesMut,
     completion: &'o mut CompletionText,
     text: Option<&'t mut String>,
+    finish: Option<&'t mut FinishSeen>,
     events_sent: u64,
     usage: Option<Usage>,
     ending: Option<Ending>,
@@ -175,12 +206,14 @@ impl<'o, 't> EventSink<'o, 't> {
         out: &'o mut BytesMut,
         completion: &'o mut CompletionText,
         text: Option<&'t mut String>,
+        finish: Option<&'t mut FinishSeen>,
     ) -> Self {
         Self {
             writer,
             out,
             completion,
             text,
+            finish,
             events_sent: 0,
             usage: None,
             ending: None,
@@ -199,6 +232,11 @@ impl<'o, 't> EventSink<'o, 't> {
                 }
             }
             UpstreamEvent::Usage(usage) => self.usage = Some(usage),
+            UpstreamEvent::Finish { reason, model } => {
+                if let Some(finish) = self.finish.as_deref_mut() {
+                    finish.note(&reason, model.as_deref());
+                }
+            }
             UpstreamEvent::Done => self.ending = Some(Ending::Done),
             UpstreamEvent::Error(message) => self.ending = Some(Ending::UpstreamError(message)),
         }
@@ -251,6 +289,28 @@ mod tests {
         let mut out = BytesMut::new();
         plain.feed(body.as_bytes(), &mut out);
         assert_eq!(plain.take_text(), "", "text is kept only when asked");
+    }
+
+    #[test]
+    fn kept_finish_holds_the_model_and_reasons_split_anywhere() {
+        let body = format!(
+            "{}data: {{\"model\":\"sim-1\",\"choices\":[{{\"delta\":{{}},\"finish_reason\":\"length\"}}]}}\n\ndata: [DONE]\n\n",
+            chunk("a"),
+        );
+        for split in 1..body.len() {
+            let mut stream = transcoder();
+            stream.keep_finish();
+            let mut out = BytesMut::new();
+            let (a, b) = body.as_bytes().split_at(split);
+            stream.feed(a, &mut out);
+            stream.feed(b, &mut out);
+            let seen = stream.take_finish().expect("kept");
+            assert_eq!(seen.model.as_deref(), Some("sim-1"), "split at {split}");
+            assert_eq!(seen.finish_reasons, ["length"], "split at {split}");
+        }
+        let mut plain = transcoder();
+        plain.feed(body.as_bytes(), &mut BytesMut::new());
+        assert_eq!(plain.take_finish(), None, "kept only when asked");
     }
 
     #[test]

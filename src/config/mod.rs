@@ -119,6 +119,8 @@ pub struct TracingSettings {
     pub service_name: String,
     /// Share of new traces kept (parent-based: a sampled incoming trace is always kept).
     pub sample_ratio: f64,
+    /// PEM file of the CAs trusted for an https collector; `None`: the system's.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The conversation record in PostgreSQL (`conversation_log:`).

@@ -47,6 +47,7 @@ pub(super) struct RawTracing {
     pub otlp_endpoint: String,
     pub service_name: Option<String>,
     pub sample_ratio: Option<f64>,
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -838,18 +838,29 @@ fn tracing_defaults_and_errors() {
     .tracing
     .expect("configured");
     assert_eq!((t.service_name.as_str(), t.sample_ratio), ("gw", 0.25));
+    assert_eq!(t.ca_file, None);
+    let t = parse(&with("  otlp_endpoint: https://otel:4318\n"))
+        .expect("https, the system's CAs")
+        .tracing
+        .expect("configured");
+    assert_eq!(t.traces_url, "https://otel:4318/v1/traces");
+    assert_eq!(t.ca_file, None);
     for (block, needle) in [
         (
             "  otlp_endpoint: ftp://u:hunter2@x\n",
-            "must be an http:// URL",
+            "must be an http:// or https:// URL",
         ),
         (
             "  otlp_endpoint: \"http://u:hunter2@x y\"\n",
             "not a valid URL",
         ),
         (
-            "  otlp_endpoint: https://u:hunter2@x\n",
-            "https is not supported",
+            "  otlp_endpoint: http://u:hunter2@x\n  ca_file: /etc/ssl/certs/ca-certificates.crt\n",
+            "tracing.ca_file: applies to an https:// otlp_endpoint only",
+        ),
+        (
+            "  otlp_endpoint: https://u:hunter2@x\n  ca_file: /nonexistent/otel-ca.pem\n",
+            "tracing.ca_file: /nonexistent/otel-ca.pem holds no usable PEM certificate",
         ),
         (
             "  otlp_endpoint: http://x\n  sample_ratio: 1.5\n",

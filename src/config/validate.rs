@@ -462,13 +462,15 @@ impl Validator<'_> {
             .otlp_endpoint
             .parse()
             .map_err(|_| endpoint_error("not a valid URL (http://host:4318)"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => return Err(endpoint_error(
-                "https is not supported yet; point it at a collector or agent reachable over http",
-            )),
-            _ => return Err(endpoint_error("must be an http:// URL (http://host:4318)")),
-        }
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                return Err(endpoint_error(
+                    "must be an http:// or https:// URL (http://host:4318)",
+                ))
+            }
+        };
         if uri.host().is_none_or(str::is_empty) {
             return Err(endpoint_error("has no host"));
         }
@@ -488,10 +490,22 @@ impl Validator<'_> {
                 "must not be empty",
             ));
         }
+        let ca_file = match t.ca_file {
+            Some(_) if !https => {
+                return Err(self.error(
+                    "tracing.ca_file",
+                    at!["tracing", "ca_file"],
+                    "applies to an https:// otlp_endpoint only",
+                ))
+            }
+            Some(ca) => Some(self.ca_file("tracing.ca_file", at!["tracing", "ca_file"], &ca)?),
+            None => None,
+        };
         Ok(TracingSettings {
             traces_url: format!("{}/v1/traces", t.otlp_endpoint.trim_end_matches('/')),
             service_name,
             sample_ratio,
+            ca_file,
         })
     }
 

@@ -22,6 +22,7 @@ use crate::conversations::Draft;
 use crate::error::{json_object1, upstream_failure_message, ApiError};
 use crate::limits::Limiter;
 use crate::metrics::ActiveStream;
+use crate::traces::RequestTrace;
 use crate::upstream::{OpenResponse, UpstreamError};
 
 /// Handles one chat request; errors before the reply started are answered by the caller.
@@ -162,6 +163,11 @@ async fn stream_reply(
     if ctx.conversation.is_some() {
         transcoder.keep_text();
     }
+    let recording = ctx.trace.as_deref().is_some_and(RequestTrace::is_recording);
+    if recording {
+        transcoder.keep_finish();
+    }
+    let mut awaiting_first_token = recording;
     transcoder.start(&mut out);
     let started = async {
         let mut h = reply::header(200, ctx, "text/event-stream; charset=utf-8", None)?;
@@ -215,6 +221,12 @@ async fn stream_reply(
                 StreamStatus::Open
             }
         };
+        if awaiting_first_token && transcoder.events_sent() > 0 {
+            awaiting_first_token = false;
+            if let Some(trace) = ctx.trace.as_deref() {
+                trace.first_token();
+            }
+        }
         if !out.is_empty() {
             next_keepalive = Instant::now() + keepalive_every;
             let finished = matches!(status, StreamStatus::Finished);
@@ -242,6 +254,9 @@ async fn stream_reply(
         .usage()
         .map(|u| (u.prompt_tokens, u.completion_tokens));
     let completion = transcoder.take_completion();
+    if let (Some(trace), Some(seen)) = (ctx.trace.as_deref_mut(), transcoder.take_finish()) {
+        trace.stream_seen(seen);
+    }
     drop(transcoder);
     match end {
         StreamEnd::Finished => {

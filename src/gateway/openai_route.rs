@@ -17,11 +17,12 @@ use crate::chat::reply::parse_completion;
 use crate::chat::sse_in::{UpstreamEvent, UpstreamSseParser};
 use crate::chat::token_count::{estimate_stream, CompletionText};
 use crate::chat::usage_strip::UsageChunkFilter;
-use crate::chat::{Usage, DEFAULT_MAX_EVENT_BYTES};
+use crate::chat::{FinishSeen, Usage, DEFAULT_MAX_EVENT_BYTES};
 use crate::conversations::Draft;
 use crate::error::ApiError;
 use crate::limits::Limiter;
 use crate::metrics::ActiveStream;
+use crate::traces::RequestTrace;
 use crate::upstream::{OpenResponse, UpstreamError};
 
 /// Handles one OpenAI-format request; errors before the reply started are answered by the caller.
@@ -135,12 +136,18 @@ async fn pass_stream(
     }
     // Events beyond the bound are still passed on, just not parsed for usage.
     let mut parser = UpstreamSseParser::new(DEFAULT_MAX_EVENT_BYTES);
+    let recording = ctx.trace.as_deref().is_some_and(RequestTrace::is_recording);
+    if recording {
+        parser.report_finish();
+    }
+    let mut awaiting_first_token = recording;
     let mut seen = Seen {
         // The answer text of the piece in hand, when the exchange is recorded.
         text: ctx.conversation.as_deref_mut().map(|draft| {
             draft.answer_started();
             String::new()
         }),
+        finish: recording.then(FinishSeen::default),
         ..Seen::default()
     };
     let mut out = BytesMut::new();
@@ -180,6 +187,12 @@ async fn pass_stream(
             Ok(Ok(Some(piece))) => piece,
         };
         let _ = parser.feed(&piece, &mut |event| seen.take(event));
+        if awaiting_first_token && seen.answered {
+            awaiting_first_token = false;
+            if let Some(trace) = ctx.trace.as_deref() {
+                trace.first_token();
+            }
+        }
         let piece = match strip.as_mut() {
             Some(filter) => {
                 filter.feed(&piece, &mut out);
@@ -205,6 +218,9 @@ async fn pass_stream(
         }
     };
     ctx.tokens = seen.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
+    if let (Some(trace), Some(finish)) = (ctx.trace.as_deref_mut(), seen.finish.take()) {
+        trace.stream_seen(finish);
+    }
     match failure {
         Some(cause) => {
             drop(open);
@@ -225,13 +241,17 @@ async fn pass_stream(
     }
 }
 
-/// What the stream said, read on the side: its usage, its text while no usage came, and
-/// (when the exchange is recorded) the text of the piece in hand.
+/// What the stream said, read on the side: its usage, its text while no usage came,
+/// (when the exchange is recorded) the text of the piece in hand, and (when the trace
+/// is recorded) the model and finish reasons.
 #[derive(Default)]
 struct Seen {
     usage: Option<Usage>,
     completion: CompletionText,
     text: Option<String>,
+    finish: Option<FinishSeen>,
+    /// A piece of answer text came.
+    answered: bool,
 }
 
 impl Seen {
@@ -242,6 +262,7 @@ impl Seen {
                 self.completion.clear();
             }
             UpstreamEvent::Delta(text) => {
+                self.answered = true;
                 if let Some(kept) = self.text.as_mut() {
                     kept.push_str(&text);
                 }
@@ -249,7 +270,12 @@ impl Seen {
                     self.completion.push(&text);
                 }
             }
-            _ => {}
+            UpstreamEvent::Finish { reason, model } => {
+                if let Some(finish) = self.finish.as_mut() {
+                    finish.note(&reason, model.as_deref());
+                }
+            }
+            UpstreamEvent::Done | UpstreamEvent::Error(_) => {}
         }
     }
 }

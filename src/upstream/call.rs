@@ -100,7 +100,7 @@ pub struct OpenResponse {
     /// When the response header arrived.
     pub first_byte_at: Instant,
     /// The answering attempt's client span, still open (tracing on).
-    pub span: Option<opentelemetry::Context>,
+    pub span: Option<crate::traces::AnsweredSpan>,
 }
 
 impl OpenResponse {
@@ -274,7 +274,7 @@ impl Upstream {
                     record.finish(AttemptOutcome::Ok, Some(open.first_byte_at));
                     open.attempts = attempt;
                     let status = open.status();
-                    open.span = span.answered(open.first_byte_at, status);
+                    open.span = span.answered(open.first_byte_at, status, stream);
                     return Ok(open);
                 }
                 Err(f) => {

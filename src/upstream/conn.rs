@@ -18,7 +18,7 @@ use http_body_util::Full;
 use hyper::body::{Frame, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
-use pingora::tls::{ClientConfig, RootCertStore, ServerName, TlsConnector};
+use pingora::tls::{ServerName, TlsConnector};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -135,16 +135,8 @@ impl Connector {
 }
 
 fn tls_connector(ca_file: Option<&std::path::Path>) -> Result<TlsConnector, String> {
-    let mut roots = RootCertStore::empty();
-    let loaded = match ca_file {
-        Some(path) => pingora::tls::load_ca_file_into_store(path, &mut roots),
-        None => pingora::tls::load_platform_certs_incl_env_into_store(&mut roots),
-    };
-    loaded.map_err(|e| format!("cannot load the upstream CA certificates: {e}"))?;
-    pingora::tls::install_default_crypto_provider();
-    let mut config = ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config =
+        crate::tls::client_config(ca_file).map_err(|e| format!("upstream TLS: {e}"))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsConnector::from(Arc::new(config)))
 }
