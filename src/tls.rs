@@ -16,16 +16,27 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// TLS client settings verifying servers against `ca_file`'s CAs, or the system's.
 pub fn client_config(ca_file: Option<&Path>) -> Result<pingora::tls::ClientConfig, String> {
+    Ok(client_config_with(ca_roots(ca_file)?))
+}
+
+/// The CAs outgoing TLS trusts: `ca_file`'s, or the system's.
+pub fn ca_roots(ca_file: Option<&Path>) -> Result<pingora::tls::RootCertStore, String> {
     let mut roots = pingora::tls::RootCertStore::empty();
-    let loaded = match ca_file {
-        Some(path) => pingora::tls::load_ca_file_into_store(path, &mut roots),
-        None => pingora::tls::load_platform_certs_incl_env_into_store(&mut roots),
-    };
-    loaded.map_err(|e| format!("cannot load the CA certificates: {e}"))?;
+    match ca_file {
+        Some(path) => pingora::tls::load_ca_file_into_store(path, &mut roots)
+            .map_err(|e| format!("cannot load the CA certificates of {}: {e}", path.display())),
+        None => pingora::tls::load_platform_certs_incl_env_into_store(&mut roots)
+            .map_err(|e| format!("cannot load the system's CA certificates: {e}")),
+    }?;
+    Ok(roots)
+}
+
+/// TLS client settings verifying servers against `roots`.
+pub fn client_config_with(roots: pingora::tls::RootCertStore) -> pingora::tls::ClientConfig {
     pingora::tls::install_default_crypto_provider();
-    Ok(pingora::tls::ClientConfig::builder()
+    pingora::tls::ClientConfig::builder()
         .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_no_client_auth()
 }
 
 /// A certificate chain and the private key that matches its first certificate.

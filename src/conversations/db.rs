@@ -132,21 +132,16 @@ async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>
 
 /// The TLS client settings: `ca_file`'s CAs, or the system's.
 fn tls_config(ca_file: Option<&Path>) -> Result<ClientConfig, String> {
-    pingora::tls::install_default_crypto_provider();
-    let mut roots = RootCertStore::empty();
-    match ca_file {
-        Some(path) => pingora::tls::load_ca_file_into_store(path, &mut roots)
-            .map_err(|e| format!("cannot load {}: {e}", path.display()))?,
+    let roots = match crate::tls::ca_roots(ca_file) {
+        Ok(roots) => roots,
         // None found: TLS then fails verification, and only TLS needs them.
-        None => {
-            if let Err(e) = pingora::tls::load_platform_certs_incl_env_into_store(&mut roots) {
-                tracing::debug!(error = %e, "conversation log: the system's CA certificates");
-            }
+        Err(e) if ca_file.is_none() => {
+            tracing::debug!(error = %e, "conversation log: the system's CA certificates");
+            RootCertStore::empty()
         }
-    }
-    Ok(ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+        Err(e) => return Err(e),
+    };
+    Ok(crate::tls::client_config_with(roots))
 }
 
 /// `user@host:port/database` of a URL: the parts an operator may see (never the password).
