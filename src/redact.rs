@@ -145,8 +145,12 @@ fn is_credential(word: &str, secrets: &[&str]) -> bool {
     {
         return true;
     }
-    // A masked key: letters or digits around a run of asterisks.
-    if word.contains("**") && word.chars().filter(char::is_ascii_alphanumeric).count() >= 2 {
+    // A masked key: letters or digits around a run of asterisks, or anything on
+    // both sides of one (a key of mostly `-` and `_` shows `--_A****_--_`).
+    if word.contains("**")
+        && (word.chars().filter(char::is_ascii_alphanumeric).count() >= 2
+            || word.trim_matches('*').contains("**"))
+    {
         return true;
     }
     let core = word.trim_matches(['.', '*', '~', '=', '/', '-', '_', '+']);
@@ -255,6 +259,8 @@ mod tests {
             ),
             ("hash 0123456789abcdef0123456789abcdef".into(), "hash [redacted]"),
             ("AIzaSyA-1234567890abcdefgh".into(), "[redacted]"),
+            // Found by the property below: a key of mostly `-` and `_`, masked.
+            ("key --_A****_--_ is wrong".into(), "key [redacted] is wrong"),
         ];
         for (text, want) in cases {
             assert_eq!(scrub_credentials(&text, &[]), want, "{text}");
