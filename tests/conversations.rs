@@ -116,6 +116,28 @@ async fn rows_at_least(pg: &Postgres, n: usize, within: Duration) -> Vec<Value> 
     .await
 }
 
+/// Every one of `ids` is in the table exactly once, nothing was dropped, and the
+/// writer counts each as written once.
+async fn each_landed_once(pg: &Postgres, s: &Recorded, ids: &[String]) {
+    let rows = rows_at_least(pg, ids.len(), Duration::from_secs(20)).await;
+    let seen: Vec<&str> = rows
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap_or(""))
+        .collect();
+    let unique: HashSet<&str> = seen.iter().copied().collect();
+    assert_eq!(seen.len(), unique.len(), "a record arrived twice");
+    assert_eq!(
+        unique,
+        ids.iter().map(String::as_str).collect::<HashSet<_>>()
+    );
+    let m = s.gw.metrics().await;
+    assert_eq!(m.sum("chatgate_conversation_log_dropped_total", &[]), 0.0);
+    assert_eq!(
+        m.sum("chatgate_conversation_log_written_total", &[]),
+        ids.len() as f64
+    );
+}
+
 fn row<'a>(rows: &'a [Value], id: &str) -> &'a Value {
     rows.iter()
         .find(|r| r["request_id"] == id)
@@ -365,23 +387,70 @@ async fn a_postgres_outage_loses_nothing_and_slows_no_request() {
                 .0,
         );
     }
-    let rows = rows_at_least(&pg, ids.len(), Duration::from_secs(20)).await;
-    let seen: Vec<&str> = rows
-        .iter()
-        .map(|r| r["request_id"].as_str().unwrap_or(""))
-        .collect();
-    let unique: HashSet<&str> = seen.iter().copied().collect();
-    assert_eq!(seen.len(), unique.len(), "a record arrived twice");
-    assert_eq!(
-        unique,
-        ids.iter().map(String::as_str).collect::<HashSet<_>>()
+    each_landed_once(&pg, &s, &ids).await;
+}
+
+/// PostgreSQL answering, but slowly: a lock another session holds keeps the
+/// writer's `COPY` waiting (for less than the write timeout, so the connection is
+/// never given up). Records handed in meanwhile go to the spool, not to the memory
+/// queue, and all land once the lock goes.
+#[tokio::test]
+async fn a_slow_postgres_fills_the_spool_not_the_memory_queue() {
+    let pg = Postgres::start();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let s = Recorded::start(&pg.url(), spool.path(), "").await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            s.chat("/chatCompletion", user(&format!("before {i}")))
+                .await
+                .0,
+        );
+    }
+    rows_at_least(&pg, 3, Duration::from_secs(10)).await;
+
+    let locker = pg.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE chatgate_conversations IN SHARE MODE")
+        .await
+        .expect("lock");
+    let locked = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 0..12 {
+        let started = Instant::now();
+        ids.push(
+            s.chat("/chatCompletion", user(&format!("slow {i}")))
+                .await
+                .0,
+        );
+        slowest = slowest.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The first write waits on the lock; a second on, what queues behind it is spooled.
+    let m = poll(
+        Duration::from_secs(3),
+        Duration::from_millis(50),
+        || s.gw.metrics(),
+        |m| {
+            m.sum("chatgate_conversation_log_spooled_total", &[]) > 0.0
+                && m.sum("chatgate_conversation_log_queued", &[]) == 0.0
+        },
+    )
+    .await;
+    let waited = locked.elapsed();
+    assert!(
+        m.sum("chatgate_conversation_log_spooled_total", &[]) > 0.0,
+        "nothing was spooled in {waited:?} behind a write that cannot finish"
     );
-    let m = s.gw.metrics().await;
-    assert_eq!(m.sum("chatgate_conversation_log_dropped_total", &[]), 0.0);
-    assert_eq!(
-        m.sum("chatgate_conversation_log_written_total", &[]),
-        ids.len() as f64
+    assert_eq!(m.sum("chatgate_conversation_log_queued", &[]), 0.0);
+    assert_eq!(m.sum("chatgate_conversation_log_written_total", &[]), 3.0);
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a request took {slowest:?} while PostgreSQL was slow"
     );
+    locker.batch_execute("COMMIT").await.expect("unlock");
+
+    each_landed_once(&pg, &s, &ids).await;
 }
 
 #[tokio::test]
@@ -875,8 +944,9 @@ async fn a_version_1_database_is_migrated_with_its_rows() {
             ("messages".into(), Some("l".into()))
         ]
     );
-    // A row written by the migrated gateway's writer: its long answer is lz4; the old
-    // row keeps pglz.
+    // Rows written by the migrated gateway's writer, straight (bench-0) and through
+    // the replay's staging table (bench-1): their long answers are lz4; the old row
+    // keeps pglz.
     let mut client2 = db::connect(&url, None, Duration::from_secs(10))
         .await
         .expect("connect");
@@ -885,16 +955,20 @@ async fn a_version_1_database_is_migrated_with_its_rows() {
     let mut record = sample_record(0);
     record.answer = Some(long.clone());
     assert_eq!(writer.write_new(&[record]).await.expect("write"), 1);
+    let mut replayed = sample_record(1);
+    replayed.answer = Some(long.clone());
+    assert_eq!(writer.write(&[replayed]).await.expect("replay"), 1);
     let methods = text_pairs(
         &client,
         "SELECT request_id, pg_column_compression(answer) FROM chatgate_conversations
-         WHERE request_id IN ('v1-1', 'bench-0') ORDER BY request_id",
+         WHERE request_id IN ('v1-1', 'bench-0', 'bench-1') ORDER BY request_id",
     )
     .await;
     assert_eq!(
         methods,
         [
             ("bench-0".into(), Some("lz4".into())),
+            ("bench-1".into(), Some("lz4".into())),
             ("v1-1".into(), Some("pglz".into()))
         ]
     );

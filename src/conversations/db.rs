@@ -266,11 +266,24 @@ impl Writer {
     /// Prepares the staging table and statements on a migrated connection.
     pub async fn new(client: Client) -> Result<Writer, String> {
         let e = pg_error;
+        // The staging table compresses as the table does: `INSERT ... SELECT` moves
+        // compressed values as they are, so a pglz staging table would leave every
+        // replayed row in pglz.
+        let version: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(e)?
+            .get(0);
+        let including = if version >= 140_000 {
+            "INCLUDING COMPRESSION"
+        } else {
+            ""
+        };
         client
-            .batch_execute(
+            .batch_execute(&format!(
                 "CREATE TEMP TABLE IF NOT EXISTS chatgate_conversations_in
-                 (LIKE chatgate_conversations) ON COMMIT DELETE ROWS",
-            )
+                 (LIKE chatgate_conversations {including}) ON COMMIT DELETE ROWS"
+            ))
             .await
             .map_err(e)?;
         let copy = client

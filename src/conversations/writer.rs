@@ -1,14 +1,17 @@
 //! The one background writer per process: takes queued records in batches
 //! (every `flush_interval`, or sooner when a batch is full), writes them to
-//! PostgreSQL, spools them when it does not answer in time, and replays the
-//! spool oldest first once it does; deletes expired rows in small batches.
+//! PostgreSQL, spools them when it does not answer in time, spools what queues
+//! behind a slow call rather than holding it in memory, and replays the spool
+//! oldest first once PostgreSQL answers; deletes expired rows in small batches.
 //!
 //! Stopping: on Pingora's shutdown signal it keeps flushing, since requests
 //! still finishing in the grace period hand in records; when the runtime
 //! finally drops it, whatever is still in memory is spooled synchronously
-//! (see `Drop for State`). A killed process loses what arrived since the last
-//! flush: at most one `flush_interval` of records.
+//! (see `Drop for State`). A killed process loses the batch in flight and what
+//! arrived since: at most one `flush_interval` of records, or while a call is
+//! slow, [`SLOW_AFTER`]'s (or the flush interval's, if longer) and a tick's.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,14 +23,20 @@ use tokio::sync::{mpsc, Notify};
 
 use super::db::{self, Writer};
 use super::spool::Spool;
-use super::{DropWarning, Record, MAX_BATCH};
+use super::{DropWarning, Record, MAX_BATCH, QUEUE_CAPACITY, QUEUE_MAX_BYTES};
 use crate::config::ConversationLogSettings;
 use crate::metrics;
 
-/// How long connecting (and migrating) may take.
+/// How long connecting may take, and then migrating the schema (records queued
+/// meanwhile go to the spool: see [`Intake::meanwhile`]).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long one batch write may take before it goes to the spool instead.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A database call in flight longer than this (or the flush interval, if longer)
+/// is slow: what queues meanwhile is spooled, looked at every tick.
+const SLOW_AFTER: Duration = Duration::from_secs(1);
+const SLOW_TICK: Duration = Duration::from_millis(250);
 /// Reconnect backoff, doubling between these bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -85,83 +94,49 @@ impl BackgroundService for ConversationWriter {
             .unwrap_or_default();
         let mut state = State {
             url,
-            flush_interval: self.settings.flush_interval,
             ca_file: self.settings.ca_file.clone(),
             retention: self.settings.retention,
-            queue,
-            queued_bytes: self.queued_bytes.clone(),
-            batch_ready: self.batch_ready.clone(),
+            intake: Intake {
+                queue,
+                queued_bytes: self.queued_bytes.clone(),
+                batch_ready: self.batch_ready.clone(),
+                spool,
+                warn: self.warn.clone(),
+                flush_interval: self.settings.flush_interval,
+            },
             batch: Vec::with_capacity(MAX_BATCH),
-            spool,
             db: None,
             next_connect: Instant::now(),
             backoff: BACKOFF_MIN,
             next_scan: Instant::now() + SCAN_EVERY,
             next_retention: Instant::now(),
-            warn: self.warn.clone(),
             was_up: None,
         };
         state.run(shutdown).await;
     }
 }
 
-struct State {
-    url: String,
-    ca_file: Option<std::path::PathBuf>,
-    flush_interval: Duration,
-    retention: Duration,
+/// Records on their way in: the queue requests fill and the spool for what
+/// PostgreSQL does not take in time. Kept apart from the connection so that a
+/// database call in flight can go on while the queue is drained to the spool.
+struct Intake {
     queue: mpsc::Receiver<Record>,
     queued_bytes: Arc<AtomicUsize>,
     batch_ready: Arc<Notify>,
-    /// Records taken from the queue and not yet written or spooled.
-    batch: Vec<Record>,
     spool: Option<Spool>,
-    db: Option<Writer>,
-    next_connect: Instant,
-    backoff: Duration,
-    next_scan: Instant,
-    next_retention: Instant,
     warn: Arc<DropWarning>,
-    /// Last logged connection state, to log changes only.
-    was_up: Option<bool>,
+    flush_interval: Duration,
 }
 
-impl State {
-    async fn run(&mut self, mut shutdown: ShutdownWatch) {
-        let mut stopping = false;
-        self.connected().await;
-        loop {
-            // The queue is not polled while waiting: submitting a record then wakes
-            // nobody, unless a whole batch is waiting.
-            if self.queue.len() < MAX_BATCH {
-                let flush_at = tokio::time::Instant::now() + self.flush_interval;
-                tokio::select! {
-                    biased;
-                    _ = shutdown.changed(), if !stopping => stopping = true,
-                    _ = self.batch_ready.notified() => {}
-                    _ = tokio::time::sleep_until(flush_at) => {}
-                }
-            }
-            let closed = self.take_queued();
-            self.flush().await;
-            if closed {
-                return;
-            }
-            if !stopping {
-                self.maintain().await;
-            }
-            self.report();
-        }
-    }
-
-    /// Moves up to a batch of queued records into the batch; whether the queue is
+impl Intake {
+    /// Moves up to a batch of queued records into `batch`; whether the queue is
     /// closed and empty (every sender gone: the process is stopping).
-    fn take_queued(&mut self) -> bool {
-        let before = self.batch.len();
+    fn take_queued(&mut self, batch: &mut Vec<Record>) -> bool {
+        let before = batch.len();
         let mut closed = false;
-        while self.batch.len() < MAX_BATCH {
+        while batch.len() < before + MAX_BATCH {
             match self.queue.try_recv() {
-                Ok(record) => self.batch.push(record),
+                Ok(record) => batch.push(record),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     closed = true;
@@ -169,44 +144,49 @@ impl State {
                 }
             }
         }
-        let n = self.batch.len() - before;
-        if n > 0 {
-            self.taken(n);
+        let taken = &batch[before..];
+        if !taken.is_empty() {
+            metrics::conversation_queued(-(taken.len() as i64));
+            let weight: usize = taken.iter().map(Record::weight).sum();
+            self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
         }
         closed
     }
 
-    /// The last `n` records of the batch just left the queue.
-    fn taken(&self, n: usize) {
-        metrics::conversation_queued(-(n as i64));
-        let weight: usize = self.batch[self.batch.len() - n..]
-            .iter()
-            .map(Record::weight)
-            .sum();
-        self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
-    }
-
-    /// Writes the batch to PostgreSQL, or spools it.
-    async fn flush(&mut self) {
-        if self.batch.is_empty() {
-            return;
-        }
-        if self.connected().await {
-            if let Some(db) = &mut self.db {
-                let started = Instant::now();
-                match tokio::time::timeout(WRITE_TIMEOUT, db.write_new(&self.batch)).await {
-                    Ok(Ok(new)) => {
-                        metrics::conversation_written(new, started.elapsed());
-                        self.batch.clear();
-                        return;
-                    }
-                    Ok(Err(e)) => self.lost_connection(&e),
-                    Err(_) => self.lost_connection("write timed out"),
-                }
+    /// Runs `work`, a database call. Should it be slow (past [`SLOW_AFTER`] or the
+    /// flush interval), records that queue meanwhile go to the spool every tick
+    /// rather than waiting in memory, where a full queue would drop them; so would
+    /// a queue half full, however long the call has taken.
+    async fn meanwhile<F: Future>(&mut self, work: F) -> F::Output {
+        let mut work = std::pin::pin!(work);
+        let tick = self.flush_interval.min(SLOW_TICK);
+        let slow_after = self.flush_interval.max(SLOW_AFTER);
+        let started = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let high = self.queue.len() >= QUEUE_CAPACITY / 2
+                || self.queued_bytes.load(Ordering::Relaxed) >= QUEUE_MAX_BYTES / 2;
+            if high || started.elapsed() >= slow_after {
+                self.spool_queued();
             }
         }
-        let batch = std::mem::take(&mut self.batch);
-        self.spool_records(&batch);
+    }
+
+    /// Spools everything in the queue now, a batch at a time.
+    fn spool_queued(&mut self) {
+        let mut batch = Vec::new();
+        loop {
+            self.take_queued(&mut batch);
+            if batch.is_empty() {
+                return;
+            }
+            self.spool_records(&batch);
+            batch.clear();
+        }
     }
 
     fn spool_records(&mut self, records: &[Record]) {
@@ -230,6 +210,75 @@ impl State {
             }
         }
     }
+}
+
+struct State {
+    url: String,
+    ca_file: Option<std::path::PathBuf>,
+    retention: Duration,
+    intake: Intake,
+    /// Records taken from the queue and not yet written or spooled.
+    batch: Vec<Record>,
+    db: Option<Writer>,
+    next_connect: Instant,
+    backoff: Duration,
+    next_scan: Instant,
+    next_retention: Instant,
+    /// Last logged connection state, to log changes only.
+    was_up: Option<bool>,
+}
+
+impl State {
+    async fn run(&mut self, mut shutdown: ShutdownWatch) {
+        let mut stopping = false;
+        self.connected().await;
+        loop {
+            // The queue is not polled while waiting: submitting a record then wakes
+            // nobody, unless a whole batch is waiting.
+            if self.intake.queue.len() < MAX_BATCH {
+                let flush_at = tokio::time::Instant::now() + self.intake.flush_interval;
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed(), if !stopping => stopping = true,
+                    _ = self.intake.batch_ready.notified() => {}
+                    _ = tokio::time::sleep_until(flush_at) => {}
+                }
+            }
+            let closed = self.intake.take_queued(&mut self.batch);
+            self.flush().await;
+            if closed {
+                return;
+            }
+            if !stopping {
+                self.maintain().await;
+            }
+            self.report();
+        }
+    }
+
+    /// Writes the batch to PostgreSQL, or spools it.
+    async fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        if self.connected().await {
+            if let Some(db) = &mut self.db {
+                let started = Instant::now();
+                let write = tokio::time::timeout(WRITE_TIMEOUT, db.write_new(&self.batch));
+                match self.intake.meanwhile(write).await {
+                    Ok(Ok(new)) => {
+                        metrics::conversation_written(new, started.elapsed());
+                        self.batch.clear();
+                        return;
+                    }
+                    Ok(Err(e)) => self.lost_connection(&e),
+                    Err(_) => self.lost_connection("write timed out"),
+                }
+            }
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.intake.spool_records(&batch);
+    }
 
     /// Whether a connection is open, opening one (and migrating) when it is time.
     async fn connected(&mut self) -> bool {
@@ -242,16 +291,15 @@ impl State {
         if Instant::now() < self.next_connect || self.url.is_empty() {
             return false;
         }
-        let opened = async {
-            let mut client =
-                db::connect(&self.url, self.ca_file.as_deref(), CONNECT_TIMEOUT).await?;
-            tokio::time::timeout(CONNECT_TIMEOUT, db::migrate(&mut client))
+        let (url, ca_file) = (&self.url, self.ca_file.as_deref());
+        let opening = async {
+            let mut client = db::connect(url, ca_file, CONNECT_TIMEOUT).await?;
+            tokio::time::timeout(MIGRATE_TIMEOUT, db::migrate(&mut client))
                 .await
                 .map_err(|_| "schema migration timed out".to_string())??;
             Writer::new(client).await
-        }
-        .await;
-        match opened {
+        };
+        match self.intake.meanwhile(opening).await {
             Ok(writer) => {
                 self.db = Some(writer);
                 self.backoff = BACKOFF_MIN;
@@ -281,7 +329,7 @@ impl State {
 
     /// Between flushes: replays one spool segment, runs the retention deletes.
     async fn maintain(&mut self) {
-        if let Some(spool) = &mut self.spool {
+        if let Some(spool) = &mut self.intake.spool {
             if Instant::now() >= self.next_scan {
                 self.next_scan = Instant::now() + SCAN_EVERY;
                 if let Err(e) = spool.scan() {
@@ -289,7 +337,7 @@ impl State {
                 }
             }
         }
-        if self.spool.as_ref().is_some_and(Spool::has_pending) && self.connected().await {
+        if self.intake.spool.as_ref().is_some_and(Spool::has_pending) && self.connected().await {
             self.replay_one().await;
         }
         if Instant::now() >= self.next_retention && self.connected().await {
@@ -299,7 +347,7 @@ impl State {
 
     /// Writes the oldest spooled segment, chunk by chunk; removes it when all is in.
     async fn replay_one(&mut self) {
-        let (Some(spool), Some(db)) = (&mut self.spool, &mut self.db) else {
+        let Some(spool) = &mut self.intake.spool else {
             return;
         };
         let Some(mut segment) = spool.next_ready() else {
@@ -314,25 +362,31 @@ impl State {
             }
         };
         for chunk in records.chunks(MAX_BATCH) {
+            let Some(db) = &mut self.db else { return };
             let started = Instant::now();
-            match tokio::time::timeout(WRITE_TIMEOUT, db.write(chunk)).await {
-                Ok(Ok(new)) => metrics::conversation_written(new, started.elapsed()),
-                Ok(Err(e)) => {
-                    spool.put_back(segment);
-                    self.lost_connection(&e);
-                    return;
+            let write = tokio::time::timeout(WRITE_TIMEOUT, db.write(chunk));
+            let failed = match self.intake.meanwhile(write).await {
+                Ok(Ok(new)) => {
+                    metrics::conversation_written(new, started.elapsed());
+                    continue;
                 }
-                Err(_) => {
-                    spool.put_back(segment);
-                    self.lost_connection("write timed out");
-                    return;
-                }
+                Ok(Err(e)) => e,
+                Err(_) => "write timed out".to_string(),
+            };
+            if let Some(spool) = &mut self.intake.spool {
+                spool.put_back(segment);
             }
+            self.lost_connection(&failed);
+            return;
         }
-        spool.finish(segment);
+        if let Some(spool) = &mut self.intake.spool {
+            spool.finish(segment);
+        }
         if unreadable > 0 {
             metrics::conversation_dropped("spool_unreadable", unreadable as u64);
-            self.warn.dropped(unreadable as u64, "spool_unreadable");
+            self.intake
+                .warn
+                .dropped(unreadable as u64, "spool_unreadable");
         }
     }
 
@@ -341,7 +395,8 @@ impl State {
         let Some(db) = &self.db else { return };
         let mut deleted = 0;
         for _ in 0..RETENTION_BATCHES_PER_RUN {
-            match db.delete_expired(self.retention, RETENTION_BATCH).await {
+            let delete = db.delete_expired(self.retention, RETENTION_BATCH);
+            match self.intake.meanwhile(delete).await {
                 Ok(n) => {
                     deleted += n;
                     if n < RETENTION_BATCH as u64 {
@@ -365,29 +420,32 @@ impl State {
 
     fn report(&self) {
         metrics::conversation_state(
-            self.spool.as_ref().map_or(0, Spool::bytes),
+            self.intake.spool.as_ref().map_or(0, Spool::bytes),
             self.db.is_some(),
         );
     }
 }
 
 impl Drop for State {
-    /// The runtime is going away (or the task panicked): spool what is in memory.
+    /// The runtime is going away (or the task panicked): spool what is in memory,
+    /// the batch being written included (its write may yet commit: a replay skips
+    /// rows already there).
     fn drop(&mut self) {
         let mut rest = std::mem::take(&mut self.batch);
-        while let Ok(r) = self.queue.try_recv() {
-            metrics::conversation_queued(-1);
-            self.queued_bytes.fetch_sub(r.weight(), Ordering::Relaxed);
-            rest.push(r);
+        loop {
+            let before = rest.len();
+            if self.intake.take_queued(&mut rest) || rest.len() == before {
+                break;
+            }
         }
         if !rest.is_empty() {
-            self.spool_records(&rest);
+            self.intake.spool_records(&rest);
             tracing::info!(
                 records = rest.len(),
                 "conversation log: stopping; records in memory spooled"
             );
         }
-        if let Some(spool) = &mut self.spool {
+        if let Some(spool) = &mut self.intake.spool {
             spool.seal();
         }
     }
