@@ -59,6 +59,14 @@ pub fn init(settings: &TracingSettings) -> Result<(), String> {
         .with_protocol(Protocol::HttpBinary)
         .with_endpoint(settings.traces_url.clone())
         .with_timeout(EXPORT_TIMEOUT);
+    if !settings.headers.is_empty() {
+        let headers = settings.headers.iter();
+        builder = builder.with_headers(
+            headers
+                .map(|(name, value)| (name.to_string(), value.expose_str()))
+                .collect(),
+        );
+    }
     if settings.traces_url.starts_with("https://") {
         builder = builder.with_http_client(https_client(settings.ca_file.as_deref())?);
     }
@@ -88,6 +96,7 @@ pub fn init(settings: &TracingSettings) -> Result<(), String> {
         endpoint = %crate::redact::redact_url(&settings.traces_url),
         ca_file = settings.ca_file.as_ref().map(|p| p.display().to_string()),
         sample_ratio = settings.sample_ratio,
+        headers = ?settings.headers.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(),
         "traces exported over OTLP/HTTP"
     );
     Ok(())

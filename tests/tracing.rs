@@ -41,6 +41,8 @@ struct Receiver {
     spans: Arc<Mutex<Vec<(String, Span)>>>,
     /// TCP connections accepted (TLS handshakes tried, for the https receiver).
     connections: Arc<AtomicUsize>,
+    /// The header lines (`name: value`, name lowercased) of every export request.
+    heads: Arc<Mutex<Vec<Vec<String>>>>,
 }
 
 impl Receiver {
@@ -102,7 +104,16 @@ impl Receiver {
                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 }
             };
-            let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+            let raw_head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+            self.heads.lock().unwrap().push(
+                raw_head
+                    .lines()
+                    .skip(1)
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(n, v)| format!("{}: {}", n.to_lowercase(), v.trim()))
+                    .collect(),
+            );
+            let head = raw_head.to_lowercase();
             assert!(head.starts_with("post /v1/traces "), "{head}");
             assert!(
                 head.contains("content-type: application/x-protobuf"),
@@ -295,6 +306,14 @@ struct Traced {
 }
 
 async fn start(sim_flags: &[&str], tracing: Option<String>) -> Traced {
+    start_with_env(sim_flags, tracing, &[]).await
+}
+
+async fn start_with_env(
+    sim_flags: &[&str],
+    tracing: Option<String>,
+    env: &[(&str, &str)],
+) -> Traced {
     let sim = Simulator::start(sim_flags);
     let redis = Redis::start();
     let mut cfg = GatewayConfig::redis(&redis, &[]);
@@ -305,6 +324,8 @@ async fn start(sim_flags: &[&str], tracing: Option<String>) -> Traced {
     );
     cfg.routes = seed_routes("main") + OPENAI_ROUTE;
     cfg.env = vec![("TEST_UPSTREAM_KEYS".into(), API_KEY.into())];
+    cfg.env
+        .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     if let Some(block) = tracing {
         cfg.extra = block;
     }
@@ -676,4 +697,36 @@ async fn spans_reach_an_https_collector_only_with_a_trusted_certificate() {
         "{:?}",
         trusted.services()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_requests_carry_the_configured_headers_and_no_log_shows_a_value() {
+    const SECRET: &str = "otlp-secret-4711";
+    let (receiver, port) = Receiver::start().await;
+    let block = format!("{}  headers_env: TEST_OTLP_HEADERS\n", tracing_block(port));
+    let headers = format!("Authorization=Bearer%20{SECRET}, X-Scope-OrgID=tenant-7");
+    let t = start_with_env(&[], Some(block), &[("TEST_OTLP_HEADERS", &headers)]).await;
+    let resp = t.chat("/chatCompletion", user(PROMPT), None).await;
+    let request_id = request_id_of(&resp);
+    let (status, reply) = json_reply(resp).await;
+    assert_eq!(status, 200, "{reply}");
+    receiver.server_span(&request_id).await;
+    let heads = receiver.heads.lock().unwrap().clone();
+    assert!(!heads.is_empty());
+    for head in &heads {
+        let has = |line: &str| head.iter().any(|l| l == line);
+        assert!(has(&format!("authorization: Bearer {SECRET}")), "{head:?}");
+        assert!(has("x-scope-orgid: tenant-7"), "{head:?}");
+    }
+    let log = t.gw.log();
+    assert!(log.contains("traces exported over OTLP/HTTP"), "{log}");
+    assert!(
+        log.contains("authorization"),
+        "the header names are logged: {log}"
+    );
+    assert!(!log.contains(SECRET), "{log}");
+    // The upstream request carries trace context, never the collector's credentials.
+    for req in t.sim.requests().await {
+        assert!(!req.to_string().contains(SECRET), "{req}");
+    }
 }

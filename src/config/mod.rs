@@ -121,6 +121,8 @@ pub struct TracingSettings {
     pub sample_ratio: f64,
     /// PEM file of the CAs trusted for an https collector; `None`: the system's.
     pub ca_file: Option<PathBuf>,
+    /// Headers sent with every export (a collector's credentials: values are secrets).
+    pub headers: Vec<(http::HeaderName, Secret)>,
 }
 
 /// The conversation record in PostgreSQL (`conversation_log:`).

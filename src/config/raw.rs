@@ -48,6 +48,7 @@ pub(super) struct RawTracing {
     pub service_name: Option<String>,
     pub sample_ratio: Option<f64>,
     pub ca_file: Option<PathBuf>,
+    pub headers_env: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

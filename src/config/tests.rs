@@ -882,3 +882,72 @@ fn tracing_defaults_and_errors() {
         assert!(!e.contains("hunter2"), "{e}");
     }
 }
+
+#[test]
+fn tracing_headers_come_from_the_environment_and_are_never_quoted() {
+    set_secret("CG_TEST_SECRET_TRACE_H", &"s".repeat(40));
+    let base = sample("CG_TEST_SECRET_TRACE_H");
+    let with = |var: &str| {
+        format!("{base}tracing:\n  otlp_endpoint: https://otel:4318\n  headers_env: {var}\n")
+    };
+    set_secret(
+        "CG_TEST_OTLP_HEADERS",
+        " Authorization=Basic%20aHVudGVyMg== , X-Scope-OrgID=tenant-1,",
+    );
+    let t = parse(&with("CG_TEST_OTLP_HEADERS"))
+        .expect("valid")
+        .tracing
+        .expect("configured");
+    let headers: Vec<(&str, String)> = t
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.expose_str()))
+        .collect();
+    assert_eq!(
+        headers,
+        [
+            ("authorization", "Basic aHVudGVyMg==".to_string()),
+            ("x-scope-orgid", "tenant-1".to_string())
+        ]
+    );
+    assert!(!format!("{t:?}").contains("aHVudGVyMg"), "{t:?}");
+    for (value, needle) in [
+        (
+            "Authorization: Bearer aHVudGVyMg",
+            "entry 1 is not name=value",
+        ),
+        ("x=1,Bad Name=aHVudGVyMg", "entry 2: not a header name"),
+        (
+            "authorization=aHVudGVyMg%0A",
+            "entry 1 (authorization): the value is empty or not a valid header value",
+        ),
+        (
+            "authorization=",
+            "entry 1 (authorization): the value is empty",
+        ),
+        (
+            "content-type=aHVudGVyMg",
+            "content-type is set by the exporter itself",
+        ),
+        ("a=aHVudGVyMg,A=aHVudGVyMg", "entry 2: a is given twice"),
+        (" , ", "holds no header"),
+    ] {
+        set_secret("CG_TEST_OTLP_HEADERS_BAD", value);
+        let e = parse(&with("CG_TEST_OTLP_HEADERS_BAD"))
+            .expect_err(value)
+            .to_string();
+        assert!(
+            e.contains("tracing.headers_env: CG_TEST_OTLP_HEADERS_BAD: "),
+            "{e}"
+        );
+        assert!(e.contains(needle), "{value}: {e}");
+        assert!(!e.contains("aHVudGVyMg"), "{e}");
+    }
+    let e = parse(&with("CG_TEST_OTLP_HEADERS_UNSET"))
+        .expect_err("unset")
+        .to_string();
+    assert!(
+        e.contains("CG_TEST_OTLP_HEADERS_UNSET is not set or empty"),
+        "{e}"
+    );
+}

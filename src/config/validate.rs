@@ -501,11 +501,24 @@ impl Validator<'_> {
             Some(ca) => Some(self.ca_file("tracing.ca_file", at!["tracing", "ca_file"], &ca)?),
             None => None,
         };
+        let headers = match &t.headers_env {
+            None => Vec::new(),
+            Some(var) if self.secrets == SecretsPolicy::Skip && std::env::var_os(var).is_none() => {
+                Vec::new()
+            }
+            Some(var) => {
+                let at = || at!["tracing", "headers_env"];
+                let text = self.env_secret("tracing.headers_env", at(), var)?;
+                parse_export_headers(text.expose())
+                    .map_err(|m| self.error("tracing.headers_env", at(), format!("{var}: {m}")))?
+            }
+        };
         Ok(TracingSettings {
             traces_url: format!("{}/v1/traces", t.otlp_endpoint.trim_end_matches('/')),
             service_name,
             sample_ratio,
             ca_file,
+            headers,
         })
     }
 
@@ -1029,6 +1042,54 @@ impl Validator<'_> {
         }
         Ok(Secret::new(bytes))
     }
+}
+
+/// Headers the OTLP exporter may not be given: the exporter sets them itself.
+const EXPORT_HEADERS_RESERVED: [&str; 5] = [
+    "content-type",
+    "content-length",
+    "host",
+    "transfer-encoding",
+    "connection",
+];
+
+/// `name=value` pairs separated by commas, values percent-decoded: the format of
+/// OpenTelemetry's `OTEL_EXPORTER_OTLP_HEADERS`. Errors name the entry and header,
+/// never a value.
+pub(super) fn parse_export_headers(text: &[u8]) -> Result<Vec<(http::HeaderName, Secret)>, String> {
+    let text = std::str::from_utf8(text).map_err(|_| "is not UTF-8".to_string())?;
+    let mut headers: Vec<(http::HeaderName, Secret)> = Vec::new();
+    for (i, entry) in text.split(',').map(str::trim).enumerate() {
+        let n = i + 1;
+        if entry.is_empty() {
+            continue;
+        }
+        let Some((name, value)) = entry.split_once('=') else {
+            return Err(format!("entry {n} is not name=value"));
+        };
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("entry {n}: not a header name"))?;
+        if EXPORT_HEADERS_RESERVED.contains(&name.as_str()) {
+            return Err(format!("entry {n}: {name} is set by the exporter itself"));
+        }
+        let value = percent_encoding::percent_decode_str(value.trim()).decode_utf8();
+        let value = value
+            .map(|v| v.into_owned().into_bytes())
+            .unwrap_or_default();
+        if value.is_empty() || http::HeaderValue::from_bytes(&value).is_err() {
+            return Err(format!(
+                "entry {n} ({name}): the value is empty or not a valid header value"
+            ));
+        }
+        if headers.iter().any(|(seen, _)| *seen == name) {
+            return Err(format!("entry {n}: {name} is given twice"));
+        }
+        headers.push((name, Secret::new(value)));
+    }
+    if headers.is_empty() {
+        return Err("holds no header".into());
+    }
+    Ok(headers)
 }
 
 /// Route limits as written: 0 or absent is "no limit of this route's own".
