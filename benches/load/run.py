@@ -273,6 +273,7 @@ rate_limits:
   auth:
     failures_per_username: 0
     failures_per_ip: 0
+    failures_per_username_global: 0
 upstreams:
   main:
     endpoints: ["127.0.0.1:{sim_port}"]
