@@ -36,7 +36,7 @@ pub struct StreamTranscoder {
     /// The answer text written since the last [`StreamTranscoder::take_text`], when kept.
     text: Option<String>,
     /// The model and finish reasons, when kept (the request's trace is recorded).
-    finish: Option<FinishSeen>,
+    finish: Option<Box<FinishSeen>>,
 }
 
 impl StreamTranscoder {
@@ -59,12 +59,12 @@ impl StreamTranscoder {
     /// [`StreamTranscoder::take_finish`] (the attempt's span).
     pub fn keep_finish(&mut self) {
         self.parser.report_finish();
-        self.finish.get_or_insert_with(FinishSeen::default);
+        self.finish.get_or_insert_with(Box::default);
     }
 
     /// The model and finish reasons seen, when kept.
     pub fn take_finish(&mut self) -> Option<FinishSeen> {
-        self.finish.take()
+        self.finish.take().map(|finish| *finish)
     }
 
     /// Keeps the answer text it writes, for [`StreamTranscoder::take_text`] (the
@@ -127,38 +127,39 @@ impl StreamTranscoder {
     }
 
     /// Runs the parser (`feed` or `finish`) with a sink writing into `out` and noting
-    /// what is kept, then settles the status.
+    /// what is kept, then settles the status. The sink borrows the kept fields in
+    /// place: moving them out and back costs more than the usual call does.
     fn parse<P>(&mut self, out: &mut BytesMut, run: P) -> StreamStatus
     where
         P: FnOnce(&mut UpstreamSseParser, &mut EventSink<'_, '_>) -> Result<(), SseError>,
     {
-        let mut completion = std::mem::take(&mut self.completion);
-        let mut text = self.text.take();
-        let mut finish = self.finish.take();
-        let mut sink = EventSink::new(
-            self.writer,
+        let mut sink = EventSink {
+            writer: self.writer,
             out,
-            &mut completion,
-            text.as_mut(),
-            finish.as_mut(),
-        );
+            completion: &mut self.completion,
+            text: self.text.as_mut(),
+            finish: self.finish.as_deref_mut(),
+            events_sent: 0,
+            usage: None,
+            ending: None,
+        };
         let result = run(&mut self.parser, &mut sink);
-        let status = self.settle(sink, result);
-        self.keep_completion(completion);
-        self.text = text;
-        self.finish = finish;
+        let outcome = Outcome {
+            writer: sink.writer,
+            out: sink.out,
+            events_sent: sink.events_sent,
+            usage: sink.usage,
+            ending: sink.ending,
+        };
+        let status = self.settle(outcome, result);
+        // Once usage came, nothing needs counting.
+        if self.usage.is_some() {
+            self.completion.clear();
+        }
         status
     }
 
-    /// Puts the answer's text back, unless usage came and nothing needs counting.
-    fn keep_completion(&mut self, mut completion: CompletionText) {
-        if self.usage.is_some() {
-            completion.clear();
-        }
-        self.completion = completion;
-    }
-
-    fn settle(&mut self, sink: EventSink<'_, '_>, result: Result<(), SseError>) -> StreamStatus {
+    fn settle(&mut self, sink: Outcome<'_>, result: Result<(), SseError>) -> StreamStatus {
         self.writer = sink.writer;
         self.events_sent += sink.events_sent;
         if sink.usage.is_some() {
@@ -183,6 +184,15 @@ impl StreamTranscoder {
     }
 }
 
+/// What one call's sink leaves for [`StreamTranscoder::settle`].
+struct Outcome<'o> {
+    writer: DeltaWriter,
+    out: &'o mut BytesMut,
+    events_sent: u64,
+    usage: Option<Usage>,
+    ending: Option<Ending>,
+}
+
 enum Ending {
     Done,
     UpstreamError(String),
@@ -192,7 +202,7 @@ enum Ending {
 struct EventSink<'o, 't> {
     writer: DeltaWriter,
     out: &'o mut BytesMut,
-    completion: &'o mut CompletionText,
+    completion: &'t mut CompletionText,
     text: Option<&'t mut String>,
     finish: Option<&'t mut FinishSeen>,
     events_sent: u64,
@@ -200,26 +210,7 @@ struct EventSink<'o, 't> {
     ending: Option<Ending>,
 }
 
-impl<'o, 't> EventSink<'o, 't> {
-    fn new(
-        writer: DeltaWriter,
-        out: &'o mut BytesMut,
-        completion: &'o mut CompletionText,
-        text: Option<&'t mut String>,
-        finish: Option<&'t mut FinishSeen>,
-    ) -> Self {
-        Self {
-            writer,
-            out,
-            completion,
-            text,
-            finish,
-            events_sent: 0,
-            usage: None,
-            ending: None,
-        }
-    }
-
+impl EventSink<'_, '_> {
     fn take(&mut self, event: UpstreamEvent<'_>) {
         match event {
             UpstreamEvent::Delta(text) => {
