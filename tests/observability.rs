@@ -351,7 +351,13 @@ async fn prometheus_scrapes_a_live_gateway_and_every_rule_and_dashboard_query_wo
     let refused = format!("127.0.0.1:{}", free_port());
     let mut cfg = GatewayConfig::redis(&redis, &[]);
     cfg.upstreams = upstream_block("main", &[sim.addr()], "")
-        + &upstream_block("dead", std::slice::from_ref(&refused), "    retries: 2\n");
+        + &upstream_block(
+            "dead",
+            std::slice::from_ref(&refused),
+            // Ejected for longer than the test runs: past the default 10 s the endpoint
+            // would count as up again before the alert rules are looked at.
+            "    retries: 2\n    eject_cooldown: 10m\n",
+        );
     cfg.routes = seed_routes("main")
         + "  - path: /limited\n    kind: chat\n    upstream: main\n    model: test-model\n    rate_limits: {requests_per_minute: 1}\n  - path: /dead\n    kind: chat\n    upstream: dead\n    model: m\n";
     cfg.extra = format!(
