@@ -63,7 +63,7 @@ pub fn init(settings: &TracingSettings) -> Result<(), String> {
         let headers = settings.headers.iter();
         builder = builder.with_headers(
             headers
-                .map(|(name, value)| (name.to_string(), value.expose_str()))
+                .map(|(n, v)| (n.to_string(), v.expose_str()))
                 .collect(),
         );
     }

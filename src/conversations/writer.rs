@@ -176,14 +176,17 @@ impl Intake {
         }
     }
 
-    /// Spools everything in the queue now, a batch at a time.
-    fn spool_queued(&mut self) {
+    /// Spools everything in the queue now, a batch at a time; returns how many
+    /// records it took.
+    fn spool_queued(&mut self) -> usize {
         let mut batch = Vec::new();
+        let mut taken = 0;
         loop {
             self.take_queued(&mut batch);
             if batch.is_empty() {
-                return;
+                return taken;
             }
+            taken += batch.len();
             self.spool_records(&batch);
             batch.clear();
         }
@@ -431,17 +434,14 @@ impl Drop for State {
     /// the batch being written included (its write may yet commit: a replay skips
     /// rows already there).
     fn drop(&mut self) {
-        let mut rest = std::mem::take(&mut self.batch);
-        loop {
-            let before = rest.len();
-            if self.intake.take_queued(&mut rest) || rest.len() == before {
-                break;
-            }
+        let batch = std::mem::take(&mut self.batch);
+        if !batch.is_empty() {
+            self.intake.spool_records(&batch);
         }
-        if !rest.is_empty() {
-            self.intake.spool_records(&rest);
+        let records = batch.len() + self.intake.spool_queued();
+        if records > 0 {
             tracing::info!(
-                records = rest.len(),
+                records,
                 "conversation log: stopping; records in memory spooled"
             );
         }
